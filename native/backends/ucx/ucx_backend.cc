@@ -1,0 +1,934 @@
+#include "ucx_backend.h"
+
+#include <ucp/api/ucp.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <unordered_map>
+#include <utility>
+
+#include "wire.h"
+
+namespace kvwire {
+namespace {
+
+using ucx::AmId;
+
+std::string ucsMessage(const char* what, ucs_status_t st) {
+  return std::string(what) + ": " + ucs_status_string(st);
+}
+
+// UCX failures that mean "the other side is gone".
+bool isDisconnect(ucs_status_t st) {
+  return st == UCS_ERR_CONNECTION_RESET || st == UCS_ERR_ENDPOINT_TIMEOUT || st == UCS_ERR_UNREACHABLE ||
+         st == UCS_ERR_CANCELED || st == UCS_ERR_REJECTED || st == UCS_ERR_NOT_CONNECTED ||
+         st == UCS_ERR_IO_ERROR;
+}
+
+Status fromUcs(const char* what, ucs_status_t st) {
+  return {isDisconnect(st) ? Code::RemoteDisconnect : Code::Backend, ucsMessage(what, st)};
+}
+
+struct ContextHolder {
+  ucp_context_h context = nullptr;
+  ~ContextHolder() {
+    if (context) ucp_cleanup(context);
+  }
+};
+
+class UcxMemory : public BackendMemory {
+ public:
+  UcxMemory(std::shared_ptr<ContextHolder> ctx, ucp_mem_h memh) : ctx_(std::move(ctx)), memh_(memh) {}
+  ~UcxMemory() override { ucp_mem_unmap(ctx_->context, memh_); }
+
+ private:
+  std::shared_ptr<ContextHolder> ctx_;  // the context outlives every mapping made in it
+  ucp_mem_h memh_;
+};
+
+struct RkeyDeleter {
+  void operator()(ucp_rkey_h k) const { ucp_rkey_destroy(k); }
+};
+
+struct RemoteRegion {
+  RegionInfo info;
+  std::unique_ptr<ucp_rkey, RkeyDeleter> rkey;
+  uint8_t* mapped = nullptr;  // non-null when the peer's memory is mapped into this process
+};
+using RemoteRegionRef = std::shared_ptr<RemoteRegion>;
+
+class UcxBackendImpl;
+
+class UcxPeer : public BackendPeer {
+ public:
+  UcxPeer(UcxBackendImpl* backend, uint64_t key, std::string name) : backend_(backend), key_(key), name_(std::move(name)) {}
+  ~UcxPeer() override;
+  Status updateRegions(const AgentMetadata& md) override;
+  Path choosePath(uint32_t remoteRegionId, Path requested, Status* why) override;
+
+  UcxBackendImpl* backend_;
+  uint64_t key_;
+  std::string name_;
+  ucp_ep_h ep_ = nullptr;
+  bool failed_ = false;
+  std::unordered_map<uint32_t, RemoteRegionRef> regions_;
+};
+
+// Everything a UCX request carries back to its completion callback.
+struct RequestContext {
+  enum Kind : uint8_t { kControl, kWriteData, kReadDataSend, kInboundWrite, kInboundRead, kFlush, kNotify } kind;
+  UcxBackendImpl* backend = nullptr;
+  TransferRef transfer;                 // initiator side
+  LocalRegionRef hold;                  // memory that must stay mapped while UCX uses it
+  RemoteRegionRef remote;               // rkey an RMA transfer uses
+  std::pair<ucp_ep_h, uint64_t> inbound{nullptr, 0};  // target side WRITE key
+  uint32_t segment = 0;
+  alignas(8) uint8_t header[48];
+  size_t headerLength = 0;
+  std::string payload;                  // bytes that must outlive the send
+};
+
+// A peer's WRITE as the target tracks it until every segment landed and the commit arrived.
+struct InboundWrite {
+  int64_t expected = -1;
+  uint64_t landed = 0;
+  Status error;
+  bool hasNotify = false;
+  std::string notify;
+};
+
+class UcxBackendImpl : public Backend {
+ public:
+  UcxBackendImpl(BackendHost* host) : host_(host) {}
+  ~UcxBackendImpl() override;
+  Status init(const BackendOptions& options);
+
+  const char* name() const override { return "ucx"; }
+  Result<std::unique_ptr<BackendMemory>> allocate(uint64_t length) override;
+  Result<std::unique_ptr<BackendMemory>> registerMemory(uint8_t* ptr, uint64_t length) override;
+  std::vector<uint8_t> address() const override { return address_; }
+  Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) override;
+  Status post(BackendPeer& peer, const TransferRef& t) override;
+  Status notify(BackendPeer& peer, const std::string& message) override;
+  void abandon(const TransferRef& t) override;
+  int eventFd() const override { return efd_; }
+  bool progress() override;
+  bool arm() override;
+  bool busy() const override { return outstanding_ > 0 || !inbound_.empty() || !closing_.empty(); }
+
+  Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
+  void closeEndpoint(ucp_ep_h ep, bool force);
+  void forgetPeer(UcxPeer* peer) { peersByEp_.erase(peer->ep_); }
+
+ private:
+  friend class UcxPeer;
+  Result<std::unique_ptr<BackendMemory>> map(uint8_t* ptr, uint64_t length, bool allocate);
+
+  // Sends one active message owned by `op`; returns false (and has already reported) on failure.
+  bool send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply);
+  void sendStatus(ucp_ep_h ep, AmId id, uint64_t transferId, const Status& st);
+  void completeOp(std::unique_ptr<RequestContext> op, ucs_status_t st);
+  void failTransfer(const TransferRef& t, const Status& st);
+  void finishRead(const TransferRef& t);
+  void maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key);
+
+  Status postDirect(UcxPeer& peer, const TransferRef& t, RemoteRegion& rr);
+  Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
+  Status postRma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
+
+  static void onSendDone(void* request, ucs_status_t st, void* user);
+  static void onRecvDone(void* request, ucs_status_t st, size_t length, void* user);
+  static void onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st);
+  template <AmId id>
+  static ucs_status_t onAm(void* arg, const void* header, size_t headerLength, void* data, size_t length,
+                           const ucp_am_recv_param_t* param) {
+    return static_cast<UcxBackendImpl*>(arg)->handleAm(id, header, headerLength, data, length, param);
+  }
+  ucs_status_t handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
+                        const ucp_am_recv_param_t* param);
+  ucs_status_t handleWrite(const void* header, size_t headerLength, void* data, size_t length,
+                           const ucp_am_recv_param_t* param, ucp_ep_h reply);
+  ucs_status_t handleReadRequest(const void* header, size_t headerLength, void* data, size_t length,
+                                 const ucp_am_recv_param_t* param, ucp_ep_h reply);
+  ucs_status_t handleReadData(const void* header, size_t headerLength, void* data, size_t length,
+                              const ucp_am_recv_param_t* param);
+  void serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs);
+
+  BackendHost* host_;
+  std::shared_ptr<ContextHolder> ctx_;
+  ucp_worker_h worker_ = nullptr;
+  int efd_ = -1;
+  std::vector<uint8_t> address_;
+  uint64_t agentId_ = 0;
+  std::string agentName_;
+  size_t outstanding_ = 0;
+  std::unordered_map<uint64_t, TransferRef> active_;                 // initiator transfers awaiting the wire
+  std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
+  std::unordered_map<ucp_ep_h, std::string> connectionNames_;        // reply ep -> peer name (from HELLO)
+  std::unordered_map<ucp_ep_h, UcxPeer*> peersByEp_;
+  std::vector<std::pair<uint64_t, ucs_status_t>> failedPeers_;        // reported after progress returns
+  std::vector<void*> closing_;                                        // endpoint close requests
+};
+
+// ---------------------------------------------------------------------------------------------
+// Set-up
+
+Status UcxBackendImpl::init(const BackendOptions& options) {
+  agentName_ = options.agentName;
+  // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
+  setenv("UCX_MM_ERROR_HANDLING", "y", 0);
+  setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
+  setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
+
+  ucp_config_t* config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
+  if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_config_read", st)};
+  if (!options.transports.empty()) {
+    st = ucp_config_modify(config, "TLS", options.transports.c_str());
+    if (st != UCS_OK) {
+      ucp_config_release(config);
+      return {Code::InvalidParam, "ucx.transports '" + options.transports + "' rejected by UCX: " + ucs_status_string(st)};
+    }
+  }
+  if (!options.devices.empty()) {
+    st = ucp_config_modify(config, "NET_DEVICES", options.devices.c_str());
+    if (st != UCS_OK) {
+      ucp_config_release(config);
+      return {Code::InvalidParam, "ucx.devices '" + options.devices + "' rejected by UCX: " + ucs_status_string(st)};
+    }
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.mt_workers_shared = 0;
+  ctx_ = std::make_shared<ContextHolder>();
+  st = ucp_init(&params, config, &ctx_->context);
+  ucp_config_release(config);
+  if (st != UCS_OK) {
+    ctx_->context = nullptr;
+    return {Code::Backend, ucsMessage("ucp_init", st)};
+  }
+
+  ucp_worker_params_t wp{};
+  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  st = ucp_worker_create(ctx_->context, &wp, &worker_);
+  if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_create", st)};
+  st = ucp_worker_get_efd(worker_, &efd_);
+  if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_get_efd", st)};
+
+  ucp_address_t* addr = nullptr;
+  size_t addrLen = 0;
+  st = ucp_worker_get_address(worker_, &addr, &addrLen);
+  if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_get_address", st)};
+  address_.assign(reinterpret_cast<uint8_t*>(addr), reinterpret_cast<uint8_t*>(addr) + addrLen);
+  ucp_worker_release_address(worker_, addr);
+
+  const std::pair<AmId, ucp_am_recv_callback_t> handlers[] = {
+      {ucx::kAmHello, &onAm<ucx::kAmHello>},           {ucx::kAmWrite, &onAm<ucx::kAmWrite>},
+      {ucx::kAmWriteCommit, &onAm<ucx::kAmWriteCommit>}, {ucx::kAmAck, &onAm<ucx::kAmAck>},
+      {ucx::kAmReadRequest, &onAm<ucx::kAmReadRequest>}, {ucx::kAmReadData, &onAm<ucx::kAmReadData>},
+      {ucx::kAmReadDone, &onAm<ucx::kAmReadDone>},       {ucx::kAmNotify, &onAm<ucx::kAmNotify>},
+  };
+  for (const auto& [id, cb] : handlers) {
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    hp.id = id;
+    hp.cb = cb;
+    hp.arg = this;
+    st = ucp_worker_set_am_recv_handler(worker_, &hp);
+    if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_set_am_recv_handler", st)};
+  }
+  return Status::ok();
+}
+
+UcxBackendImpl::~UcxBackendImpl() {
+  // Close every endpoint still open, then give UCX a bounded time to finish what it owns.
+  for (auto& [ep, peer] : peersByEp_) {
+    peer->ep_ = nullptr;
+    closeEndpoint(ep, true);
+  }
+  peersByEp_.clear();
+  active_.clear();
+  const uint64_t deadline = monotonicNs() + 2'000'000'000ull;
+  while ((outstanding_ > 0 || !closing_.empty()) && monotonicNs() < deadline) progress();
+  inbound_.clear();
+  if (worker_) ucp_worker_destroy(worker_);
+  // ctx_ is released last, after every UcxMemory that shares it.
+}
+
+Result<std::unique_ptr<BackendMemory>> UcxBackendImpl::map(uint8_t* ptr, uint64_t length, bool allocate) {
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+  mp.address = ptr;
+  mp.length = length;
+  mp.flags = allocate ? UCP_MEM_MAP_ALLOCATE : 0;
+  ucp_mem_h memh = nullptr;
+  ucs_status_t st = ucp_mem_map(ctx_->context, &mp, &memh);
+  if (st != UCS_OK)
+    return Status(allocate ? Code::Unavailable : Code::Backend,
+                  ucsMessage(allocate ? "ucp_mem_map (allocate)" : "ucp_mem_map (register)", st));
+  auto mem = std::make_unique<UcxMemory>(ctx_, memh);
+  ucp_mem_attr_t attr{};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  st = ucp_mem_query(memh, &attr);
+  if (st != UCS_OK) return Status(Code::Backend, ucsMessage("ucp_mem_query", st));
+  mem->ptr = static_cast<uint8_t*>(attr.address);
+  mem->length = length;
+  mem->allocated = allocate;
+  void* rkey = nullptr;
+  size_t rkeyLength = 0;
+  st = ucp_rkey_pack(ctx_->context, memh, &rkey, &rkeyLength);
+  if (st != UCS_OK) return Status(Code::Backend, ucsMessage("ucp_rkey_pack", st));
+  mem->rkey.assign(static_cast<uint8_t*>(rkey), static_cast<uint8_t*>(rkey) + rkeyLength);
+  ucp_rkey_buffer_release(rkey);
+  return std::unique_ptr<BackendMemory>(std::move(mem));
+}
+
+Result<std::unique_ptr<BackendMemory>> UcxBackendImpl::allocate(uint64_t length) {
+  auto r = map(nullptr, length, true);
+  // Touch every page now so the first transfer does not pay for page faults (and memory is zeroed).
+  if (r.isOk()) std::memset(r.value()->ptr, 0, length);
+  return r;
+}
+
+Result<std::unique_ptr<BackendMemory>> UcxBackendImpl::registerMemory(uint8_t* ptr, uint64_t length) {
+  return map(ptr, length, false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+Result<RemoteRegionRef> UcxBackendImpl::unpackRegion(UcxPeer& peer, const RegionInfo& info) {
+  auto rr = std::make_shared<RemoteRegion>();
+  rr->info = info;
+  ucp_rkey_h rkey = nullptr;
+  ucs_status_t st = ucp_ep_rkey_unpack(peer.ep_, info.rkey.data(), &rkey);
+  if (st != UCS_OK)
+    return Status(Code::InvalidParam, "region '" + info.name + "' of peer '" + peer.name_ +
+                                          "' has a key this UCX cannot unpack: " + ucs_status_string(st));
+  rr->rkey.reset(rkey);
+  void* mapped = nullptr;
+  if (info.backendAllocated && ucp_rkey_ptr(rkey, info.base, &mapped) == UCS_OK) rr->mapped = static_cast<uint8_t*>(mapped);
+  return rr;
+}
+
+Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata& md, uint64_t peerKey) {
+  if (md.backend != "ucx")
+    return Status(Code::Mismatch, "peer '" + md.name + "' uses backend '" + md.backend + "', this agent speaks 'ucx'");
+  auto peer = std::make_unique<UcxPeer>(this, peerKey, md.name);
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(md.workerAddress.data());
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
+  ep.err_handler.arg = this;
+  ucs_status_t st = ucp_ep_create(worker_, &ep, &peer->ep_);
+  if (st != UCS_OK) return Status(fromUcs(("connecting to peer '" + md.name + "'").c_str(), st).code(),
+                                  ucsMessage(("connecting to peer '" + md.name + "'").c_str(), st));
+  peersByEp_[peer->ep_] = peer.get();
+  Status us = peer->updateRegions(md);
+  if (!us) return us;
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kControl;
+  ucx::HelloHeader h{ucx::kWireVersion, 0};
+  std::memcpy(op->header, &h, sizeof h);
+  op->headerLength = sizeof h;
+  op->payload = agentName_;
+  const std::string& name = op->payload;
+  send(peer->ep_, ucx::kAmHello, std::move(op), name.data(), name.size(), true);
+  return std::unique_ptr<BackendPeer>(std::move(peer));
+}
+
+UcxPeer::~UcxPeer() {
+  regions_.clear();  // rkeys go before their endpoint
+  if (ep_) {
+    backend_->forgetPeer(this);
+    backend_->closeEndpoint(ep_, failed_);
+  }
+}
+
+Status UcxPeer::updateRegions(const AgentMetadata& md) {
+  std::unordered_map<uint32_t, RemoteRegionRef> next;
+  for (const auto& info : md.regions) {
+    auto it = regions_.find(info.id);
+    if (it != regions_.end() && it->second->info.base == info.base && it->second->info.length == info.length &&
+        it->second->info.rkey == info.rkey) {
+      it->second->info = info;  // access or name may have changed; the key is the same
+      next.emplace(info.id, it->second);
+      continue;
+    }
+    auto rr = backend_->unpackRegion(*this, info);
+    if (!rr.isOk()) return rr.status();
+    next.emplace(info.id, rr.value());
+  }
+  regions_.swap(next);  // regions dropped here stay alive while a transfer still holds them
+  return Status::ok();
+}
+
+Path UcxPeer::choosePath(uint32_t remoteRegionId, Path requested, Status* why) {
+  auto it = regions_.find(remoteRegionId);
+  if (it == regions_.end()) {
+    *why = Status(Code::NotFound, "peer '" + name_ + "' has no region " + std::to_string(remoteRegionId));
+    return Path::Auto;
+  }
+  const bool mapped = it->second->mapped != nullptr;
+  switch (requested) {
+    case Path::Auto:
+      // Mapped peer memory is one memcpy. Everywhere else UCX 1.13 would emulate RMA in software
+      // (user memory, tcp), so rendezvous active messages are the path that does not collapse.
+      return mapped ? Path::Direct : Path::ActiveMessage;
+    case Path::Direct:
+      if (!mapped)
+        *why = Status(Code::Unavailable, "path 'direct' needs the peer's region '" + it->second->info.name +
+                                             "' mapped into this process (kvwire-allocated memory on the same host "
+                                             "with a shared-memory transport)");
+      return Path::Direct;
+    default:
+      return requested;
+  }
+}
+
+void UcxBackendImpl::closeEndpoint(ucp_ep_h ep, bool force) {
+  connectionNames_.erase(ep);
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  void* req = ucp_ep_close_nbx(ep, &p);
+  if (req != nullptr && !UCS_PTR_IS_ERR(req)) closing_.push_back(req);
+}
+
+void UcxBackendImpl::onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st) {
+  auto* self = static_cast<UcxBackendImpl*>(arg);
+  auto it = self->peersByEp_.find(ep);
+  if (it == self->peersByEp_.end()) return;
+  it->second->failed_ = true;
+  self->failedPeers_.emplace_back(it->second->key_, st);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sending
+
+bool UcxBackendImpl::send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply) {
+  op->backend = this;
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+  p.cb.send = &UcxBackendImpl::onSendDone;
+  p.flags = reply ? UCP_AM_SEND_FLAG_REPLY : 0;
+  RequestContext* raw = op.release();
+  p.user_data = raw;
+  void* req = ucp_am_send_nbx(ep, id, raw->header, raw->headerLength, data, length, &p);
+  if (req == nullptr) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
+    return true;
+  }
+  if (UCS_PTR_IS_ERR(req)) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
+    return false;
+  }
+  ++outstanding_;
+  ucp_request_free(req);  // UCX releases it on completion; the callback still runs
+  return true;
+}
+
+void UcxBackendImpl::onSendDone(void*, ucs_status_t st, void* user) {
+  auto* op = static_cast<RequestContext*>(user);
+  UcxBackendImpl* self = op->backend;
+  --self->outstanding_;
+  self->completeOp(std::unique_ptr<RequestContext>(op), st);
+}
+
+void UcxBackendImpl::onRecvDone(void*, ucs_status_t st, size_t, void* user) {
+  auto* op = static_cast<RequestContext*>(user);
+  UcxBackendImpl* self = op->backend;
+  --self->outstanding_;
+  self->completeOp(std::unique_ptr<RequestContext>(op), st);
+}
+
+void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t st) {
+  switch (op->kind) {
+    case RequestContext::kControl:
+    case RequestContext::kWriteData:
+    case RequestContext::kNotify:
+      if (st != UCS_OK && op->transfer) failTransfer(op->transfer, fromUcs("sending to the peer", st));
+      break;
+    case RequestContext::kReadDataSend:
+      break;  // the initiator learns of a failure from its own side
+    case RequestContext::kInboundWrite: {
+      auto it = inbound_.find(op->inbound);
+      if (it == inbound_.end()) break;
+      if (st != UCS_OK && it->second.error.isOk())
+        it->second.error = fromUcs("receiving written data", st);
+      ++it->second.landed;
+      maybeFinishInbound(op->inbound);
+      break;
+    }
+    case RequestContext::kInboundRead: {
+      const TransferRef& t = op->transfer;
+      if (st != UCS_OK) {
+        failTransfer(t, fromUcs("receiving read data", st));
+        break;
+      }
+      ++t->landed;
+      finishRead(t);
+      break;
+    }
+    case RequestContext::kFlush: {
+      const TransferRef& t = op->transfer;
+      if (st != UCS_OK) {
+        failTransfer(t, fromUcs("flushing RMA operations", st));
+        break;
+      }
+      active_.erase(t->id);
+      if (t->hasNotify && !t->settled) {
+        auto it = peersByEp_.end();
+        for (auto p = peersByEp_.begin(); p != peersByEp_.end(); ++p)
+          if (p->second->key_ == t->peerKey) it = p;
+        if (it != peersByEp_.end()) notify(*it->second, t->notify);
+      }
+      host_->transferFinished(t, Status::ok());
+      break;
+    }
+  }
+}
+
+void UcxBackendImpl::failTransfer(const TransferRef& t, const Status& st) {
+  active_.erase(t->id);
+  host_->transferFinished(t, st);
+}
+
+void UcxBackendImpl::sendStatus(ucp_ep_h ep, AmId id, uint64_t transferId, const Status& st) {
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kControl;
+  ucx::StatusHeader h{transferId, static_cast<uint32_t>(st.code()), st.index()};
+  std::memcpy(op->header, &h, sizeof h);
+  op->headerLength = sizeof h;
+  op->payload = st.message();
+  const std::string& msg = op->payload;
+  send(ep, id, std::move(op), msg.data(), msg.size(), false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Posting
+
+Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
+  auto& peer = static_cast<UcxPeer&>(base);
+  if (peer.failed_ || peer.ep_ == nullptr)
+    return {Code::RemoteDisconnect, "peer '" + peer.name_ + "' is disconnected"};
+  auto it = peer.regions_.find(t->remoteRegionId);
+  if (it == peer.regions_.end())
+    return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
+  switch (t->path) {
+    case Path::Direct: return postDirect(peer, t, *it->second);
+    case Path::Rma: return postRma(peer, t, it->second);
+    default: return postActiveMessage(peer, t);
+  }
+}
+
+Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, RemoteRegion& rr) {
+  for (const Segment& s : t->segments) {
+    uint8_t* remote = rr.mapped + s.remoteOffset;
+    if (t->op == kvwire::Op::Write)
+      std::memcpy(remote, s.local, s.length);
+    else
+      std::memcpy(s.local, remote, s.length);
+  }
+  // The peer must see the bytes before the notification that announces them.
+  std::atomic_thread_fence(std::memory_order_release);
+  if (t->hasNotify) {
+    Status st = notify(peer, t->notify);
+    if (!st) return st;
+  }
+  host_->transferFinished(t, Status::ok());
+  return Status::ok();
+}
+
+Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
+  active_[t->id] = t;
+  if (t->op == kvwire::Op::Write) {
+    for (const Segment& s : t->segments) {
+      auto op = std::make_unique<RequestContext>();
+      op->kind = RequestContext::kWriteData;
+      op->transfer = t;
+      op->hold = t->local;
+      ucx::WriteHeader h{t->id, t->remoteRegionId, s.firstIndex, s.remoteOffset, s.length};
+      std::memcpy(op->header, &h, sizeof h);
+      op->headerLength = sizeof h;
+      if (!send(peer.ep_, ucx::kAmWrite, std::move(op), s.local, s.length, true)) return Status::ok();
+    }
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kControl;
+    op->transfer = t;
+    ucx::CommitHeader h{t->id, t->segments.size(), t->hasNotify ? 1u : 0u};
+    std::memcpy(op->header, &h, sizeof h);
+    op->headerLength = sizeof h;
+    op->payload = t->notify;
+    const std::string& msg = op->payload;
+    send(peer.ep_, ucx::kAmWriteCommit, std::move(op), msg.data(), msg.size(), true);
+    return Status::ok();
+  }
+  // READ: ask the target to send each segment back; it checks every one against its own registry.
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kControl;
+  op->transfer = t;
+  ucx::ReadRequestHeader h{t->id, t->remoteRegionId, static_cast<uint32_t>(t->segments.size())};
+  std::memcpy(op->header, &h, sizeof h);
+  op->headerLength = sizeof h;
+  op->payload.resize(t->segments.size() * sizeof(ucx::ReadSegment));
+  auto* out = reinterpret_cast<uint8_t*>(op->payload.data());
+  for (size_t i = 0; i < t->segments.size(); ++i) {
+    ucx::ReadSegment rs{t->segments[i].remoteOffset, t->segments[i].length, t->segments[i].firstIndex};
+    std::memcpy(out + i * sizeof rs, &rs, sizeof rs);
+  }
+  const std::string& payload = op->payload;
+  send(peer.ep_, ucx::kAmReadRequest, std::move(op), payload.data(), payload.size(), true);
+  return Status::ok();
+}
+
+Status UcxBackendImpl::postRma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
+  t->backendHold = rr;  // the rkey lives until the transfer is released
+  ucp_request_param_t p{};
+  for (const Segment& s : t->segments) {
+    const uint64_t raddr = rr->info.base + s.remoteOffset;
+    void* req = t->op == kvwire::Op::Write ? ucp_put_nbx(peer.ep_, s.local, s.length, raddr, rr->rkey.get(), &p)
+                                   : ucp_get_nbx(peer.ep_, s.local, s.length, raddr, rr->rkey.get(), &p);
+    if (UCS_PTR_IS_ERR(req)) return fromUcs(t->op == kvwire::Op::Write ? "ucp_put_nbx" : "ucp_get_nbx", UCS_PTR_STATUS(req));
+    if (req != nullptr) ucp_request_free(req);  // completion is observed through the flush below
+  }
+  active_[t->id] = t;
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kFlush;
+  op->backend = this;
+  op->transfer = t;
+  op->hold = t->local;
+  op->remote = rr;
+  ucp_request_param_t fp{};
+  fp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  fp.cb.send = &UcxBackendImpl::onSendDone;
+  RequestContext* raw = op.release();
+  fp.user_data = raw;
+  void* req = ucp_ep_flush_nbx(peer.ep_, &fp);
+  if (req == nullptr) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
+  } else if (UCS_PTR_IS_ERR(req)) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
+  } else {
+    ++outstanding_;
+    ucp_request_free(req);
+  }
+  return Status::ok();
+}
+
+Status UcxBackendImpl::notify(BackendPeer& base, const std::string& message) {
+  auto& peer = static_cast<UcxPeer&>(base);
+  if (peer.failed_ || peer.ep_ == nullptr)
+    return {Code::RemoteDisconnect, "peer '" + peer.name_ + "' is disconnected"};
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kNotify;
+  op->payload = message;
+  const std::string& msg = op->payload;
+  send(peer.ep_, ucx::kAmNotify, std::move(op), msg.data(), msg.size(), true);
+  return Status::ok();
+}
+
+void UcxBackendImpl::abandon(const TransferRef& t) {
+  // Requests already handed to UCX finish on their own and keep their memory alive until then;
+  // messages that arrive for this transfer from now on are dropped.
+  active_.erase(t->id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving
+
+ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
+                                      const ucp_am_recv_param_t* param) {
+  ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
+  const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+  switch (id) {
+    case ucx::kAmHello: {
+      ucx::HelloHeader h{};
+      if (!readHeader(header, headerLength, &h) || reply == nullptr || rndv || length > kMaxNameBytes) return UCS_OK;
+      connectionNames_[reply] = std::string(static_cast<const char*>(data), length);
+      return UCS_OK;
+    }
+    case ucx::kAmNotify: {
+      if (rndv) return UCS_ERR_MESSAGE_TRUNCATED;  // notifications are small; refuse huge ones
+      auto it = reply ? connectionNames_.find(reply) : connectionNames_.end();
+      host_->notificationArrived(it == connectionNames_.end() ? std::string() : it->second,
+                                 std::string(static_cast<const char*>(data), length));
+      return UCS_OK;
+    }
+    case ucx::kAmWrite: return handleWrite(header, headerLength, data, length, param, reply);
+    case ucx::kAmWriteCommit: {
+      ucx::CommitHeader h{};
+      if (!readHeader(header, headerLength, &h) || reply == nullptr || rndv) return UCS_OK;
+      auto key = std::make_pair(reply, h.transferId);
+      InboundWrite& in = inbound_[key];
+      in.expected = static_cast<int64_t>(h.segments);
+      in.hasNotify = h.hasNotify != 0;
+      in.notify.assign(static_cast<const char*>(data), length);
+      maybeFinishInbound(key);
+      return UCS_OK;
+    }
+    case ucx::kAmAck: {
+      ucx::StatusHeader h{};
+      if (!readHeader(header, headerLength, &h) || rndv) return UCS_OK;
+      auto it = active_.find(h.transferId);
+      if (it == active_.end()) return UCS_OK;
+      TransferRef t = it->second;
+      active_.erase(it);
+      if (h.code == 0)
+        host_->transferFinished(t, Status::ok());
+      else
+        host_->transferFinished(t, Status(static_cast<Code>(h.code), "peer refused: " + std::string(static_cast<const char*>(data), length), h.index));
+      return UCS_OK;
+    }
+    case ucx::kAmReadRequest: return handleReadRequest(header, headerLength, data, length, param, reply);
+    case ucx::kAmReadData: return handleReadData(header, headerLength, data, length, param);
+    case ucx::kAmReadDone: {
+      ucx::StatusHeader h{};
+      if (!readHeader(header, headerLength, &h) || rndv) return UCS_OK;
+      auto it = active_.find(h.transferId);
+      if (it == active_.end()) return UCS_OK;
+      TransferRef t = it->second;
+      if (h.code != 0) {
+        failTransfer(t, Status(static_cast<Code>(h.code), "peer refused: " + std::string(static_cast<const char*>(data), length), h.index));
+        return UCS_OK;
+      }
+      t->remoteDone = true;
+      finishRead(t);
+      return UCS_OK;
+    }
+  }
+  return UCS_OK;
+}
+
+ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength, void* data, size_t length,
+                                         const ucp_am_recv_param_t* param, ucp_ep_h reply) {
+  ucx::WriteHeader h{};
+  if (!readHeader(header, headerLength, &h) || reply == nullptr) return UCS_ERR_INVALID_PARAM;
+  auto key = std::make_pair(reply, h.transferId);
+  InboundWrite& in = inbound_[key];
+  LocalRegionRef hold;
+  Result<uint8_t*> dst = h.length == length
+                             ? host_->resolveInbound(h.regionId, h.offset, h.length, kAccessWrite, &hold)
+                             : Result<uint8_t*>(Status(Code::InvalidParam, "segment length disagrees with its data"));
+  if (!dst.isOk()) {
+    if (in.error.isOk()) in.error = Status(dst.status().code(), dst.status().message(), h.firstIndex);
+    ++in.landed;
+    maybeFinishInbound(key);
+    return UCS_OK;  // the data is dropped; the ACK tells the initiator why
+  }
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    std::memcpy(dst.value(), data, length);
+    ++in.landed;
+    maybeFinishInbound(key);
+    return UCS_OK;
+  }
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kInboundWrite;
+  op->backend = this;
+  op->hold = std::move(hold);
+  op->inbound = key;
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.recv_am = &UcxBackendImpl::onRecvDone;
+  RequestContext* raw = op.release();
+  p.user_data = raw;
+  void* req = ucp_am_recv_data_nbx(worker_, data, dst.value(), length, &p);
+  if (req == nullptr) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
+  } else if (UCS_PTR_IS_ERR(req)) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
+  } else {
+    ++outstanding_;
+    ucp_request_free(req);
+  }
+  return UCS_INPROGRESS;
+}
+
+void UcxBackendImpl::maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key) {
+  auto it = inbound_.find(key);
+  if (it == inbound_.end()) return;
+  InboundWrite& in = it->second;
+  if (in.expected < 0 || in.landed < static_cast<uint64_t>(in.expected)) return;
+  // Every segment is in place: acknowledge first, then tell the application.
+  Status st = in.error;
+  bool deliver = st.isOk() && in.hasNotify;
+  std::string message = std::move(in.notify);
+  inbound_.erase(it);
+  sendStatus(key.first, ucx::kAmAck, key.second, st);
+  if (deliver) {
+    auto name = connectionNames_.find(key.first);
+    host_->notificationArrived(name == connectionNames_.end() ? std::string() : name->second, std::move(message));
+  }
+}
+
+ucs_status_t UcxBackendImpl::handleReadRequest(const void* header, size_t headerLength, void* data, size_t length,
+                                               const ucp_am_recv_param_t* param, ucp_ep_h reply) {
+  ucx::ReadRequestHeader h{};
+  if (!readHeader(header, headerLength, &h) || reply == nullptr) return UCS_ERR_INVALID_PARAM;
+  if (length != static_cast<size_t>(h.segments) * sizeof(ucx::ReadSegment)) {
+    sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::InvalidParam, "malformed read request"));
+    return UCS_OK;
+  }
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    serveRead(reply, h, static_cast<const ucx::ReadSegment*>(data));
+    return UCS_OK;
+  }
+  // A large request list arrives by rendezvous: receive it, then serve it.
+  auto buffer = std::make_shared<std::vector<uint8_t>>(length);
+  struct ReadRequestPending {
+    UcxBackendImpl* self;
+    ucp_ep_h reply;
+    ucx::ReadRequestHeader h;
+    std::shared_ptr<std::vector<uint8_t>> buffer;
+  };
+  auto* pending = new ReadRequestPending{this, reply, h, buffer};  // owned by the callback below
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.recv_am = [](void*, ucs_status_t st, size_t, void* user) {
+    std::unique_ptr<ReadRequestPending> pd(static_cast<ReadRequestPending*>(user));
+    --pd->self->outstanding_;
+    if (st == UCS_OK)
+      pd->self->serveRead(pd->reply, pd->h, reinterpret_cast<const ucx::ReadSegment*>(pd->buffer->data()));
+  };
+  p.user_data = pending;
+  ++outstanding_;
+  void* req = ucp_am_recv_data_nbx(worker_, data, buffer->data(), length, &p);
+  if (req == nullptr) {
+    p.cb.recv_am(nullptr, UCS_OK, length, pending);
+  } else if (UCS_PTR_IS_ERR(req)) {
+    p.cb.recv_am(nullptr, UCS_PTR_STATUS(req), 0, pending);
+  } else {
+    ucp_request_free(req);
+  }
+  return UCS_INPROGRESS;
+}
+
+void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs) {
+  // Check every segment before sending any byte, so a bad request moves nothing.
+  std::vector<std::pair<uint8_t*, uint64_t>> sources(h.segments);
+  LocalRegionRef hold;
+  for (uint32_t i = 0; i < h.segments; ++i) {
+    ucx::ReadSegment s{};
+    std::memcpy(&s, segs + i, sizeof s);
+    Result<uint8_t*> src = host_->resolveInbound(h.regionId, s.offset, s.length, kAccessRead, &hold);
+    if (!src.isOk()) {
+      sendStatus(reply, ucx::kAmReadDone, h.transferId,
+                 Status(src.status().code(), src.status().message(), s.firstIndex));
+      return;
+    }
+    sources[i] = {src.value(), s.length};
+  }
+  for (uint32_t i = 0; i < h.segments; ++i) {
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kReadDataSend;
+    op->hold = hold;
+    ucx::ReadDataHeader rh{h.transferId, i};
+    std::memcpy(op->header, &rh, sizeof rh);
+    op->headerLength = sizeof rh;
+    if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false)) return;
+  }
+  sendStatus(reply, ucx::kAmReadDone, h.transferId, Status::ok());
+}
+
+ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLength, void* data, size_t length,
+                                            const ucp_am_recv_param_t* param) {
+  ucx::ReadDataHeader h{};
+  if (!readHeader(header, headerLength, &h)) return UCS_ERR_INVALID_PARAM;
+  auto it = active_.find(h.transferId);
+  if (it == active_.end()) return UCS_ERR_CANCELED;  // settled already (canceled, timed out): drop the data
+  TransferRef t = it->second;
+  // The destination comes from our own plan, never from the wire.
+  if (h.segment >= t->segments.size() || t->segments[h.segment].length != length) {
+    failTransfer(t, Status(Code::Backend, "peer sent a read segment that does not match the request"));
+    return UCS_ERR_INVALID_PARAM;
+  }
+  uint8_t* dst = t->segments[h.segment].local;
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    std::memcpy(dst, data, length);
+    ++t->landed;
+    finishRead(t);
+    return UCS_OK;
+  }
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kInboundRead;
+  op->backend = this;
+  op->transfer = t;
+  op->hold = t->local;
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  p.cb.recv_am = &UcxBackendImpl::onRecvDone;
+  RequestContext* raw = op.release();
+  p.user_data = raw;
+  void* req = ucp_am_recv_data_nbx(worker_, data, dst, length, &p);
+  if (req == nullptr) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
+  } else if (UCS_PTR_IS_ERR(req)) {
+    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
+  } else {
+    ++outstanding_;
+    ucp_request_free(req);
+  }
+  return UCS_INPROGRESS;
+}
+
+void UcxBackendImpl::finishRead(const TransferRef& t) {
+  if (t->settled || !t->remoteDone || t->landed < t->segments.size()) return;
+  active_.erase(t->id);
+  // The bytes are in our memory; now the target may learn the read is over.
+  if (t->hasNotify) {
+    for (auto& [ep, peer] : peersByEp_)
+      if (peer->key_ == t->peerKey) notify(*peer, t->notify);
+  }
+  host_->transferFinished(t, Status::ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress
+
+bool UcxBackendImpl::progress() {
+  bool any = false;
+  while (ucp_worker_progress(worker_) != 0) any = true;
+  if (!failedPeers_.empty()) {
+    auto failed = std::move(failedPeers_);
+    failedPeers_.clear();
+    for (auto& [key, st] : failed)
+      host_->peerFailed(key, Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", st)));
+    any = true;
+  }
+  for (size_t i = 0; i < closing_.size();) {
+    if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
+      ucp_request_free(closing_[i]);
+      closing_[i] = closing_.back();
+      closing_.pop_back();
+      any = true;
+    } else {
+      ++i;
+    }
+  }
+  return any;
+}
+
+bool UcxBackendImpl::arm() { return ucp_worker_arm(worker_) == UCS_OK; }
+
+}  // namespace
+
+std::string ucxVersion() {
+  unsigned major = 0, minor = 0, release = 0;
+  ucp_get_version(&major, &minor, &release);
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
+}
+
+Result<std::unique_ptr<Backend>> createUcxBackend(const BackendOptions& options, BackendHost* host) {
+  auto backend = std::make_unique<UcxBackendImpl>(host);
+  Status st = backend->init(options);
+  if (!st) return st;
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace kvwire

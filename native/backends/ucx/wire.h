@@ -1,0 +1,67 @@
+// The active-message protocol kvwire speaks between two UCX workers. Every header is a fixed-size
+// little-endian struct; a receiver checks the length before reading and trusts no address in it.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace kvwire::ucx {
+
+enum AmId : uint16_t {
+  kAmHello = 1,        // initiator -> target: who I am (binds the connection to a name)
+  kAmWrite = 2,        // initiator -> target: one segment of a WRITE, data attached
+  kAmWriteCommit = 3,  // initiator -> target: all segments posted; notification attached
+  kAmAck = 4,          // target -> initiator: WRITE landed (or why not)
+  kAmReadRequest = 5,  // initiator -> target: segments to send back
+  kAmReadData = 6,     // target -> initiator: one segment of a READ
+  kAmReadDone = 7,     // target -> initiator: everything sent (or why not)
+  kAmNotify = 8,       // either way: a notification on its own
+};
+
+constexpr uint32_t kWireVersion = 1;
+
+#pragma pack(push, 1)
+struct HelloHeader {
+  uint32_t version;
+  uint64_t agentId;
+};
+struct WriteHeader {
+  uint64_t transferId;
+  uint32_t regionId;
+  uint32_t firstIndex;
+  uint64_t offset;
+  uint64_t length;
+};
+struct CommitHeader {
+  uint64_t transferId;
+  uint64_t segments;
+  uint32_t hasNotify;
+};
+struct StatusHeader {  // ACK and READ_DONE
+  uint64_t transferId;
+  uint32_t code;
+  int64_t index;
+};
+struct ReadRequestHeader {
+  uint64_t transferId;
+  uint32_t regionId;
+  uint32_t segments;
+};
+struct ReadSegment {  // payload of READ_REQUEST, one per segment
+  uint64_t offset;
+  uint64_t length;
+  uint32_t firstIndex;
+};
+struct ReadDataHeader {
+  uint64_t transferId;
+  uint32_t segment;
+};
+#pragma pack(pop)
+
+template <typename T>
+bool readHeader(const void* header, size_t length, T* out) {
+  if (length != sizeof(T) || header == nullptr) return false;
+  std::memcpy(out, header, sizeof(T));
+  return true;
+}
+
+}  // namespace kvwire::ucx

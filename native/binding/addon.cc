@@ -1,0 +1,563 @@
+// node-addon-api glue only: argument conversion, buffer pinning, progress on the libuv loop,
+// and batched delivery of completions and notifications to JS.
+#include <napi.h>
+#include <uv.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "../core/agent.h"
+
+namespace {
+
+using kvwire::Code;
+using kvwire::Status;
+
+struct AddonData {
+  Napi::FunctionReference errorClass;  // KvwireError(code, message, index)
+};
+
+Napi::Value makeError(Napi::Env env, Code code, const std::string& message, int64_t index = kvwire::kNoIndex) {
+  auto* data = env.GetInstanceData<AddonData>();
+  Napi::Value idx = index == kvwire::kNoIndex ? env.Undefined() : Napi::Number::New(env, static_cast<double>(index));
+  if (data && !data->errorClass.IsEmpty())
+    return data->errorClass.New({Napi::String::New(env, kvwire::codeName(code)), Napi::String::New(env, message), idx});
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", kvwire::codeName(code));
+  return e.Value();
+}
+
+void throwStatus(Napi::Env env, const Status& st) {
+  Napi::Error(env, makeError(env, st.code(), st.message(), st.index())).ThrowAsJavaScriptException();
+}
+
+void throwInvalid(Napi::Env env, const std::string& message) { throwStatus(env, Status(Code::InvalidParam, message)); }
+
+// Reads a BigUint64Array argument as a span; the JS layer guarantees the type, we re-check.
+bool readU64Array(const Napi::Value& v, const uint64_t** out, size_t* count) {
+  if (!v.IsTypedArray()) return false;
+  auto ta = v.As<Napi::TypedArray>();
+  if (ta.TypedArrayType() != napi_biguint64_array) return false;
+  auto arr = v.As<Napi::BigUint64Array>();
+  *out = arr.Data();
+  *count = arr.ElementLength();
+  return true;
+}
+
+// The libuv handles of one agent live in one heap block that is freed by the last close callback,
+// so they never outlive or dangle from the JS object that owns the agent.
+struct LoopHandles {
+  uv_poll_t poll;
+  uv_idle_t idle;
+  uv_timer_t timer;
+  int open = 0;
+  bool pollStarted = false;
+  napi_async_cleanup_hook_handle cleanupHook = nullptr;
+};
+
+class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit AgentWrap(const Napi::CallbackInfo& info);
+  ~AgentWrap() override { shutdown(); }
+
+ private:
+  struct Settled {
+    uint64_t id;
+    Status status;
+    kvwire::TransferStats stats;
+  };
+  struct Arrived {
+    std::string from;
+    std::string message;
+  };
+
+  Napi::Value Allocate(const Napi::CallbackInfo& info);
+  Napi::Value Register(const Napi::CallbackInfo& info);
+  Napi::Value Deregister(const Napi::CallbackInfo& info);
+  Napi::Value Metadata(const Napi::CallbackInfo& info);
+  Napi::Value LoadPeer(const Napi::CallbackInfo& info);
+  Napi::Value ForgetPeer(const Napi::CallbackInfo& info);
+  Napi::Value Post(const Napi::CallbackInfo& info);
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
+  Napi::Value Notify(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value SetRef(const Napi::CallbackInfo& info);
+  Napi::Value Info(const Napi::CallbackInfo& info);
+
+  bool ensureOpen(Napi::Env env);
+  Napi::Object regionObject(Napi::Env env, const kvwire::RegionInfo& r);
+  void startLoop(uv_loop_t* loop);
+  void schedule();  // progress soon, on the loop, never re-entrantly inside a JS call
+  void drive();
+  void deliver();
+  void updateRefs();
+  void shutdown();
+  static void onAsyncCleanup(napi_async_cleanup_hook_handle handle, void* arg);
+
+  std::unique_ptr<kvwire::Agent> agent_;
+  LoopHandles* handles_ = nullptr;
+  Napi::FunctionReference onSettled_;
+  Napi::FunctionReference onNotification_;
+  std::vector<Settled> settled_;
+  std::vector<Arrived> arrived_;
+  bool pollMode_ = false;
+  bool userRef_ = true;
+  bool delivering_ = false;
+  uint64_t spinWindowNs_ = 200'000;  // keep polling this long after activity before sleeping
+  uint64_t lastActivityNs_ = 0;
+};
+
+Napi::Function AgentWrap::Init(Napi::Env env) {
+  return DefineClass(env, "NativeAgent",
+                     {InstanceMethod("allocate", &AgentWrap::Allocate), InstanceMethod("register", &AgentWrap::Register),
+                      InstanceMethod("deregister", &AgentWrap::Deregister),
+                      InstanceMethod("metadata", &AgentWrap::Metadata), InstanceMethod("loadPeer", &AgentWrap::LoadPeer),
+                      InstanceMethod("forgetPeer", &AgentWrap::ForgetPeer), InstanceMethod("post", &AgentWrap::Post),
+                      InstanceMethod("cancel", &AgentWrap::Cancel), InstanceMethod("notify", &AgentWrap::Notify),
+                      InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef),
+                      InstanceMethod("info", &AgentWrap::Info)});
+}
+
+// new NativeAgent(name, { transports, devices, progress, spinWindowUs }, onSettled, onNotification)
+AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWrap>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsString() || !info[1].IsObject() || !info[2].IsFunction() || !info[3].IsFunction()) {
+    throwInvalid(env, "NativeAgent(name, options, onSettled, onNotification)");
+    return;
+  }
+  auto opts = info[1].As<Napi::Object>();
+  kvwire::BackendOptions bo;
+  if (opts.Get("transports").IsString()) bo.transports = opts.Get("transports").As<Napi::String>();
+  if (opts.Get("devices").IsString()) bo.devices = opts.Get("devices").As<Napi::String>();
+  pollMode_ = opts.Get("progress").IsString() && opts.Get("progress").As<Napi::String>().Utf8Value() == "poll";
+  if (opts.Get("spinWindowUs").IsNumber())
+    spinWindowNs_ = static_cast<uint64_t>(opts.Get("spinWindowUs").As<Napi::Number>().DoubleValue() * 1000);
+  onSettled_ = Napi::Persistent(info[2].As<Napi::Function>());
+  onNotification_ = Napi::Persistent(info[3].As<Napi::Function>());
+
+  kvwire::AgentCallbacks cb;
+  cb.settled = [this](uint64_t id, const Status& st, const kvwire::TransferStats& stats) {
+    settled_.push_back({id, st, stats});
+  };
+  cb.notification = [this](const std::string& from, std::string message) {
+    arrived_.push_back({from, std::move(message)});
+  };
+  auto agent = kvwire::Agent::create(info[0].As<Napi::String>(), bo, std::move(cb));
+  if (!agent.isOk()) {
+    throwStatus(env, agent.status());
+    return;
+  }
+  agent_ = std::move(agent.value());
+  uv_loop_t* loop = nullptr;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) {
+    agent_.reset();
+    throwStatus(env, Status(Code::Unavailable, "no libuv loop for this environment"));
+    return;
+  }
+  startLoop(loop);
+}
+
+void AgentWrap::startLoop(uv_loop_t* loop) {
+  handles_ = new LoopHandles();  // freed by the last uv_close callback
+  handles_->poll.data = handles_->idle.data = handles_->timer.data = this;
+  uv_idle_init(loop, &handles_->idle);
+  uv_timer_init(loop, &handles_->timer);
+  handles_->open = 2;
+  if (uv_poll_init(loop, &handles_->poll, agent_->eventFd()) == 0) {
+    ++handles_->open;
+    handles_->pollStarted = true;
+    uv_poll_start(&handles_->poll, UV_READABLE, [](uv_poll_t* h, int, int) {
+      static_cast<AgentWrap*>(h->data)->drive();
+    });
+  }
+  napi_add_async_cleanup_hook(Env(), &AgentWrap::onAsyncCleanup, this, &handles_->cleanupHook);
+  lastActivityNs_ = kvwire::monotonicNs();
+  schedule();
+}
+
+void AgentWrap::schedule() {
+  if (!handles_) return;
+  lastActivityNs_ = kvwire::monotonicNs();
+  if (!uv_is_active(reinterpret_cast<uv_handle_t*>(&handles_->idle)))
+    uv_idle_start(&handles_->idle, [](uv_idle_t* h) { static_cast<AgentWrap*>(h->data)->drive(); });
+  updateRefs();
+}
+
+// One progress step: run UCX until it is idle, hand results to JS, then either keep spinning
+// (poll mode, or within the spin window after activity) or arm the event fd and sleep.
+void AgentWrap::drive() {
+  if (!agent_ || !handles_) return;
+  const bool any = agent_->progress();
+  const uint64_t now = kvwire::monotonicNs();
+  if (any) lastActivityNs_ = now;
+  deliver();
+  if (!agent_ || !handles_) return;  // closed from a JS callback
+  bool spin = pollMode_ || now - lastActivityNs_ < spinWindowNs_;
+  if (!spin && !agent_->arm()) {  // events arrived while we were deciding: go round again
+    lastActivityNs_ = now;
+    spin = true;
+  }
+  if (spin) {
+    if (!uv_is_active(reinterpret_cast<uv_handle_t*>(&handles_->idle)))
+      uv_idle_start(&handles_->idle, [](uv_idle_t* h) { static_cast<AgentWrap*>(h->data)->drive(); });
+  } else {
+    uv_idle_stop(&handles_->idle);
+  }
+  // While work is in flight, a slow watchdog guards against a wake-up UCX did not signal.
+  if (!spin && agent_->busy())
+    uv_timer_start(&handles_->timer, [](uv_timer_t* h) { static_cast<AgentWrap*>(h->data)->drive(); }, 50, 0);
+  else
+    uv_timer_stop(&handles_->timer);
+  updateRefs();
+}
+
+// The loop stays alive while transfers are in flight, and while the agent is ref'd (the default,
+// like a server socket); an unref'd idle agent does not hold the process open.
+void AgentWrap::updateRefs() {
+  if (!handles_) return;
+  const bool inFlight = agent_ && agent_->inFlight() > 0;
+  auto set = [](uv_handle_t* h, bool on) { on ? uv_ref(h) : uv_unref(h); };
+  set(reinterpret_cast<uv_handle_t*>(&handles_->idle), inFlight || (userRef_ && pollMode_));
+  set(reinterpret_cast<uv_handle_t*>(&handles_->timer), inFlight);
+  if (handles_->pollStarted) set(reinterpret_cast<uv_handle_t*>(&handles_->poll), userRef_ || inFlight);
+}
+
+void AgentWrap::deliver() {
+  if (delivering_ || (settled_.empty() && arrived_.empty())) return;
+  delivering_ = true;
+  Napi::Env env = Env();
+  Napi::HandleScope scope(env);
+  auto object = Value();
+  while (!settled_.empty() || !arrived_.empty()) {
+    if (!settled_.empty()) {
+      std::vector<Settled> batch;
+      batch.swap(settled_);
+      // One call per batch: [id, code, index, bytes, descriptors, segments, path, postNs, transferNs] per transfer.
+      constexpr size_t kStride = 9;
+      auto nums = Napi::Float64Array::New(env, batch.size() * kStride);
+      auto errors = Napi::Array::New(env);
+      for (size_t i = 0; i < batch.size(); ++i) {
+        const Settled& s = batch[i];
+        double* row = nums.Data() + i * kStride;
+        row[0] = static_cast<double>(s.id);
+        row[1] = static_cast<double>(static_cast<int>(s.status.code()));
+        row[2] = static_cast<double>(s.status.index());
+        row[3] = static_cast<double>(s.stats.bytes);
+        row[4] = s.stats.descriptors;
+        row[5] = s.stats.segments;
+        row[6] = static_cast<double>(static_cast<int>(s.stats.path));
+        row[7] = static_cast<double>(s.stats.postNs);
+        row[8] = static_cast<double>(s.stats.transferNs);
+        if (!s.status.isOk())
+          errors.Set(errors.Length(), makeError(env, s.status.code(), s.status.message(), s.status.index()));
+        else
+          errors.Set(errors.Length(), env.Null());
+      }
+      onSettled_.MakeCallback(object, {nums, errors});
+    }
+    if (!arrived_.empty()) {
+      std::vector<Arrived> batch;
+      batch.swap(arrived_);
+      auto from = Napi::Array::New(env, batch.size());
+      auto messages = Napi::Array::New(env, batch.size());
+      for (size_t i = 0; i < batch.size(); ++i) {
+        from.Set(i, Napi::String::New(env, batch[i].from));
+        messages.Set(i, Napi::Buffer<char>::Copy(env, batch[i].message.data(), batch[i].message.size()));
+      }
+      onNotification_.MakeCallback(object, {from, messages});
+    }
+    if (env.IsExceptionPending()) env.GetAndClearPendingException();
+  }
+  delivering_ = false;
+}
+
+bool AgentWrap::ensureOpen(Napi::Env env) {
+  if (agent_) return true;
+  throwStatus(env, Status(Code::Closed, "agent is closed"));
+  return false;
+}
+
+Napi::Object AgentWrap::regionObject(Napi::Env env, const kvwire::RegionInfo& r) {
+  auto o = Napi::Object::New(env);
+  o.Set("id", r.id);
+  o.Set("name", r.name);
+  o.Set("kind", kvwire::memKindName(r.kind));
+  o.Set("access", r.access == kvwire::kAccessRead ? "read" : r.access == kvwire::kAccessWrite ? "write" : "readwrite");
+  o.Set("deviceId", r.deviceId);
+  o.Set("base", Napi::BigInt::New(env, r.base));
+  o.Set("length", static_cast<double>(r.length));
+  o.Set("allocated", r.backendAllocated);
+  return o;
+}
+
+uint8_t accessFrom(const Napi::Value& v) {
+  std::string s = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+  return s == "read" ? kvwire::kAccessRead : s == "write" ? kvwire::kAccessWrite : kvwire::kAccessReadWrite;
+}
+
+// allocate(name, bytes, access) -> { region, bytes: Uint8Array over the allocated memory }
+Napi::Value AgentWrap::Allocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  auto r = agent_->allocate(info[0].As<Napi::String>(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
+                            accessFrom(info[2]));
+  if (!r.isOk()) {
+    throwStatus(env, r.status());
+    return env.Undefined();
+  }
+  const kvwire::RegionInfo& ri = r.value();
+  // The JS view keeps the mapping alive: deregistering while a view exists unmaps only after GC.
+  auto* keep = new std::shared_ptr<void>(agent_->regionRef(ri.id));
+  auto ab = Napi::ArrayBuffer::New(env, agent_->regionPointer(ri.id), ri.length,
+                                   [](Napi::Env, void*, std::shared_ptr<void>* k) { delete k; }, keep);
+  auto out = Napi::Object::New(env);
+  out.Set("region", regionObject(env, ri));
+  out.Set("bytes", Napi::Uint8Array::New(env, ri.length, ab, 0));
+  schedule();
+  return out;
+}
+
+// register(name, view: Uint8Array, access) -> region
+Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  if (!info[1].IsTypedArray()) {
+    throwInvalid(env, "register: memory must be a Buffer, ArrayBuffer, SharedArrayBuffer or typed array");
+    return env.Undefined();
+  }
+  auto view = info[1].As<Napi::Uint8Array>();
+  auto* ref = new Napi::ObjectReference(Napi::Persistent(info[1].As<Napi::Object>()));
+  std::shared_ptr<void> keeper(ref, [](void* p) { delete static_cast<Napi::ObjectReference*>(p); });
+  auto r = agent_->registerMemory(info[0].As<Napi::String>(), view.Data(), view.ByteLength(), accessFrom(info[2]),
+                                  std::move(keeper));
+  if (!r.isOk()) {
+    throwStatus(env, r.status());
+    return env.Undefined();
+  }
+  schedule();
+  return regionObject(env, r.value());
+}
+
+Napi::Value AgentWrap::Deregister(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  Status st = agent_->deregister(info[0].As<Napi::Number>().Uint32Value());
+  if (!st) throwStatus(env, st);
+  return env.Undefined();
+}
+
+Napi::Value AgentWrap::Metadata(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  auto md = agent_->metadata();
+  if (!md.isOk()) {
+    throwStatus(env, md.status());
+    return env.Undefined();
+  }
+  return Napi::Buffer<uint8_t>::Copy(env, md.value().data(), md.value().size());
+}
+
+Napi::Value AgentWrap::LoadPeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  if (!info[0].IsTypedArray()) {
+    throwInvalid(env, "loadPeer: metadata must be a Uint8Array");
+    return env.Undefined();
+  }
+  auto blob = info[0].As<Napi::Uint8Array>();
+  auto peer = agent_->loadPeer(blob.Data(), blob.ByteLength());
+  if (!peer.isOk()) {
+    throwStatus(env, peer.status());
+    return env.Undefined();
+  }
+  const kvwire::PeerView& p = peer.value();
+  auto o = Napi::Object::New(env);
+  o.Set("name", p.name);
+  o.Set("agentId", Napi::BigInt::New(env, p.agentId));
+  o.Set("generation", static_cast<double>(p.generation));
+  auto regions = Napi::Array::New(env, p.regions.size());
+  for (size_t i = 0; i < p.regions.size(); ++i) regions.Set(i, regionObject(env, p.regions[i]));
+  o.Set("regions", regions);
+  schedule();
+  return o;
+}
+
+Napi::Value AgentWrap::ForgetPeer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  Status st = agent_->forgetPeer(info[0].As<Napi::String>());
+  if (!st) throwStatus(env, st);
+  schedule();
+  return env.Undefined();
+}
+
+// post(op, path, localRegion, localAddrs, localLens, peer, peerAgentId, remoteRegion, remoteAddrs,
+//      remoteLens, notify?: Uint8Array) -> transfer id
+Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  kvwire::TransferRequest rq;
+  rq.op = info[0].As<Napi::Number>().Uint32Value() == 0 ? kvwire::Op::Read : kvwire::Op::Write;
+  rq.path = static_cast<kvwire::Path>(info[1].As<Napi::Number>().Uint32Value() & 3);
+  rq.localRegion = info[2].As<Napi::Number>().Uint32Value();
+  size_t lc = 0, ll = 0, rc = 0, rl = 0;
+  if (!readU64Array(info[3], &rq.local.addresses, &lc) || !readU64Array(info[4], &rq.local.lengths, &ll) ||
+      !readU64Array(info[8], &rq.remote.addresses, &rc) || !readU64Array(info[9], &rq.remote.lengths, &rl) || lc != ll ||
+      rc != rl) {
+    throwInvalid(env, "post: descriptor arrays must be BigUint64Arrays of equal length");
+    return env.Undefined();
+  }
+  rq.local.count = lc;
+  rq.remote.count = rc;
+  rq.peer = info[5].As<Napi::String>();
+  bool lossless = false;
+  rq.peerAgentId = info[6].As<Napi::BigInt>().Uint64Value(&lossless);
+  rq.remoteRegion = info[7].As<Napi::Number>().Uint32Value();
+  if (info.Length() > 10 && info[10].IsTypedArray()) {
+    auto n = info[10].As<Napi::Uint8Array>();
+    rq.hasNotify = true;
+    rq.notify.assign(reinterpret_cast<const char*>(n.Data()), n.ByteLength());
+  }
+  auto id = agent_->post(rq);
+  if (!id.isOk()) {
+    throwStatus(env, id.status());
+    return env.Undefined();
+  }
+  schedule();
+  return Napi::Number::New(env, static_cast<double>(id.value()));
+}
+
+// cancel(id, timeout: boolean, why) -> boolean (false if already settled)
+Napi::Value AgentWrap::Cancel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!agent_) return Napi::Boolean::New(env, false);
+  const bool timeout = info[1].ToBoolean();
+  bool done = agent_->cancel(static_cast<uint64_t>(info[0].As<Napi::Number>().DoubleValue()),
+                             timeout ? Code::Timeout : Code::Canceled, info[2].As<Napi::String>());
+  schedule();
+  return Napi::Boolean::New(env, done);
+}
+
+Napi::Value AgentWrap::Notify(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  auto msg = info[1].As<Napi::Uint8Array>();
+  Status st = agent_->notify(info[0].As<Napi::String>(),
+                             std::string(reinterpret_cast<const char*>(msg.Data()), msg.ByteLength()));
+  if (!st) throwStatus(env, st);
+  schedule();
+  return env.Undefined();
+}
+
+Napi::Value AgentWrap::SetRef(const Napi::CallbackInfo& info) {
+  userRef_ = info[0].ToBoolean();
+  updateRefs();
+  return info.Env().Undefined();
+}
+
+Napi::Value AgentWrap::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto o = Napi::Object::New(env);
+  o.Set("closed", agent_ == nullptr);
+  if (agent_) {
+    o.Set("agentId", Napi::BigInt::New(env, agent_->agentId()));
+    o.Set("generation", static_cast<double>(agent_->generation()));
+    o.Set("inFlight", static_cast<double>(agent_->inFlight()));
+  }
+  return o;
+}
+
+Napi::Value AgentWrap::Close(const Napi::CallbackInfo& info) {
+  if (agent_) {
+    agent_->close();  // settles every transfer with ERR_CANCELED
+    deliver();
+  }
+  shutdown();
+  return info.Env().Undefined();
+}
+
+void AgentWrap::shutdown() {
+  agent_.reset();
+  if (!handles_) return;
+  LoopHandles* h = handles_;
+  handles_ = nullptr;
+  if (h->cleanupHook) {
+    napi_remove_async_cleanup_hook(h->cleanupHook);
+    h->cleanupHook = nullptr;
+  }
+  auto closed = [](uv_handle_t* handle) {
+    auto* hs = static_cast<LoopHandles*>(handle->data);
+    if (--hs->open == 0) delete hs;
+  };
+  h->poll.data = h->idle.data = h->timer.data = h;
+  if (h->pollStarted) uv_close(reinterpret_cast<uv_handle_t*>(&h->poll), closed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&h->idle), closed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&h->timer), closed);
+}
+
+// A worker_thread is exiting: release UCX and close the uv handles while the loop still runs.
+void AgentWrap::onAsyncCleanup(napi_async_cleanup_hook_handle, void* arg) {
+  auto* self = static_cast<AgentWrap*>(arg);
+  if (self->agent_) self->agent_->close();
+  self->settled_.clear();
+  self->arrived_.clear();
+  self->shutdown();
+}
+
+Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
+  auto* data = info.Env().GetInstanceData<AddonData>();
+  data->errorClass = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+// Exposed for tests and tools: decode a metadata blob without loading it.
+Napi::Value DecodeMetadata(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray()) {
+    throwInvalid(env, "decodeMetadata: expected a Uint8Array");
+    return env.Undefined();
+  }
+  auto blob = info[0].As<Napi::Uint8Array>();
+  auto md = kvwire::decodeMetadata(blob.Data(), blob.ByteLength());
+  if (!md.isOk()) {
+    throwStatus(env, md.status());
+    return env.Undefined();
+  }
+  auto o = Napi::Object::New(env);
+  o.Set("name", md.value().name);
+  o.Set("agentId", Napi::BigInt::New(env, md.value().agentId));
+  o.Set("generation", static_cast<double>(md.value().generation));
+  o.Set("backend", md.value().backend);
+  o.Set("workerAddressBytes", static_cast<double>(md.value().workerAddress.size()));
+  auto regions = Napi::Array::New(env);
+  for (const auto& r : md.value().regions) {
+    auto ro = Napi::Object::New(env);
+    ro.Set("id", r.id);
+    ro.Set("name", r.name);
+    ro.Set("length", static_cast<double>(r.length));
+    ro.Set("access", r.access);
+    ro.Set("allocated", r.backendAllocated);
+    regions.Set(regions.Length(), ro);
+  }
+  o.Set("regions", regions);
+  return o;
+}
+
+Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
+  env.SetInstanceData(new AddonData());
+  exports.Set("NativeAgent", AgentWrap::Init(env));
+  exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass));
+  exports.Set("decodeMetadata", Napi::Function::New(env, DecodeMetadata));
+  exports.Set("ucxVersion", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+    return Napi::String::New(info.Env(), kvwire::ucxVersion());
+  }));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(kvwire, InitAll)

@@ -1,0 +1,306 @@
+#include "agent.h"
+
+#include <chrono>
+#include <random>
+
+namespace kvwire {
+
+uint64_t monotonicNs() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+const char* pathName(Path path) {
+  switch (path) {
+    case Path::Auto: return "auto";
+    case Path::Direct: return "direct";
+    case Path::ActiveMessage: return "am";
+    case Path::Rma: return "rma";
+  }
+  return "unknown";
+}
+
+namespace {
+uint64_t randomId() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ monotonicNs();
+}
+const char* accessName(uint8_t access) {
+  return access == kAccessRead ? "read" : access == kAccessWrite ? "write" : "readwrite";
+}
+}  // namespace
+
+Agent::Agent(std::string name, AgentCallbacks callbacks)
+    : name_(std::move(name)), agentId_(randomId()), callbacks_(std::move(callbacks)) {}
+
+Result<std::unique_ptr<Agent>> Agent::create(const std::string& name, const BackendOptions& options,
+                                             AgentCallbacks callbacks) {
+  if (name.empty() || name.size() > kMaxNameBytes)
+    return Status(Code::InvalidParam, "name must be 1.." + std::to_string(kMaxNameBytes) + " bytes");
+  std::unique_ptr<Agent> agent(new Agent(name, std::move(callbacks)));
+  BackendOptions opts = options;
+  opts.agentName = name;
+  auto backend = createUcxBackend(opts, agent.get());
+  if (!backend.isOk()) return backend.status();
+  agent->backend_ = std::move(backend.value());
+  return agent;
+}
+
+Agent::~Agent() { close(); }
+
+void Agent::close() {
+  if (!backend_) return;
+  std::vector<uint64_t> ids;
+  for (auto& [id, t] : transfers_) ids.push_back(id);
+  for (uint64_t id : ids) cancel(id, Code::Canceled, "agent closed");
+  peers_.clear();
+  regions_.clear();
+  backend_.reset();
+}
+
+Result<RegionInfo> Agent::allocate(const std::string& name, uint64_t length, uint8_t access) {
+  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (length == 0) return Status(Code::InvalidParam, "allocate: bytes must be > 0");
+  auto mem = backend_->allocate(length);
+  if (!mem.isOk()) return mem.status();
+  auto region = std::make_shared<LocalRegion>();
+  region->memory = std::move(mem.value());
+  region->info = {nextRegionId_++, name, MemKind::Dram, access, 0,
+                  reinterpret_cast<uint64_t>(region->memory->ptr), length, true, region->memory->rkey};
+  regions_[region->info.id] = region;
+  ++generation_;
+  return region->info;
+}
+
+Result<RegionInfo> Agent::registerMemory(const std::string& name, uint8_t* ptr, uint64_t length, uint8_t access,
+                                         std::shared_ptr<void> keeper) {
+  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (ptr == nullptr || length == 0) return Status(Code::InvalidParam, "register: memory must be non-empty");
+  auto mem = backend_->registerMemory(ptr, length);
+  if (!mem.isOk()) return mem.status();
+  auto region = std::make_shared<LocalRegion>();
+  region->memory = std::move(mem.value());
+  region->keeper = std::move(keeper);
+  region->info = {nextRegionId_++, name, MemKind::Dram, access, 0, reinterpret_cast<uint64_t>(ptr), length, false,
+                  region->memory->rkey};
+  regions_[region->info.id] = region;
+  ++generation_;
+  return region->info;
+}
+
+Status Agent::deregister(uint32_t regionId) {
+  auto it = regions_.find(regionId);
+  if (it == regions_.end()) return {Code::NotFound, "region " + std::to_string(regionId) + " is not registered"};
+  it->second->live = false;  // transfers that hold it finish first; then the memory goes
+  regions_.erase(it);
+  ++generation_;
+  return Status::ok();
+}
+
+uint8_t* Agent::regionPointer(uint32_t regionId) const {
+  auto it = regions_.find(regionId);
+  return it == regions_.end() ? nullptr : it->second->ptr();
+}
+
+LocalRegionRef Agent::regionRef(uint32_t regionId) const {
+  auto it = regions_.find(regionId);
+  return it == regions_.end() ? nullptr : it->second;
+}
+
+Result<std::vector<uint8_t>> Agent::metadata() const {
+  if (!backend_) return Status(Code::Closed, "agent is closed");
+  AgentMetadata md;
+  md.name = name_;
+  md.agentId = agentId_;
+  md.generation = generation_;
+  md.backend = backend_->name();
+  md.workerAddress = backend_->address();
+  md.regions.reserve(regions_.size());
+  for (auto& [id, r] : regions_) md.regions.push_back(r->info);
+  return encodeMetadata(md);
+}
+
+PeerView Agent::viewOf(const PeerEntry& p) const {
+  return {p.md.name, p.md.agentId, p.md.generation, p.md.regions};
+}
+
+Result<PeerView> Agent::loadPeer(const uint8_t* blob, size_t size) {
+  if (!backend_) return Status(Code::Closed, "agent is closed");
+  auto decoded = decodeMetadata(blob, size);
+  if (!decoded.isOk()) return decoded.status();
+  AgentMetadata& md = decoded.value();
+  auto it = peers_.find(md.name);
+  if (it != peers_.end() && it->second->md.agentId == md.agentId) {
+    PeerEntry& p = *it->second;
+    if (md.generation < p.md.generation)
+      return Status(Code::Mismatch, "metadata of peer '" + md.name + "' is stale (generation " +
+                                        std::to_string(md.generation) + ", loaded " +
+                                        std::to_string(p.md.generation) + ")");
+    if (md.generation > p.md.generation) {
+      Status st = p.conn->updateRegions(md);
+      if (!st) return st;
+      p.md = std::move(md);
+      p.regionIndex.clear();
+      for (size_t i = 0; i < p.md.regions.size(); ++i) p.regionIndex[p.md.regions[i].id] = i;
+    }
+    return viewOf(p);
+  }
+  if (it != peers_.end()) {
+    // Same name, new instance (the peer restarted): the old connection and its transfers are gone.
+    failPeerTransfers(it->second->key, Status(Code::RemoteDisconnect, "peer '" + md.name + "' was replaced by a new instance"));
+    peers_.erase(it);
+  }
+  auto entry = std::make_unique<PeerEntry>();
+  entry->key = nextPeerKey_++;
+  auto conn = backend_->connect(md, entry->key);
+  if (!conn.isOk()) return conn.status();
+  entry->conn = std::move(conn.value());
+  entry->md = std::move(md);
+  for (size_t i = 0; i < entry->md.regions.size(); ++i) entry->regionIndex[entry->md.regions[i].id] = i;
+  PeerView view = viewOf(*entry);
+  peers_[view.name] = std::move(entry);
+  return view;
+}
+
+Status Agent::forgetPeer(const std::string& name) {
+  auto it = peers_.find(name);
+  if (it == peers_.end()) return {Code::NotFound, "unknown peer '" + name + "'"};
+  failPeerTransfers(it->second->key, Status(Code::RemoteDisconnect, "peer '" + name + "' was forgotten"));
+  peers_.erase(it);
+  return Status::ok();
+}
+
+Result<uint64_t> Agent::post(const TransferRequest& rq) {
+  const uint64_t t0 = monotonicNs();
+  if (!backend_) return Status(Code::Closed, "agent is closed");
+  auto lit = regions_.find(rq.localRegion);
+  if (lit == regions_.end())
+    return Status(Code::NotFound, "local region " + std::to_string(rq.localRegion) + " is not registered (deregistered?)");
+  const LocalRegionRef& local = lit->second;
+  auto pit = peers_.find(rq.peer);
+  if (pit == peers_.end()) return Status(Code::NotFound, "unknown peer '" + rq.peer + "' (load its metadata first)");
+  PeerEntry& peer = *pit->second;
+  if (peer.md.agentId != rq.peerAgentId)
+    return Status(Code::Mismatch, "the remote descriptor list was built for an earlier instance of peer '" + rq.peer +
+                                      "'; rebuild it from the reloaded peer");
+  if (peer.failed) return Status(Code::RemoteDisconnect, "peer '" + rq.peer + "' is disconnected: " + peer.failure.message());
+  auto rit = peer.regionIndex.find(rq.remoteRegion);
+  if (rit == peer.regionIndex.end())
+    return Status(Code::NotFound, "peer '" + rq.peer + "' no longer publishes region " + std::to_string(rq.remoteRegion) +
+                                      " (generation " + std::to_string(peer.md.generation) + ")");
+  const RegionInfo& remote = peer.md.regions[rit->second];
+  const uint8_t need = rq.op == Op::Write ? kAccessWrite : kAccessRead;
+  if ((remote.access & need) == 0)
+    return Status(Code::NotAllowed, std::string(rq.op == Op::Write ? "writing" : "reading") + " region '" + remote.name +
+                                        "' of peer '" + rq.peer + "' is not allowed (exported '" +
+                                        accessName(remote.access) + "')");
+  RegionBounds lb{local->info.base, local->info.length, "local", &local->info.name};
+  RegionBounds rb{remote.base, remote.length, "remote", &remote.name};
+  auto segs = planSegments(rq.local, lb, local->ptr(), rq.remote, rb);
+  if (!segs.isOk()) return segs.status();
+  Status why;
+  Path path = peer.conn->choosePath(rq.remoteRegion, rq.path, &why);
+  if (!why) return why;
+
+  auto t = std::make_shared<TransferState>();
+  t->id = nextTransferId_++;
+  t->op = rq.op;
+  t->path = path;
+  t->peerKey = peer.key;
+  t->remoteRegionId = rq.remoteRegion;
+  t->segments = std::move(segs.value());
+  t->local = local;
+  t->hasNotify = rq.hasNotify;
+  t->notify = rq.notify;
+  t->stats.descriptors = static_cast<uint32_t>(rq.local.count);
+  t->stats.segments = static_cast<uint32_t>(t->segments.size());
+  t->stats.path = path;
+  for (size_t i = 0; i < rq.local.count; ++i) t->stats.bytes += rq.local.lengths[i];
+  t->startNs = t0;
+  transfers_[t->id] = t;
+  Status st = backend_->post(*peer.conn, t);
+  t->stats.postNs = monotonicNs() - t0;
+  if (!st) {
+    if (!t->settled) {
+      transfers_.erase(t->id);
+      t->settled = true;
+    }
+    backend_->abandon(t);
+    return st;
+  }
+  return t->id;
+}
+
+void Agent::transferFinished(const TransferRef& t, Status status) {
+  if (t->settled) return;
+  t->settled = true;
+  t->stats.transferNs = monotonicNs() - t->startNs;
+  if (t->stats.postNs == 0) t->stats.postNs = t->stats.transferNs;  // settled while posting
+  transfers_.erase(t->id);
+  if (callbacks_.settled) callbacks_.settled(t->id, status, t->stats);
+}
+
+bool Agent::cancel(uint64_t id, Code code, const std::string& why) {
+  auto it = transfers_.find(id);
+  if (it == transfers_.end()) return false;
+  TransferRef t = it->second;
+  if (backend_) backend_->abandon(t);
+  transferFinished(t, Status(code, why));
+  return true;
+}
+
+Status Agent::notify(const std::string& peer, const std::string& message) {
+  if (!backend_) return {Code::Closed, "agent is closed"};
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) return {Code::NotFound, "unknown peer '" + peer + "'"};
+  if (it->second->failed) return {Code::RemoteDisconnect, "peer '" + peer + "' is disconnected"};
+  return backend_->notify(*it->second->conn, message);
+}
+
+void Agent::notificationArrived(const std::string& from, std::string message) {
+  if (callbacks_.notification) callbacks_.notification(from, std::move(message));
+}
+
+void Agent::failPeerTransfers(uint64_t peerKey, const Status& status) {
+  std::vector<TransferRef> doomed;
+  for (auto& [id, t] : transfers_)
+    if (t->peerKey == peerKey) doomed.push_back(t);
+  for (auto& t : doomed) {
+    if (backend_) backend_->abandon(t);
+    transferFinished(t, status);
+  }
+}
+
+void Agent::peerFailed(uint64_t peerKey, Status status) {
+  for (auto& [name, p] : peers_)
+    if (p->key == peerKey) {
+      p->failed = true;
+      p->failure = status;
+      status = Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message());
+    }
+  failPeerTransfers(peerKey, status);
+}
+
+Result<uint8_t*> Agent::resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
+                                       LocalRegionRef* hold) {
+  auto it = regions_.find(regionId);
+  if (it == regions_.end())
+    return Status(Code::NotFound, "region " + std::to_string(regionId) + " is not registered at '" + name_ + "'");
+  const LocalRegionRef& r = it->second;
+  if ((r->info.access & need) == 0)
+    return Status(Code::NotAllowed, "region '" + r->info.name + "' at '" + name_ + "' is exported '" +
+                                        accessName(r->info.access) + "'");
+  if (length == 0 || offset > r->info.length || length > r->info.length - offset)
+    return Status(Code::InvalidParam, "range [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                                          ") lies outside region '" + r->info.name + "' (" +
+                                          std::to_string(r->info.length) + " bytes)");
+  *hold = r;
+  return r->ptr() + offset;
+}
+
+int Agent::eventFd() const { return backend_ ? backend_->eventFd() : -1; }
+bool Agent::progress() { return backend_ ? backend_->progress() : false; }
+bool Agent::arm() { return backend_ ? backend_->arm() : true; }
+bool Agent::busy() const { return !transfers_.empty() || (backend_ && backend_->busy()); }
+
+}  // namespace kvwire

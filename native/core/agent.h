@@ -1,0 +1,113 @@
+// The Agent: one kvwire endpoint. Owns the backend, the registry of local regions, the loaded
+// peers and the transfers in flight. No Node headers: a C++ program can drive it directly.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.h"
+#include "descriptors.h"
+#include "metadata.h"
+#include "status.h"
+#include "transfer.h"
+
+namespace kvwire {
+
+struct AgentCallbacks {
+  // Called exactly once per transfer id, on the progress thread.
+  std::function<void(uint64_t id, const Status& status, const TransferStats& stats)> settled;
+  std::function<void(const std::string& from, std::string message)> notification;
+};
+
+struct PeerView {
+  std::string name;
+  uint64_t agentId = 0;
+  uint64_t generation = 0;
+  std::vector<RegionInfo> regions;
+};
+
+struct TransferRequest {
+  Op op = Op::Write;
+  Path path = Path::Auto;
+  uint32_t localRegion = 0;
+  DescriptorSpan local;
+  std::string peer;
+  uint64_t peerAgentId = 0;  // the peer instance the remote list was built for
+  uint32_t remoteRegion = 0;
+  DescriptorSpan remote;
+  bool hasNotify = false;
+  std::string notify;
+};
+
+class Agent : public BackendHost {
+ public:
+  static Result<std::unique_ptr<Agent>> create(const std::string& name, const BackendOptions& options,
+                                               AgentCallbacks callbacks);
+  ~Agent() override;
+
+  const std::string& name() const { return name_; }
+  uint64_t agentId() const { return agentId_; }
+  uint64_t generation() const { return generation_; }
+
+  Result<RegionInfo> allocate(const std::string& name, uint64_t length, uint8_t access);
+  Result<RegionInfo> registerMemory(const std::string& name, uint8_t* ptr, uint64_t length, uint8_t access,
+                                    std::shared_ptr<void> keeper);
+  Status deregister(uint32_t regionId);
+  uint8_t* regionPointer(uint32_t regionId) const;
+  LocalRegionRef regionRef(uint32_t regionId) const;
+
+  Result<std::vector<uint8_t>> metadata() const;
+  Result<PeerView> loadPeer(const uint8_t* blob, size_t size);
+  Status forgetPeer(const std::string& name);
+
+  Result<uint64_t> post(const TransferRequest& request);
+  // Settles a transfer early with `code` (ERR_CANCELED or ERR_TIMEOUT). False if already settled.
+  bool cancel(uint64_t id, Code code, const std::string& why);
+  Status notify(const std::string& peer, const std::string& message);
+
+  int eventFd() const;
+  bool progress();
+  bool arm();
+  bool busy() const;
+  size_t inFlight() const { return transfers_.size(); }
+  // Settles every transfer with ERR_CANCELED, drops peers and regions, releases the backend.
+  void close();
+  bool closed() const { return backend_ == nullptr; }
+
+  // BackendHost
+  void transferFinished(const TransferRef& t, Status status) override;
+  void notificationArrived(const std::string& from, std::string message) override;
+  void peerFailed(uint64_t peerKey, Status status) override;
+  Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
+                                  LocalRegionRef* hold) override;
+
+ private:
+  struct PeerEntry {
+    AgentMetadata md;
+    uint64_t key = 0;
+    bool failed = false;
+    Status failure;
+    std::unique_ptr<BackendPeer> conn;
+    std::unordered_map<uint32_t, size_t> regionIndex;  // region id -> md.regions index
+  };
+  Agent(std::string name, AgentCallbacks callbacks);
+  void failPeerTransfers(uint64_t peerKey, const Status& status);
+  PeerView viewOf(const PeerEntry& p) const;
+
+  std::string name_;
+  uint64_t agentId_;
+  uint64_t generation_ = 1;
+  AgentCallbacks callbacks_;
+  std::unique_ptr<Backend> backend_;
+  uint32_t nextRegionId_ = 1;
+  uint64_t nextTransferId_ = 1;
+  uint64_t nextPeerKey_ = 1;
+  std::unordered_map<uint32_t, LocalRegionRef> regions_;
+  std::unordered_map<std::string, std::unique_ptr<PeerEntry>> peers_;
+  std::unordered_map<uint64_t, TransferRef> transfers_;
+};
+
+}  // namespace kvwire

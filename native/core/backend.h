@@ -1,0 +1,70 @@
+// The Backend interface: the only way the core talks to a transport. Backends never include each other.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "metadata.h"
+#include "status.h"
+#include "transfer.h"
+
+namespace kvwire {
+
+// What a backend may ask of the agent that owns it. Called on the progress thread only.
+class BackendHost {
+ public:
+  virtual ~BackendHost() = default;
+  // A transfer reached its end; the host settles it (only the first call per transfer counts).
+  virtual void transferFinished(const TransferRef& t, Status status) = 0;
+  // A notification arrived from the peer bound to the connection it came on.
+  virtual void notificationArrived(const std::string& from, std::string message) = 0;
+  // A peer's connection failed; every transfer to it must fail.
+  virtual void peerFailed(uint64_t peerKey, Status status) = 0;
+  // Resolve a peer's access to this agent's memory: region id, bounds and access rights are all
+  // checked here, never trusted from the wire. `hold` keeps the region alive while data moves.
+  virtual Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
+                                          LocalRegionRef* hold) = 0;
+};
+
+// One peer connection as a backend keeps it; prepared once per peer generation.
+class BackendPeer {
+ public:
+  virtual ~BackendPeer() = default;
+  // Refresh the per-region state (keys, mappings) from newer metadata of the same peer instance.
+  virtual Status updateRegions(const AgentMetadata& md) = 0;
+  // The path Auto resolves to for this remote region.
+  virtual Path choosePath(uint32_t remoteRegionId, Path requested, Status* why) = 0;
+};
+
+struct BackendOptions {
+  std::string transports;   // UCX_TLS
+  std::string devices;      // UCX_NET_DEVICES
+  std::string agentName;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual Result<std::unique_ptr<BackendMemory>> allocate(uint64_t length) = 0;
+  virtual Result<std::unique_ptr<BackendMemory>> registerMemory(uint8_t* ptr, uint64_t length) = 0;
+  virtual std::vector<uint8_t> address() const = 0;
+  virtual Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) = 0;
+  // Starts moving a planned transfer; completion arrives through BackendHost::transferFinished.
+  virtual Status post(BackendPeer& peer, const TransferRef& t) = 0;
+  virtual Status notify(BackendPeer& peer, const std::string& message) = 0;
+  // The transfer was settled early (cancel, deadline): stop what can be stopped.
+  virtual void abandon(const TransferRef& t) = 0;
+
+  // Progress: a file descriptor that becomes readable when progress is needed.
+  virtual int eventFd() const = 0;
+  virtual bool progress() = 0;     // true if anything happened
+  virtual bool arm() = 0;          // true if armed (safe to sleep on the fd); false if events are pending
+  virtual bool busy() const = 0;   // operations in flight that need progress to finish
+};
+
+std::string ucxVersion();
+Result<std::unique_ptr<Backend>> createUcxBackend(const BackendOptions& options, BackendHost* host);
+
+}  // namespace kvwire

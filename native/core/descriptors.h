@@ -1,0 +1,34 @@
+// Descriptor validation and coalescing: pure functions, no backend, no Node.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "status.h"
+#include "transfer.h"
+
+namespace kvwire {
+
+// A descriptor list as the binding hands it over: parallel arrays, one memory kind.
+struct DescriptorSpan {
+  const uint64_t* addresses = nullptr;
+  const uint64_t* lengths = nullptr;
+  size_t count = 0;
+};
+
+struct RegionBounds {
+  uint64_t base = 0;
+  uint64_t length = 0;
+  const char* side = "local";  // "local" or "remote", used in messages
+  const std::string* name = nullptr;
+};
+
+// Checks one descriptor lies inside [base, base+length) without overflow. Returns the first bad index.
+Status checkBounds(const DescriptorSpan& list, const RegionBounds& region);
+
+// Validates a local/remote pair (equal count, equal per-index lengths, no zero lengths, bounds) and
+// coalesces runs that are adjacent on both sides. `localPtr` maps the local base to a pointer.
+Result<std::vector<Segment>> planSegments(const DescriptorSpan& local, const RegionBounds& localRegion,
+                                          uint8_t* localPtr, const DescriptorSpan& remote,
+                                          const RegionBounds& remoteRegion);
+
+}  // namespace kvwire

@@ -1,0 +1,203 @@
+#include "metadata.h"
+
+#include <cstring>
+#include <unordered_set>
+
+namespace kvwire {
+
+const char* memKindName(MemKind kind) {
+  switch (kind) {
+    case MemKind::Dram: return "dram";
+    case MemKind::Vram: return "vram";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// Layout (little-endian):
+//   header: magic u32, version u16, flags u16, bodyLength u32
+//   body:   name str8, agentId u64, generation u64, backend str8, workerAddress blob32,
+//           regionCount u32, regions[regionCount]
+//   region: id u32, name str8, kind u8, access u8, flags u8 (bit0 backendAllocated),
+//           deviceId u32, base u64, length u64, rkey blob32
+constexpr size_t kHeaderBytes = 12;
+
+class Writer {
+ public:
+  void u8(uint8_t v) { out_.push_back(v); }
+  void u16(uint16_t v) { le(v, 2); }
+  void u32(uint32_t v) { le(v, 4); }
+  void u64(uint64_t v) { le(v, 8); }
+  void str8(const std::string& s) {
+    u8(static_cast<uint8_t>(s.size()));
+    out_.insert(out_.end(), s.begin(), s.end());
+  }
+  void blob32(const std::vector<uint8_t>& b) {
+    u32(static_cast<uint32_t>(b.size()));
+    out_.insert(out_.end(), b.begin(), b.end());
+  }
+  std::vector<uint8_t>& bytes() { return out_; }
+
+ private:
+  void le(uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) out_.push_back(static_cast<uint8_t>(v >> (8 * i)));
+  }
+  std::vector<uint8_t> out_;
+};
+
+class Reader {
+ public:
+  Reader(const uint8_t* p, size_t n) : p_(p), n_(n) {}
+  // Each read returns false (and records what) when the blob is too short.
+  bool u8(uint8_t& v, const char* what) { return le(v, 1, what); }
+  bool u16(uint16_t& v, const char* what) { return le(v, 2, what); }
+  bool u32(uint32_t& v, const char* what) { return le(v, 4, what); }
+  bool u64(uint64_t& v, const char* what) { return le(v, 8, what); }
+  bool str8(std::string& s, const char* what) {
+    uint8_t len = 0;
+    if (!u8(len, what) || !need(len, what)) return false;
+    s.assign(reinterpret_cast<const char*>(p_ + pos_), len);
+    pos_ += len;
+    return true;
+  }
+  bool blob32(std::vector<uint8_t>& b, const char* what) {
+    uint32_t len = 0;
+    if (!u32(len, what)) return false;
+    if (len > kMaxBlobBytes) {
+      error_ = std::string(what) + " length " + std::to_string(len) + " exceeds the limit of " +
+               std::to_string(kMaxBlobBytes) + " bytes";
+      return false;
+    }
+    if (!need(len, what)) return false;
+    b.assign(p_ + pos_, p_ + pos_ + len);
+    pos_ += len;
+    return true;
+  }
+  size_t remaining() const { return n_ - pos_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  bool need(size_t k, const char* what) {
+    if (n_ - pos_ >= k) return true;
+    error_ = std::string("metadata truncated while reading ") + what + " (needs " +
+             std::to_string(k) + " bytes at offset " + std::to_string(pos_) + ", " +
+             std::to_string(n_ - pos_) + " left)";
+    return false;
+  }
+  template <typename T>
+  bool le(T& v, int n, const char* what) {
+    if (!need(static_cast<size_t>(n), what)) return false;
+    uint64_t acc = 0;
+    for (int i = 0; i < n; ++i) acc |= static_cast<uint64_t>(p_[pos_ + i]) << (8 * i);
+    v = static_cast<T>(acc);
+    pos_ += static_cast<size_t>(n);
+    return true;
+  }
+  const uint8_t* p_;
+  size_t n_;
+  size_t pos_ = 0;
+  std::string error_;
+};
+
+Status invalid(const std::string& msg) { return {Code::InvalidParam, "invalid metadata: " + msg}; }
+
+}  // namespace
+
+Result<std::vector<uint8_t>> encodeMetadata(const AgentMetadata& md) {
+  if (md.name.empty() || md.name.size() > kMaxNameBytes)
+    return Status(Code::InvalidParam, "agent name must be 1.." + std::to_string(kMaxNameBytes) + " bytes");
+  if (md.backend.size() > kMaxNameBytes || md.workerAddress.size() > kMaxBlobBytes)
+    return Status(Code::InvalidParam, "backend name or worker address too large");
+  if (md.regions.size() > kMaxRegions)
+    return Status(Code::InvalidParam, "too many regions to publish (" + std::to_string(md.regions.size()) + ")");
+  Writer w;
+  w.u32(kMetadataMagic);
+  w.u16(kMetadataVersion);
+  w.u16(0);
+  w.u32(0);  // body length, patched below
+  w.str8(md.name);
+  w.u64(md.agentId);
+  w.u64(md.generation);
+  w.str8(md.backend);
+  w.blob32(md.workerAddress);
+  w.u32(static_cast<uint32_t>(md.regions.size()));
+  for (const auto& r : md.regions) {
+    if (r.name.size() > kMaxNameBytes || r.rkey.size() > kMaxBlobBytes)
+      return Status(Code::InvalidParam, "region '" + r.name + "' name or key too large");
+    w.u32(r.id);
+    w.str8(r.name);
+    w.u8(static_cast<uint8_t>(r.kind));
+    w.u8(r.access);
+    w.u8(r.backendAllocated ? 1 : 0);
+    w.u32(r.deviceId);
+    w.u64(r.base);
+    w.u64(r.length);
+    w.blob32(r.rkey);
+  }
+  auto& out = w.bytes();
+  uint32_t body = static_cast<uint32_t>(out.size() - kHeaderBytes);
+  for (int i = 0; i < 4; ++i) out[8 + i] = static_cast<uint8_t>(body >> (8 * i));
+  return std::move(out);
+}
+
+Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
+  if (data == nullptr || size < kHeaderBytes)
+    return invalid("blob of " + std::to_string(size) + " bytes is shorter than the " +
+                   std::to_string(kHeaderBytes) + "-byte header");
+  if (size > kMaxMetadataBytes) return invalid("blob of " + std::to_string(size) + " bytes is too large");
+  Reader r(data, size);
+  uint32_t magic = 0, body = 0;
+  uint16_t version = 0, flags = 0;
+  r.u32(magic, "magic");
+  r.u16(version, "version");
+  r.u16(flags, "flags");
+  r.u32(body, "body length");
+  if (magic != kMetadataMagic) return invalid("wrong magic (not a kvwire metadata blob)");
+  if (version != kMetadataVersion)
+    return invalid("unsupported version " + std::to_string(version) + " (this build reads version " +
+                   std::to_string(kMetadataVersion) + ")");
+  if (flags != 0) return invalid("unknown flags 0x" + std::to_string(flags));
+  if (body != size - kHeaderBytes)
+    return invalid("body length field says " + std::to_string(body) + " bytes but " +
+                   std::to_string(size - kHeaderBytes) + " follow the header");
+
+  AgentMetadata md;
+  uint32_t count = 0;
+  bool ok = r.str8(md.name, "agent name") && r.u64(md.agentId, "agent id") &&
+            r.u64(md.generation, "generation") && r.str8(md.backend, "backend") &&
+            r.blob32(md.workerAddress, "worker address") && r.u32(count, "region count");
+  if (!ok) return invalid(r.error());
+  if (md.name.empty()) return invalid("empty agent name");
+  if (md.workerAddress.empty()) return invalid("empty worker address");
+  // Each region takes at least 36 bytes, so a count the blob cannot hold is rejected before allocating.
+  constexpr size_t kMinRegionBytes = 4 + 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4;
+  if (count > kMaxRegions || count > r.remaining() / kMinRegionBytes)
+    return invalid("region count " + std::to_string(count) + " cannot fit in the " +
+                   std::to_string(r.remaining()) + " bytes left");
+  md.regions.resize(count);
+  std::unordered_set<uint32_t> seenIds;
+  for (uint32_t i = 0; i < count; ++i) {
+    RegionInfo& g = md.regions[i];
+    uint8_t kind = 0, rflags = 0;
+    ok = r.u32(g.id, "region id") && r.str8(g.name, "region name") && r.u8(kind, "region kind") &&
+         r.u8(g.access, "region access") && r.u8(rflags, "region flags") &&
+         r.u32(g.deviceId, "region device id") && r.u64(g.base, "region base") &&
+         r.u64(g.length, "region length") && r.blob32(g.rkey, "region key");
+    if (!ok) return invalid("region " + std::to_string(i) + ": " + r.error());
+    const std::string where = "region " + std::to_string(i) + " ('" + g.name + "'): ";
+    if (kind > static_cast<uint8_t>(MemKind::Vram)) return invalid(where + "unknown memory kind " + std::to_string(kind));
+    g.kind = static_cast<MemKind>(kind);
+    if (g.access < kAccessRead || g.access > kAccessReadWrite)
+      return invalid(where + "unknown access " + std::to_string(g.access));
+    if (rflags > 1) return invalid(where + "unknown flags " + std::to_string(rflags));
+    g.backendAllocated = rflags & 1;
+    if (g.length == 0) return invalid(where + "zero length");
+    if (g.base + g.length < g.base) return invalid(where + "base + length overflows");
+    if (!seenIds.insert(g.id).second) return invalid(where + "duplicate region id " + std::to_string(g.id));
+  }
+  if (r.remaining() != 0) return invalid(std::to_string(r.remaining()) + " unexpected trailing bytes");
+  return md;
+}
+
+}  // namespace kvwire

@@ -1,0 +1,51 @@
+// The metadata an agent publishes about itself, and its versioned binary codec.
+// Decoding never trusts the blob: every length is bounds-checked and every failure is a Status.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "status.h"
+
+namespace kvwire {
+
+enum class MemKind : uint8_t { Dram = 0, Vram = 1 };
+
+// Access a region grants to peers. Local use of one's own memory is never restricted.
+enum Access : uint8_t { kAccessRead = 1, kAccessWrite = 2, kAccessReadWrite = 3 };
+
+const char* memKindName(MemKind kind);
+
+struct RegionInfo {
+  uint32_t id = 0;
+  std::string name;
+  MemKind kind = MemKind::Dram;
+  uint8_t access = kAccessReadWrite;
+  uint32_t deviceId = 0;
+  uint64_t base = 0;
+  uint64_t length = 0;
+  bool backendAllocated = false;  // allocated by the backend: a same-host peer may map it
+  std::vector<uint8_t> rkey;      // backend-packed remote key
+};
+
+struct AgentMetadata {
+  std::string name;
+  uint64_t agentId = 0;     // random per agent instance: tells two same-named agents apart
+  uint64_t generation = 0;  // bumps whenever the agent's regions change
+  std::string backend;      // "ucx"
+  std::vector<uint8_t> workerAddress;
+  std::vector<RegionInfo> regions;
+};
+
+// Format limits, enforced on both encode and decode.
+constexpr uint32_t kMetadataMagic = 0x4d57564b;  // "KVWM" little-endian
+constexpr uint16_t kMetadataVersion = 1;
+constexpr size_t kMaxNameBytes = 255;
+constexpr size_t kMaxBlobBytes = 1 << 20;     // worker address / rkey
+constexpr size_t kMaxRegions = 1 << 16;
+constexpr size_t kMaxMetadataBytes = 64u << 20;
+
+Result<std::vector<uint8_t>> encodeMetadata(const AgentMetadata& md);
+Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size);
+
+}  // namespace kvwire
