@@ -36,14 +36,26 @@ void throwStatus(Napi::Env env, const Status& st) {
 
 void throwInvalid(Napi::Env env, const std::string& message) { throwStatus(env, Status(Code::InvalidParam, message)); }
 
-// Reads a BigUint64Array argument as a span; the JS layer guarantees the type, we re-check.
-bool readU64Array(const Napi::Value& v, const uint64_t** out, size_t* count) {
-  if (!v.IsTypedArray()) return false;
-  auto ta = v.As<Napi::TypedArray>();
-  if (ta.TypedArrayType() != napi_biguint64_array) return false;
-  auto arr = v.As<Napi::BigUint64Array>();
-  *out = arr.Data();
-  *count = arr.ElementLength();
+// Reads a Float64Array of byte offsets or lengths into `out` in one pass. Every value must be a
+// non-negative integer below 2^53; the first that is not is reported with its index.
+bool readOffsets(Napi::Env env, const Napi::Value& v, const char* what, std::vector<uint64_t>* out) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float64_array) {
+    throwInvalid(env, std::string("post: ") + what + " must be a Float64Array");
+    return false;
+  }
+  auto arr = v.As<Napi::Float64Array>();
+  const double* d = arr.Data();
+  const size_t n = arr.ElementLength();
+  out->resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const double x = d[i];
+    if (!(x >= 0 && x <= 9007199254740992.0) || x != static_cast<double>(static_cast<uint64_t>(x))) {
+      throwStatus(env, Status(Code::InvalidParam, std::string(what) + " " + std::to_string(i) +
+                                                      " is not a non-negative integer", static_cast<int64_t>(i)));
+      return false;
+    }
+    (*out)[i] = static_cast<uint64_t>(x);
+  }
   return true;
 }
 
@@ -395,8 +407,8 @@ Napi::Value AgentWrap::ForgetPeer(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// post(op, path, localRegion, localAddrs, localLens, peer, peerAgentId, remoteRegion, remoteAddrs,
-//      remoteLens, notify?: Uint8Array) -> transfer id
+// post(op, path, localRegion, localOffsets, localLengths, peer, peerAgentId, remoteRegion, remoteOffsets,
+//      remoteLengths, notify?: Uint8Array) -> transfer id. Offsets are relative to their region.
 Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
@@ -404,15 +416,16 @@ Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
   rq.op = info[0].As<Napi::Number>().Uint32Value() == 0 ? kvwire::Op::Read : kvwire::Op::Write;
   rq.path = static_cast<kvwire::Path>(info[1].As<Napi::Number>().Uint32Value() & 3);
   rq.localRegion = info[2].As<Napi::Number>().Uint32Value();
-  size_t lc = 0, ll = 0, rc = 0, rl = 0;
-  if (!readU64Array(info[3], &rq.local.addresses, &lc) || !readU64Array(info[4], &rq.local.lengths, &ll) ||
-      !readU64Array(info[8], &rq.remote.addresses, &rc) || !readU64Array(info[9], &rq.remote.lengths, &rl) || lc != ll ||
-      rc != rl) {
-    throwInvalid(env, "post: descriptor arrays must be BigUint64Arrays of equal length");
+  std::vector<uint64_t> lo, ll, ro, rl;
+  if (!readOffsets(env, info[3], "local offset", &lo) || !readOffsets(env, info[4], "local length", &ll) ||
+      !readOffsets(env, info[8], "remote offset", &ro) || !readOffsets(env, info[9], "remote length", &rl))
+    return env.Undefined();
+  if (lo.size() != ll.size() || ro.size() != rl.size()) {
+    throwInvalid(env, "post: offsets and lengths of a descriptor list must have equal counts");
     return env.Undefined();
   }
-  rq.local.count = lc;
-  rq.remote.count = rc;
+  rq.local = {lo.data(), ll.data(), lo.size()};
+  rq.remote = {ro.data(), rl.data(), ro.size()};
   rq.peer = info[5].As<Napi::String>();
   bool lossless = false;
   rq.peerAgentId = info[6].As<Napi::BigInt>().Uint64Value(&lossless);

@@ -194,8 +194,9 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
     return Status(Code::NotAllowed, std::string(rq.op == Op::Write ? "writing" : "reading") + " region '" + remote.name +
                                         "' of peer '" + rq.peer + "' is not allowed (exported '" +
                                         accessName(remote.access) + "')");
-  RegionBounds lb{local->info.base, local->info.length, "local", &local->info.name};
-  RegionBounds rb{remote.base, remote.length, "remote", &remote.name};
+  // Descriptor lists carry offsets from their region's start.
+  RegionBounds lb{0, local->info.length, "local", &local->info.name};
+  RegionBounds rb{0, remote.length, "remote", &remote.name};
   auto segs = planSegments(rq.local, lb, local->ptr(), rq.remote, rb);
   if (!segs.isOk()) return segs.status();
   Status why;

@@ -4,14 +4,6 @@
 
 namespace kvwire {
 
-namespace {
-std::string hex(uint64_t v) {
-  char buf[24];
-  snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-}  // namespace
-
 Status checkBounds(const DescriptorSpan& list, const RegionBounds& region) {
   const uint64_t end = region.base + region.length;
   for (size_t i = 0; i < list.count; ++i) {
@@ -22,9 +14,10 @@ Status checkBounds(const DescriptorSpan& list, const RegionBounds& region) {
     // a >= base and n <= end - a, written so neither side can overflow.
     if (a < region.base || a > end || n > end - a)
       return {Code::InvalidParam,
-              std::string(region.side) + " descriptor " + std::to_string(i) + " [" + hex(a) + ", +" +
-                  std::to_string(n) + ") lies outside region '" + (region.name ? *region.name : "") + "' [" +
-                  hex(region.base) + ", +" + std::to_string(region.length) + ")",
+              std::string(region.side) + " descriptor " + std::to_string(i) + " (offset " +
+                  std::to_string(a) + ", length " + std::to_string(n) +
+                  ") lies outside region '" + (region.name ? *region.name : "") + "' (" +
+                  std::to_string(region.length) + " bytes)",
               static_cast<int64_t>(i)};
   }
   return Status::ok();

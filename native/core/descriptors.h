@@ -8,7 +8,9 @@
 
 namespace kvwire {
 
-// A descriptor list as the binding hands it over: parallel arrays, one memory kind.
+// A descriptor list as the binding hands it over: parallel arrays, one region. `addresses` are
+// measured in the same space as the RegionBounds they are checked against (the core uses offsets
+// from the region start, so base is 0).
 struct DescriptorSpan {
   const uint64_t* addresses = nullptr;
   const uint64_t* lengths = nullptr;

@@ -180,7 +180,6 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
   setenv("UCX_MM_ERROR_HANDLING", "y", 0);
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
-  setenv("UCX_WARN_UNUSED_ENV_VARS", "n", 0);
 
   ucp_config_t* config = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);

@@ -1,0 +1,383 @@
+import { EventEmitter } from 'node:events';
+import { createHmac, timingSafeEqual } from 'node:crypto';
+import { DescriptorList } from './descriptors';
+import { check, KvwireError } from './errors';
+import { Peer, Region, RemoteRegion, type Access, type RegionOptions } from './memory';
+import { addon, SETTLED_STRIDE, type NativeAgent, type NativePeer } from './native';
+import { PATH_NAMES, Transfer, type TransferOptions, type TransferPath, type TransferStats } from './transfer';
+
+export interface AgentOptions {
+  /** The name peers know this agent by (1..255 bytes). */
+  name: string;
+  /**
+   * 'event' (default): sleep on UCX's event fd between bursts, so an idle agent uses no CPU.
+   * 'poll': spin the event loop while the agent is open, for the lowest latency at the cost of a core.
+   */
+  progress?: 'event' | 'poll';
+  /** In event mode, keep polling this long after any activity before sleeping (default 200 µs). */
+  spinWindowUs?: number;
+  /** UCX settings: `transports` becomes UCX_TLS (e.g. 'shm,self' or 'tcp'), `devices` UCX_NET_DEVICES. */
+  ucx?: { transports?: string; devices?: string };
+  /**
+   * Shared secret: when set, `metadata()` is HMAC-SHA256 signed and `loadPeer` refuses metadata
+   * that is unsigned or signed with another secret (ERR_NOT_ALLOWED).
+   */
+  secret?: string | Uint8Array;
+}
+
+/** A notification from a peer; `from` comes from the connection, not from the message. */
+export interface Notification {
+  from: string;
+  message: Buffer;
+}
+
+const SIGNATURE_MAGIC = Buffer.from('KVWH');
+const SIGNATURE_BYTES = SIGNATURE_MAGIC.length + 32;
+const ACCESS: readonly Access[] = ['read', 'write', 'readwrite'];
+const MAX_NAME_BYTES = 255;
+
+function toBytes(field: string, value: string | Uint8Array): Uint8Array {
+  if (typeof value === 'string') return Buffer.from(value, 'utf8');
+  check(value instanceof Uint8Array, field, 'must be a string or a Uint8Array');
+  return value;
+}
+
+/**
+ * One kvwire endpoint: registers memory, publishes metadata, loads peers and moves descriptor
+ * lists to and from them. Emits 'notification' events (also available as `notifications()`).
+ */
+export class Agent extends EventEmitter {
+  readonly name: string;
+  #native: NativeAgent | null;
+  #secret: Buffer | null;
+  #transfers = new Map<number, Transfer>();
+  #regions = new Map<number, Region>();
+  #peers = new Map<string, Peer>();
+  #waiters: ((n: IteratorResult<Notification>) => void)[] = [];
+  #queue: Notification[] = [];
+  #iterating = 0;
+
+  private constructor(options: AgentOptions) {
+    super();
+    this.name = options.name;
+    this.#secret = options.secret === undefined ? null : Buffer.from(toBytes('secret', options.secret));
+    this.#native = new addon.NativeAgent(
+      options.name,
+      {
+        transports: options.ucx?.transports,
+        devices: options.ucx?.devices,
+        progress: options.progress ?? 'event',
+        spinWindowUs: options.spinWindowUs,
+      },
+      (rows, errors) => this.#onSettled(rows, errors),
+      (from, messages) => this.#onNotifications(from, messages),
+    );
+  }
+
+  /** Creates an agent with its UCX context and worker. */
+  static async create(options: AgentOptions): Promise<Agent> {
+    check(options && typeof options === 'object', 'options', 'must be an object');
+    check(typeof options.name === 'string' && options.name.length > 0, 'name', 'must be a non-empty string');
+    check(Buffer.byteLength(options.name) <= MAX_NAME_BYTES, 'name', `must be at most ${MAX_NAME_BYTES} bytes`);
+    check(
+      options.progress === undefined || options.progress === 'event' || options.progress === 'poll',
+      'progress',
+      `must be 'event' or 'poll', got ${String(options.progress)}`,
+    );
+    check(
+      options.spinWindowUs === undefined || (Number.isFinite(options.spinWindowUs) && options.spinWindowUs >= 0),
+      'spinWindowUs',
+      'must be a non-negative number',
+    );
+    if (options.ucx !== undefined) {
+      check(typeof options.ucx === 'object' && options.ucx !== null, 'ucx', 'must be an object');
+      for (const key of ['transports', 'devices'] as const)
+        check(
+          options.ucx[key] === undefined || (typeof options.ucx[key] === 'string' && options.ucx[key]!.length > 0),
+          `ucx.${key}`,
+          'must be a non-empty string',
+        );
+    }
+    return new Agent(options);
+  }
+
+  get closed(): boolean {
+    return this.#native === null;
+  }
+
+  /** Transfers this agent started that have not settled. */
+  get inFlight(): number {
+    return this.#transfers.size;
+  }
+
+  /** Regions currently registered or allocated. */
+  get regions(): Region[] {
+    return [...this.#regions.values()];
+  }
+
+  #open(): NativeAgent {
+    if (!this.#native) throw new KvwireError('ERR_CLOSED', `agent '${this.name}' is closed`);
+    return this.#native;
+  }
+
+  /**
+   * Allocates `bytes` of host memory through UCX (zeroed, pages touched). A same-host peer maps it
+   * and moves blocks with one memcpy. `region.bytes` is the view to fill or read.
+   */
+  allocate(bytes: number, options: RegionOptions): Region {
+    check(Number.isSafeInteger(bytes) && bytes > 0, 'bytes', `must be a positive integer, got ${bytes}`);
+    const { name, access } = this.#regionOptions(options);
+    const r = this.#open().allocate(name, bytes, access);
+    const region = new Region(r.region, r.bytes);
+    this.#regions.set(region.id, region);
+    return region;
+  }
+
+  /**
+   * Registers existing memory: a Buffer, typed array, DataView, ArrayBuffer or SharedArrayBuffer.
+   * The agent holds a reference to it until `deregister` or `close`, so it survives garbage collection.
+   */
+  register(memory: ArrayBufferView | ArrayBuffer | SharedArrayBuffer, options: RegionOptions): Region {
+    let view: Uint8Array;
+    if (ArrayBuffer.isView(memory)) view = new Uint8Array(memory.buffer, memory.byteOffset, memory.byteLength);
+    else if (memory instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && memory instanceof SharedArrayBuffer))
+      view = new Uint8Array(memory);
+    else
+      throw new KvwireError('ERR_INVALID_PARAM', 'memory: must be a Buffer, typed array, DataView, ArrayBuffer or SharedArrayBuffer');
+    check(view.byteLength > 0, 'memory', 'must not be empty');
+    const { name, access } = this.#regionOptions(options);
+    const native = this.#open().register(name, view, access);
+    const region = new Region(native, view);
+    this.#regions.set(region.id, region);
+    return region;
+  }
+
+  #regionOptions(options: RegionOptions): { name: string; access: Access } {
+    check(options && typeof options === 'object', 'options', 'must be an object with a name');
+    check(typeof options.name === 'string' && options.name.length > 0, 'name', 'must be a non-empty string');
+    check(Buffer.byteLength(options.name) <= MAX_NAME_BYTES, 'name', `must be at most ${MAX_NAME_BYTES} bytes`);
+    const access = options.access ?? 'readwrite';
+    check(ACCESS.includes(access), 'access', `must be one of ${ACCESS.join(', ')}, got ${String(access)}`);
+    return { name: options.name, access };
+  }
+
+  /**
+   * Removes a region. Transfers already using it finish first; new ones fail with ERR_NOT_FOUND.
+   * Peers learn of it when they load this agent's next metadata.
+   */
+  deregister(region: Region): void {
+    check(region instanceof Region, 'region', 'must be a Region of this agent');
+    if (this.#regions.get(region.id) !== region)
+      throw new KvwireError('ERR_NOT_FOUND', `region '${region.name}' is not registered with agent '${this.name}'`);
+    this.#open().deregister(region.id);
+    this.#regions.delete(region.id);
+    region.markDeregistered();
+  }
+
+  /** Everything a peer needs to reach this agent: versioned binary metadata (signed with `secret`). */
+  metadata(): Uint8Array {
+    const blob = this.#open().metadata();
+    if (!this.#secret) return blob;
+    const mac = createHmac('sha256', this.#secret).update(blob).digest();
+    return Buffer.concat([blob, SIGNATURE_MAGIC, mac]);
+  }
+
+  /**
+   * Loads a peer's metadata and connects to it. Loading a newer generation of a known peer
+   * replaces it; loading a new instance of the same name drops the old one and fails its transfers.
+   */
+  loadPeer(metadata: Uint8Array): Peer {
+    check(metadata instanceof Uint8Array, 'metadata', 'must be a Uint8Array');
+    const native = this.#open().loadPeer(this.#verify(metadata));
+    const peer = new Peer(
+      native.name,
+      native.agentId,
+      native.generation,
+      native.regions.map((r) => new RemoteRegion(native.name, native.agentId, r)),
+    );
+    this.#peers.set(peer.name, peer);
+    return peer;
+  }
+
+  #verify(blob: Uint8Array): Uint8Array {
+    const buf = Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength);
+    const signed =
+      buf.length > SIGNATURE_BYTES &&
+      buf.subarray(buf.length - SIGNATURE_BYTES, buf.length - 32).equals(SIGNATURE_MAGIC);
+    if (!this.#secret) return signed ? buf.subarray(0, buf.length - SIGNATURE_BYTES) : buf;
+    if (!signed) throw new KvwireError('ERR_NOT_ALLOWED', 'metadata is not signed, and this agent requires a signature');
+    const body = buf.subarray(0, buf.length - SIGNATURE_BYTES);
+    const mac = createHmac('sha256', this.#secret).update(body).digest();
+    if (!timingSafeEqual(mac, buf.subarray(buf.length - 32)))
+      throw new KvwireError('ERR_NOT_ALLOWED', 'metadata signature does not match this agent\'s secret');
+    return body;
+  }
+
+  /** The loaded peer with this name, if any. */
+  peer(name: string): Peer | undefined {
+    return this.#peers.get(name);
+  }
+
+  /** Drops a peer; its in-flight transfers fail with ERR_REMOTE_DISCONNECT. */
+  forgetPeer(peer: string | Peer): void {
+    const name = typeof peer === 'string' ? peer : peer?.name;
+    check(typeof name === 'string', 'peer', 'must be a peer name or Peer');
+    this.#open().forgetPeer(name);
+    this.#peers.delete(name);
+  }
+
+  /** Pushes `local` into `remote` (a peer's region). One batch, one settle. */
+  write(local: DescriptorList<Region>, remote: DescriptorList<RemoteRegion>, options: TransferOptions = {}): Transfer {
+    return this.#post(1, local, remote, options);
+  }
+
+  /** Pulls `remote` (a peer's region) into `local`. One batch, one settle. */
+  read(local: DescriptorList<Region>, remote: DescriptorList<RemoteRegion>, options: TransferOptions = {}): Transfer {
+    return this.#post(0, local, remote, options);
+  }
+
+  #post(op: 0 | 1, local: DescriptorList<Region>, remote: DescriptorList<RemoteRegion>, options: TransferOptions): Transfer {
+    const canceler = (id: number, timeout: boolean, why: string) => this.#native?.cancel(id, timeout, why) ?? false;
+    let id = 0;
+    let notify: Uint8Array | undefined;
+    try {
+      check(options && typeof options === 'object', 'options', 'must be an object');
+      check(local instanceof DescriptorList && local.region instanceof Region, 'local', 'must be a DescriptorList of a local Region');
+      check(remote instanceof DescriptorList && remote.region instanceof RemoteRegion, 'remote', "must be a DescriptorList of a peer's region");
+      check(options.onComplete === undefined || typeof options.onComplete === 'function', 'onComplete', 'must be a function');
+      check(
+        options.deadlineMs === undefined || (Number.isFinite(options.deadlineMs) && options.deadlineMs > 0),
+        'deadlineMs',
+        'must be a positive number of milliseconds',
+      );
+      const pathIndex = PATH_NAMES.indexOf(options.path ?? 'auto');
+      check(pathIndex >= 0, 'path', `must be one of ${PATH_NAMES.join(', ')}`);
+      if (options.notify !== undefined) notify = toBytes('notify', options.notify);
+      if (this.#regions.get(local.region.id) !== local.region)
+        throw new KvwireError('ERR_NOT_FOUND', `local region '${local.region.name}' is not registered with agent '${this.name}'`);
+      if (options.signal?.aborted) throw new KvwireError('ERR_CANCELED', 'aborted before the transfer started');
+      const r = remote.region;
+      id = this.#open().post(op, pathIndex, local.region.id, local.offsets, local.lengths, r.peer, r.peerAgentId, r.id,
+        remote.offsets, remote.lengths, notify);
+    } catch (err) {
+      const t = new Transfer(0, canceler, options?.onComplete);
+      t.settle(err instanceof KvwireError ? err : new KvwireError('ERR_INVALID_PARAM', String((err as Error)?.message ?? err)));
+      return t;
+    }
+    const t = new Transfer(id, canceler, options.onComplete);
+    this.#transfers.set(id, t);
+    if (options.deadlineMs !== undefined) {
+      const ms = options.deadlineMs;
+      const timer = setTimeout(() => this.#native?.cancel(id, true, `deadline of ${ms} ms passed`), ms);
+      timer.unref();
+      t.addCleanup(() => clearTimeout(timer));
+    }
+    if (options.signal) {
+      const signal = options.signal;
+      const onAbort = () => this.#native?.cancel(id, false, 'aborted by signal');
+      signal.addEventListener('abort', onAbort, { once: true });
+      t.addCleanup(() => signal.removeEventListener('abort', onAbort));
+    }
+    return t;
+  }
+
+  #onSettled(rows: Float64Array, errors: (KvwireError | null)[]): void {
+    for (let i = 0; i < errors.length; i++) {
+      const row = i * SETTLED_STRIDE;
+      const id = rows[row];
+      const t = this.#transfers.get(id);
+      if (!t) continue;
+      this.#transfers.delete(id);
+      const error = errors[i];
+      if (error) {
+        t.settle(error);
+        continue;
+      }
+      const transferUs = rows[row + 8] / 1e3;
+      const stats: TransferStats = {
+        bytes: rows[row + 3],
+        descriptors: rows[row + 4],
+        segments: rows[row + 5],
+        path: PATH_NAMES[rows[row + 6]] as TransferPath,
+        postUs: rows[row + 7] / 1e3,
+        transferUs,
+        gbps: transferUs > 0 ? rows[row + 3] / transferUs / 1e3 : 0,
+      };
+      t.settle(null, stats);
+    }
+  }
+
+  #onNotifications(from: string[], messages: Buffer[]): void {
+    for (let i = 0; i < from.length; i++) {
+      const n: Notification = { from: from[i], message: messages[i] };
+      this.emit('notification', n);
+      if (this.#iterating > 0) {
+        const w = this.#waiters.shift();
+        if (w) w({ value: n, done: false });
+        else this.#queue.push(n);
+      }
+    }
+  }
+
+  /** Sends a notification on its own. Resolves once it is handed to the transport. */
+  async notify(peer: string | Peer, message: string | Uint8Array): Promise<void> {
+    const name = typeof peer === 'string' ? peer : peer?.name;
+    check(typeof name === 'string', 'peer', 'must be a peer name or Peer');
+    this.#open().notify(name, toBytes('message', message));
+  }
+
+  /** Notifications as an async iterator; ends when the agent closes. */
+  notifications(): AsyncIterableIterator<Notification> {
+    this.#iterating++;
+    let done = false;
+    const finish = (): IteratorResult<Notification> => {
+      if (!done) {
+        done = true;
+        this.#iterating--;
+        if (this.#iterating === 0) this.#queue = [];
+      }
+      return { value: undefined, done: true };
+    };
+    const it: AsyncIterableIterator<Notification> = {
+      next: () => {
+        if (done) return Promise.resolve({ value: undefined, done: true });
+        const n = this.#queue.shift();
+        if (n) return Promise.resolve({ value: n, done: false });
+        if (this.closed) return Promise.resolve(finish());
+        return new Promise((resolve) => this.#waiters.push(resolve));
+      },
+      return: () => Promise.resolve(finish()),
+      [Symbol.asyncIterator]() {
+        return it;
+      },
+    };
+    return it;
+  }
+
+  /** Keeps the process alive while the agent is open (the default), like a listening socket. */
+  ref(): this {
+    this.#native?.setRef(true);
+    return this;
+  }
+  /** Lets the process exit while the agent is idle; in-flight transfers still hold it open. */
+  unref(): this {
+    this.#native?.setRef(false);
+    return this;
+  }
+
+  /** Settles every in-flight transfer with ERR_CANCELED and releases UCX. Idempotent. */
+  async close(): Promise<void> {
+    const native = this.#native;
+    if (!native) return;
+    native.close();
+    this.#native = null;
+    for (const t of this.#transfers.values()) t.settle(new KvwireError('ERR_CANCELED', 'agent closed'));
+    this.#transfers.clear();
+    for (const r of this.#regions.values()) r.markDeregistered();
+    this.#regions.clear();
+    this.#peers.clear();
+    for (const w of this.#waiters.splice(0)) w({ value: undefined, done: true });
+    this.emit('close');
+  }
+}
+

@@ -1,0 +1,16 @@
+export { Agent, type AgentOptions, type Notification } from './agent';
+export { DescriptorList, type ByteSpans, type DescriptorTarget } from './descriptors';
+export { KvwireError, type ErrorCode } from './errors';
+export { Peer, Region, RemoteRegion, type Access, type MemoryKind, type RegionOptions } from './memory';
+export { Transfer, type TransferOptions, type TransferPath, type TransferState, type TransferStats } from './transfer';
+import { addon } from './native';
+
+/** The UCX version the addon runs against (e.g. '1.13.1'). */
+export function ucxVersion(): string {
+  return addon.ucxVersion();
+}
+
+/** Decodes a metadata blob without loading it (for tools and tests). Throws ERR_INVALID_PARAM if malformed. */
+export function decodeMetadata(blob: Uint8Array): unknown {
+  return addon.decodeMetadata(blob);
+}

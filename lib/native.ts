@@ -1,0 +1,87 @@
+// The only file that loads the native addon. Everything else uses the typed surface below.
+import * as path from 'node:path';
+import { KvwireError } from './errors';
+
+export interface NativeRegion {
+  id: number;
+  name: string;
+  kind: 'dram' | 'vram';
+  access: 'read' | 'write' | 'readwrite';
+  deviceId: number;
+  base: bigint;
+  length: number;
+  allocated: boolean;
+}
+
+export interface NativePeer {
+  name: string;
+  agentId: bigint;
+  generation: number;
+  regions: NativeRegion[];
+}
+
+export interface NativeAgentOptions {
+  transports?: string;
+  devices?: string;
+  progress?: 'event' | 'poll';
+  spinWindowUs?: number;
+}
+
+/** Row layout of the Float64Array passed to onSettled, one row per settled transfer. */
+export const SETTLED_STRIDE = 9;
+
+export interface NativeAgent {
+  allocate(name: string, bytes: number, access: string): { region: NativeRegion; bytes: Uint8Array };
+  register(name: string, view: Uint8Array, access: string): NativeRegion;
+  deregister(regionId: number): void;
+  metadata(): Buffer;
+  loadPeer(blob: Uint8Array): NativePeer;
+  forgetPeer(name: string): void;
+  post(
+    op: 0 | 1,
+    path: number,
+    localRegion: number,
+    localOffsets: Float64Array,
+    localLengths: Float64Array,
+    peer: string,
+    peerAgentId: bigint,
+    remoteRegion: number,
+    remoteOffsets: Float64Array,
+    remoteLengths: Float64Array,
+    notify?: Uint8Array,
+  ): number;
+  cancel(id: number, timeout: boolean, why: string): boolean;
+  notify(peer: string, message: Uint8Array): void;
+  close(): void;
+  setRef(ref: boolean): void;
+  info(): { closed: boolean; agentId?: bigint; generation?: number; inFlight?: number };
+}
+
+interface Addon {
+  NativeAgent: new (
+    name: string,
+    options: NativeAgentOptions,
+    onSettled: (rows: Float64Array, errors: (KvwireError | null)[]) => void,
+    onNotification: (from: string[], messages: Buffer[]) => void,
+  ) => NativeAgent;
+  setErrorClass(cls: typeof KvwireError): void;
+  decodeMetadata(blob: Uint8Array): unknown;
+  ucxVersion(): string;
+}
+
+function load(): Addon {
+  const root = path.join(__dirname, '..');
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const addon = require('node-gyp-build')(root) as Addon;
+    addon.setErrorClass(KvwireError);
+    return addon;
+  } catch (err) {
+    throw new KvwireError(
+      'ERR_UNAVAILABLE',
+      `kvwire native addon could not be loaded from ${root} (run \`npm run build\`): ${(err as Error).message}`,
+    );
+  }
+}
+
+export const addon: Addon = load();
