@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
 #include "wire.h"
@@ -78,7 +79,9 @@ class UcxPeer : public BackendPeer {
 
 // Everything a UCX request carries back to its completion callback.
 struct RequestContext {
-  enum Kind : uint8_t { kControl, kWriteData, kReadDataSend, kInboundWrite, kInboundRead, kFlush, kNotify } kind;
+  enum Kind : uint8_t {
+    kControl, kWriteData, kReadDataSend, kInboundWrite, kInboundRead, kFlush, kNotify, kControlRecv
+  } kind;
   UcxBackendImpl* backend = nullptr;
   TransferRef transfer;                 // initiator side
   LocalRegionRef hold;                  // memory that must stay mapped while UCX uses it
@@ -87,8 +90,13 @@ struct RequestContext {
   uint32_t segment = 0;
   alignas(8) uint8_t header[48];
   size_t headerLength = 0;
-  std::string payload;                  // bytes that must outlive the send
+  std::string payload;                  // bytes that must outlive the send (or a received request list)
+  ucp_ep_h reply = nullptr;             // the connection a received control message came on
+  AmId amId = ucx::kAmHello;            // kControlRecv: which message is being received
 };
+
+// Control messages (notifications, read lists) larger than this are refused.
+constexpr size_t kMaxControlBytes = 64u << 20;
 
 // A peer's WRITE as the target tracks it until every segment landed and the commit arrived.
 struct InboundWrite {
@@ -116,7 +124,7 @@ class UcxBackendImpl : public Backend {
   int eventFd() const override { return efd_; }
   bool progress() override;
   bool arm() override;
-  bool busy() const override { return outstanding_ > 0 || !inbound_.empty() || !closing_.empty(); }
+  bool busy() const override { return !requests_.empty() || !inbound_.empty() || !closing_.empty(); }
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
   void closeEndpoint(ucp_ep_h ep, bool force);
@@ -130,7 +138,10 @@ class UcxBackendImpl : public Backend {
   bool send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply);
   void sendStatus(ucp_ep_h ep, AmId id, uint64_t transferId, const Status& st);
   void completeOp(std::unique_ptr<RequestContext> op, ucs_status_t st);
-  void failTransfer(const TransferRef& t, const Status& st);
+  // Hands the result of a UCX call that owns `op` over: done, failed, or tracked until its callback.
+  void track(void* req, RequestContext* op);
+  static ucp_request_param_t callbackParam(RequestContext* op, bool recv);
+  void endTransfer(const TransferRef& t, const Status& st);
   void finishRead(const TransferRef& t);
   void maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key);
 
@@ -150,8 +161,8 @@ class UcxBackendImpl : public Backend {
                         const ucp_am_recv_param_t* param);
   ucs_status_t handleWrite(const void* header, size_t headerLength, void* data, size_t length,
                            const ucp_am_recv_param_t* param, ucp_ep_h reply);
-  ucs_status_t handleReadRequest(const void* header, size_t headerLength, void* data, size_t length,
-                                 const ucp_am_recv_param_t* param, ucp_ep_h reply);
+  void handleControl(AmId id, const void* header, size_t headerLength, const uint8_t* data, size_t length,
+                     ucp_ep_h reply);
   ucs_status_t handleReadData(const void* header, size_t headerLength, void* data, size_t length,
                               const ucp_am_recv_param_t* param);
   void serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs);
@@ -163,7 +174,7 @@ class UcxBackendImpl : public Backend {
   std::vector<uint8_t> address_;
   uint64_t agentId_ = 0;
   std::string agentName_;
-  size_t outstanding_ = 0;
+  std::unordered_set<void*> requests_;  // UCX requests in flight; each is freed in its callback
   std::unordered_map<uint64_t, TransferRef> active_;                 // initiator transfers awaiting the wire
   std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
   std::unordered_map<ucp_ep_h, std::string> connectionNames_;        // reply ep -> peer name (from HELLO)
@@ -178,7 +189,10 @@ class UcxBackendImpl : public Backend {
 Status UcxBackendImpl::init(const BackendOptions& options) {
   agentName_ = options.agentName;
   // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
-  setenv("UCX_MM_ERROR_HANDLING", "y", 0);
+  const std::string& tls = options.transports;
+  const bool sharedMemory = tls.empty() || tls.find("shm") != std::string::npos || tls.find("all") != std::string::npos ||
+                            tls.find("posix") != std::string::npos || tls.find("sysv") != std::string::npos;
+  if (sharedMemory) setenv("UCX_MM_ERROR_HANDLING", "y", 0);
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
 
   ucp_config_t* config = nullptr;
@@ -252,7 +266,8 @@ UcxBackendImpl::~UcxBackendImpl() {
   peersByEp_.clear();
   active_.clear();
   const uint64_t deadline = monotonicNs() + 2'000'000'000ull;
-  while ((outstanding_ > 0 || !closing_.empty()) && monotonicNs() < deadline) progress();
+  for (void* req : std::vector<void*>(requests_.begin(), requests_.end())) ucp_request_cancel(worker_, req);
+  while ((!requests_.empty() || !closing_.empty()) && monotonicNs() < deadline) progress();
   inbound_.clear();
   if (worker_) ucp_worker_destroy(worker_);
   // ctx_ is released last, after every UcxMemory that shares it.
@@ -411,40 +426,48 @@ void UcxBackendImpl::onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st) {
 // ---------------------------------------------------------------------------------------------
 // Sending
 
+ucp_request_param_t UcxBackendImpl::callbackParam(RequestContext* op, bool recv) {
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  if (recv)
+    p.cb.recv_am = &UcxBackendImpl::onRecvDone;
+  else
+    p.cb.send = &UcxBackendImpl::onSendDone;
+  p.user_data = op;
+  return p;
+}
+
+void UcxBackendImpl::track(void* req, RequestContext* op) {
+  if (req == nullptr)
+    completeOp(std::unique_ptr<RequestContext>(op), UCS_OK);
+  else if (UCS_PTR_IS_ERR(req))
+    completeOp(std::unique_ptr<RequestContext>(op), UCS_PTR_STATUS(req));
+  else
+    requests_.insert(req);  // UCX 1.13 skips the callback of a request freed early, so it is freed there
+}
+
 bool UcxBackendImpl::send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply) {
   op->backend = this;
-  ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  p.cb.send = &UcxBackendImpl::onSendDone;
-  p.flags = reply ? UCP_AM_SEND_FLAG_REPLY : 0;
   RequestContext* raw = op.release();
-  p.user_data = raw;
+  ucp_request_param_t p = callbackParam(raw, false);
+  p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = reply ? UCP_AM_SEND_FLAG_REPLY : 0;
   void* req = ucp_am_send_nbx(ep, id, raw->header, raw->headerLength, data, length, &p);
-  if (req == nullptr) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
-    return true;
-  }
-  if (UCS_PTR_IS_ERR(req)) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
-    return false;
-  }
-  ++outstanding_;
-  ucp_request_free(req);  // UCX releases it on completion; the callback still runs
-  return true;
+  const bool failed = UCS_PTR_IS_ERR(req);
+  track(req, raw);
+  return !failed;
 }
 
-void UcxBackendImpl::onSendDone(void*, ucs_status_t st, void* user) {
+void UcxBackendImpl::onSendDone(void* request, ucs_status_t st, void* user) {
   auto* op = static_cast<RequestContext*>(user);
   UcxBackendImpl* self = op->backend;
-  --self->outstanding_;
+  self->requests_.erase(request);
+  ucp_request_free(request);
   self->completeOp(std::unique_ptr<RequestContext>(op), st);
 }
 
-void UcxBackendImpl::onRecvDone(void*, ucs_status_t st, size_t, void* user) {
-  auto* op = static_cast<RequestContext*>(user);
-  UcxBackendImpl* self = op->backend;
-  --self->outstanding_;
-  self->completeOp(std::unique_ptr<RequestContext>(op), st);
+void UcxBackendImpl::onRecvDone(void* request, ucs_status_t st, size_t, void* user) {
+  onSendDone(request, st, user);
 }
 
 void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t st) {
@@ -452,10 +475,14 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     case RequestContext::kControl:
     case RequestContext::kWriteData:
     case RequestContext::kNotify:
-      if (st != UCS_OK && op->transfer) failTransfer(op->transfer, fromUcs("sending to the peer", st));
+      if (st != UCS_OK && op->transfer) endTransfer(op->transfer, fromUcs("sending to the peer", st));
       break;
     case RequestContext::kReadDataSend:
       break;  // the initiator learns of a failure from its own side
+    case RequestContext::kControlRecv:
+      if (st == UCS_OK) handleControl(op->amId, op->header, op->headerLength,
+                                      reinterpret_cast<const uint8_t*>(op->payload.data()), op->payload.size(), op->reply);
+      break;
     case RequestContext::kInboundWrite: {
       auto it = inbound_.find(op->inbound);
       if (it == inbound_.end()) break;
@@ -468,7 +495,7 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     case RequestContext::kInboundRead: {
       const TransferRef& t = op->transfer;
       if (st != UCS_OK) {
-        failTransfer(t, fromUcs("receiving read data", st));
+        endTransfer(t, fromUcs("receiving read data", st));
         break;
       }
       ++t->landed;
@@ -478,7 +505,7 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     case RequestContext::kFlush: {
       const TransferRef& t = op->transfer;
       if (st != UCS_OK) {
-        failTransfer(t, fromUcs("flushing RMA operations", st));
+        endTransfer(t, fromUcs("flushing RMA operations", st));
         break;
       }
       active_.erase(t->id);
@@ -494,7 +521,7 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
   }
 }
 
-void UcxBackendImpl::failTransfer(const TransferRef& t, const Status& st) {
+void UcxBackendImpl::endTransfer(const TransferRef& t, const Status& st) {
   active_.erase(t->id);
   host_->transferFinished(t, st);
 }
@@ -604,20 +631,9 @@ Status UcxBackendImpl::postRma(UcxPeer& peer, const TransferRef& t, const Remote
   op->transfer = t;
   op->hold = t->local;
   op->remote = rr;
-  ucp_request_param_t fp{};
-  fp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  fp.cb.send = &UcxBackendImpl::onSendDone;
   RequestContext* raw = op.release();
-  fp.user_data = raw;
-  void* req = ucp_ep_flush_nbx(peer.ep_, &fp);
-  if (req == nullptr) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
-  } else if (UCS_PTR_IS_ERR(req)) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
-  } else {
-    ++outstanding_;
-    ucp_request_free(req);
-  }
+  ucp_request_param_t fp = callbackParam(raw, false);
+  track(ucp_ep_flush_nbx(peer.ep_, &fp), raw);
   return Status::ok();
 }
 
@@ -645,64 +661,86 @@ void UcxBackendImpl::abandon(const TransferRef& t) {
 ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
                                       const ucp_am_recv_param_t* param) {
   ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
-  const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+  if (id == ucx::kAmWrite) return handleWrite(header, headerLength, data, length, param, reply);
+  if (id == ucx::kAmReadData) return handleReadData(header, headerLength, data, length, param);
+  if (headerLength > sizeof(RequestContext::header)) return UCS_ERR_INVALID_PARAM;
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
+    handleControl(id, header, headerLength, static_cast<const uint8_t*>(data), length, reply);
+    return UCS_OK;
+  }
+  // A control message too large for eager (a long notification or read list): receive it first.
+  if (length > kMaxControlBytes) return UCS_ERR_MESSAGE_TRUNCATED;
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kControlRecv;
+  op->backend = this;
+  op->amId = id;
+  op->reply = reply;
+  std::memcpy(op->header, header, headerLength);
+  op->headerLength = headerLength;
+  op->payload.resize(length);
+  RequestContext* raw = op.release();
+  ucp_request_param_t p = callbackParam(raw, true);
+  track(ucp_am_recv_data_nbx(worker_, data, raw->payload.data(), length, &p), raw);
+  return UCS_INPROGRESS;
+}
+
+void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLength, const uint8_t* data, size_t length,
+                                   ucp_ep_h reply) {
+  const auto text = [&] { return std::string(reinterpret_cast<const char*>(data), length); };
   switch (id) {
     case ucx::kAmHello: {
       ucx::HelloHeader h{};
-      if (!readHeader(header, headerLength, &h) || reply == nullptr || rndv || length > kMaxNameBytes) return UCS_OK;
-      connectionNames_[reply] = std::string(static_cast<const char*>(data), length);
-      return UCS_OK;
+      if (readHeader(header, headerLength, &h) && reply != nullptr && length <= kMaxNameBytes) connectionNames_[reply] = text();
+      return;
     }
     case ucx::kAmNotify: {
-      if (rndv) return UCS_ERR_MESSAGE_TRUNCATED;  // notifications are small; refuse huge ones
       auto it = reply ? connectionNames_.find(reply) : connectionNames_.end();
-      host_->notificationArrived(it == connectionNames_.end() ? std::string() : it->second,
-                                 std::string(static_cast<const char*>(data), length));
-      return UCS_OK;
+      host_->notificationArrived(it == connectionNames_.end() ? std::string() : it->second, text());
+      return;
     }
-    case ucx::kAmWrite: return handleWrite(header, headerLength, data, length, param, reply);
     case ucx::kAmWriteCommit: {
       ucx::CommitHeader h{};
-      if (!readHeader(header, headerLength, &h) || reply == nullptr || rndv) return UCS_OK;
+      if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
       auto key = std::make_pair(reply, h.transferId);
       InboundWrite& in = inbound_[key];
       in.expected = static_cast<int64_t>(h.segments);
       in.hasNotify = h.hasNotify != 0;
-      in.notify.assign(static_cast<const char*>(data), length);
+      in.notify = text();
       maybeFinishInbound(key);
-      return UCS_OK;
+      return;
     }
-    case ucx::kAmAck: {
-      ucx::StatusHeader h{};
-      if (!readHeader(header, headerLength, &h) || rndv) return UCS_OK;
-      auto it = active_.find(h.transferId);
-      if (it == active_.end()) return UCS_OK;
-      TransferRef t = it->second;
-      active_.erase(it);
-      if (h.code == 0)
-        host_->transferFinished(t, Status::ok());
-      else
-        host_->transferFinished(t, Status(static_cast<Code>(h.code), "peer refused: " + std::string(static_cast<const char*>(data), length), h.index));
-      return UCS_OK;
-    }
-    case ucx::kAmReadRequest: return handleReadRequest(header, headerLength, data, length, param, reply);
-    case ucx::kAmReadData: return handleReadData(header, headerLength, data, length, param);
+    case ucx::kAmAck:
     case ucx::kAmReadDone: {
       ucx::StatusHeader h{};
-      if (!readHeader(header, headerLength, &h) || rndv) return UCS_OK;
+      if (!readHeader(header, headerLength, &h)) return;
       auto it = active_.find(h.transferId);
-      if (it == active_.end()) return UCS_OK;
+      if (it == active_.end()) return;  // settled already
       TransferRef t = it->second;
       if (h.code != 0) {
-        failTransfer(t, Status(static_cast<Code>(h.code), "peer refused: " + std::string(static_cast<const char*>(data), length), h.index));
-        return UCS_OK;
+        endTransfer(t, Status(static_cast<Code>(h.code), "peer refused: " + text(), h.index));
+        return;
+      }
+      if (id == ucx::kAmAck) {
+        endTransfer(t, Status::ok());  // WRITE acknowledged: every byte is in place at the peer
+        return;
       }
       t->remoteDone = true;
       finishRead(t);
-      return UCS_OK;
+      return;
     }
+    case ucx::kAmReadRequest: {
+      ucx::ReadRequestHeader h{};
+      if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
+      if (length != static_cast<size_t>(h.segments) * sizeof(ucx::ReadSegment)) {
+        sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::InvalidParam, "malformed read request"));
+        return;
+      }
+      serveRead(reply, h, reinterpret_cast<const ucx::ReadSegment*>(data));
+      return;
+    }
+    default:
+      return;
   }
-  return UCS_OK;
 }
 
 ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength, void* data, size_t length,
@@ -732,20 +770,9 @@ ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength
   op->backend = this;
   op->hold = std::move(hold);
   op->inbound = key;
-  ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  p.cb.recv_am = &UcxBackendImpl::onRecvDone;
   RequestContext* raw = op.release();
-  p.user_data = raw;
-  void* req = ucp_am_recv_data_nbx(worker_, data, dst.value(), length, &p);
-  if (req == nullptr) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
-  } else if (UCS_PTR_IS_ERR(req)) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
-  } else {
-    ++outstanding_;
-    ucp_request_free(req);
-  }
+  ucp_request_param_t p = callbackParam(raw, true);
+  track(ucp_am_recv_data_nbx(worker_, data, dst.value(), length, &p), raw);
   return UCS_INPROGRESS;
 }
 
@@ -764,48 +791,6 @@ void UcxBackendImpl::maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key) {
     auto name = connectionNames_.find(key.first);
     host_->notificationArrived(name == connectionNames_.end() ? std::string() : name->second, std::move(message));
   }
-}
-
-ucs_status_t UcxBackendImpl::handleReadRequest(const void* header, size_t headerLength, void* data, size_t length,
-                                               const ucp_am_recv_param_t* param, ucp_ep_h reply) {
-  ucx::ReadRequestHeader h{};
-  if (!readHeader(header, headerLength, &h) || reply == nullptr) return UCS_ERR_INVALID_PARAM;
-  if (length != static_cast<size_t>(h.segments) * sizeof(ucx::ReadSegment)) {
-    sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::InvalidParam, "malformed read request"));
-    return UCS_OK;
-  }
-  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    serveRead(reply, h, static_cast<const ucx::ReadSegment*>(data));
-    return UCS_OK;
-  }
-  // A large request list arrives by rendezvous: receive it, then serve it.
-  auto buffer = std::make_shared<std::vector<uint8_t>>(length);
-  struct ReadRequestPending {
-    UcxBackendImpl* self;
-    ucp_ep_h reply;
-    ucx::ReadRequestHeader h;
-    std::shared_ptr<std::vector<uint8_t>> buffer;
-  };
-  auto* pending = new ReadRequestPending{this, reply, h, buffer};  // owned by the callback below
-  ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  p.cb.recv_am = [](void*, ucs_status_t st, size_t, void* user) {
-    std::unique_ptr<ReadRequestPending> pd(static_cast<ReadRequestPending*>(user));
-    --pd->self->outstanding_;
-    if (st == UCS_OK)
-      pd->self->serveRead(pd->reply, pd->h, reinterpret_cast<const ucx::ReadSegment*>(pd->buffer->data()));
-  };
-  p.user_data = pending;
-  ++outstanding_;
-  void* req = ucp_am_recv_data_nbx(worker_, data, buffer->data(), length, &p);
-  if (req == nullptr) {
-    p.cb.recv_am(nullptr, UCS_OK, length, pending);
-  } else if (UCS_PTR_IS_ERR(req)) {
-    p.cb.recv_am(nullptr, UCS_PTR_STATUS(req), 0, pending);
-  } else {
-    ucp_request_free(req);
-  }
-  return UCS_INPROGRESS;
 }
 
 void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs) {
@@ -844,7 +829,7 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
   TransferRef t = it->second;
   // The destination comes from our own plan, never from the wire.
   if (h.segment >= t->segments.size() || t->segments[h.segment].length != length) {
-    failTransfer(t, Status(Code::Backend, "peer sent a read segment that does not match the request"));
+    endTransfer(t, Status(Code::Backend, "peer sent a read segment that does not match the request"));
     return UCS_ERR_INVALID_PARAM;
   }
   uint8_t* dst = t->segments[h.segment].local;
@@ -859,20 +844,9 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
   op->backend = this;
   op->transfer = t;
   op->hold = t->local;
-  ucp_request_param_t p{};
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  p.cb.recv_am = &UcxBackendImpl::onRecvDone;
   RequestContext* raw = op.release();
-  p.user_data = raw;
-  void* req = ucp_am_recv_data_nbx(worker_, data, dst, length, &p);
-  if (req == nullptr) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_OK);
-  } else if (UCS_PTR_IS_ERR(req)) {
-    completeOp(std::unique_ptr<RequestContext>(raw), UCS_PTR_STATUS(req));
-  } else {
-    ++outstanding_;
-    ucp_request_free(req);
-  }
+  ucp_request_param_t p = callbackParam(raw, true);
+  track(ucp_am_recv_data_nbx(worker_, data, dst, length, &p), raw);
   return UCS_INPROGRESS;
 }
 

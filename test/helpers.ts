@@ -1,0 +1,138 @@
+import { fork, type ChildProcess } from 'node:child_process';
+import * as path from 'node:path';
+
+export interface PeerReply {
+  ok: boolean;
+  error?: { code: string; message: string; index?: number };
+  [key: string]: any;
+}
+
+/** A kvwire agent running in a child process, driven over IPC. */
+export class PeerProcess {
+  readonly child: ChildProcess;
+  readonly notifications: any[] = [];
+  #next = 1;
+  #pending = new Map<number, (r: PeerReply) => void>();
+  #events: ((m: any) => void)[] = [];
+  metadata = '';
+
+  constructor(readonly name: string, env: NodeJS.ProcessEnv = {}) {
+    this.child = fork(path.join(__dirname, 'fixtures/peer.cjs'), [], {
+      env: { ...process.env, ...env },
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    });
+    this.child.on('message', (m: any) => {
+      if (m.event) {
+        if (m.event === 'notification') this.notifications.push(m);
+        for (const fn of this.#events) fn(m);
+        return;
+      }
+      const done = this.#pending.get(m.id);
+      this.#pending.delete(m.id);
+      done?.(m);
+    });
+    this.child.on('exit', () => {
+      for (const done of this.#pending.values()) done({ ok: false, error: { code: 'EXITED', message: 'peer exited' } });
+      this.#pending.clear();
+    });
+  }
+
+  call(cmd: string, args: Record<string, unknown> = {}): Promise<PeerReply> {
+    const id = this.#next++;
+    return new Promise((resolve) => {
+      this.#pending.set(id, resolve);
+      this.child.send({ id, cmd, ...args });
+    });
+  }
+
+  async ok(cmd: string, args: Record<string, unknown> = {}): Promise<PeerReply> {
+    const r = await this.call(cmd, args);
+    if (!r.ok) throw new Error(`${this.name}.${cmd} failed: ${JSON.stringify(r.error)}`);
+    return r;
+  }
+
+  waitEvent(event: string, timeoutMs = 10_000): Promise<any> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no '${event}' event from ${this.name} in ${timeoutMs} ms`)), timeoutMs);
+      const fn = (m: any) => {
+        if (m.event !== event) return;
+        clearTimeout(timer);
+        this.#events.splice(this.#events.indexOf(fn), 1);
+        resolve(m);
+      };
+      this.#events.push(fn);
+    });
+  }
+
+  async init(opts: { transports?: string; memory: 'allocated' | 'registered'; size: number; access?: string; progress?: string }) {
+    const r = await this.ok('init', { name: this.name, ...opts });
+    this.metadata = r.metadata;
+    return r;
+  }
+
+  kill(): void {
+    this.child.kill('SIGKILL');
+  }
+
+  async close(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = new Promise((r) => this.child.once('exit', r));
+    await this.call('close');
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 3000))]);
+    if (this.child.exitCode === null) this.child.kill('SIGKILL');
+  }
+}
+
+/** Connects two peer processes to each other. */
+export async function connect(a: PeerProcess, b: PeerProcess): Promise<void> {
+  await a.ok('load', { metadata: b.metadata });
+  await b.ok('load', { metadata: a.metadata });
+}
+
+/** Deterministic pseudo-random integers. */
+export function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x;
+  };
+}
+
+/** `count` lengths, log-uniform in [minLen, maxLen], so small and large blocks both appear. */
+export function mixedLengths(seed: number, count: number, minLen: number, maxLen: number): number[] {
+  const next = rng(seed);
+  const lo = Math.log2(minLen);
+  const hi = Math.log2(maxLen);
+  return Array.from({ length: count }, () => {
+    const len = Math.round(2 ** (lo + ((next() % 10_000) / 9_999) * (hi - lo)));
+    return Math.max(minLen, Math.min(maxLen, len));
+  });
+}
+
+/**
+ * Places ranges of `lengths` inside `size` bytes in a shuffled order with random gaps, so the
+ * layout differs per seed and neighbours are rarely adjacent. Returns each range's offset.
+ */
+export function place(seed: number, lengths: number[], size: number): number[] {
+  const next = rng(seed);
+  const total = lengths.reduce((a, b) => a + b, 0);
+  if (total > size) throw new Error(`ranges need ${total} bytes, region has ${size}`);
+  const order = lengths.map((_, i) => i);
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = next() % (i + 1);
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  const gap = (size - total) / lengths.length;
+  const offsets = new Array<number>(lengths.length);
+  let cursor = 0;
+  for (const i of order) {
+    cursor += Math.floor(gap * ((next() % 1000) / 1000));
+    offsets[i] = cursor;
+    cursor += lengths[i];
+  }
+  return offsets;
+}
