@@ -7,7 +7,6 @@
 #include <cstring>
 #include <map>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 
 #include "wire.h"
@@ -174,7 +173,7 @@ class UcxBackendImpl : public Backend {
   std::vector<uint8_t> address_;
   uint64_t agentId_ = 0;
   std::string agentName_;
-  std::unordered_set<void*> requests_;  // UCX requests in flight; each is freed in its callback
+  std::unordered_map<void*, RequestContext*> requests_;  // UCX requests in flight; each is freed in its callback
   std::unordered_map<uint64_t, TransferRef> active_;                 // initiator transfers awaiting the wire
   std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
   std::unordered_map<ucp_ep_h, std::string> connectionNames_;        // reply ep -> peer name (from HELLO)
@@ -265,9 +264,18 @@ UcxBackendImpl::~UcxBackendImpl() {
   }
   peersByEp_.clear();
   active_.clear();
-  const uint64_t deadline = monotonicNs() + 2'000'000'000ull;
-  for (void* req : std::vector<void*>(requests_.begin(), requests_.end())) ucp_request_cancel(worker_, req);
+  const uint64_t deadline = monotonicNs() + 500'000'000ull;
+  for (auto& [req, op] : std::unordered_map<void*, RequestContext*>(requests_)) ucp_request_cancel(worker_, req);
   while ((!requests_.empty() || !closing_.empty()) && monotonicNs() < deadline) progress();
+  // Whatever UCX still holds (sends on connections a peer opened to us) is released unfinished:
+  // a released request gets no callback, so its context is freed here.
+  for (auto& [req, op] : requests_) {
+    ucp_request_free(req);
+    std::unique_ptr<RequestContext> drop(op);
+  }
+  requests_.clear();
+  for (void* req : closing_) ucp_request_free(req);
+  closing_.clear();
   inbound_.clear();
   if (worker_) ucp_worker_destroy(worker_);
   // ctx_ is released last, after every UcxMemory that shares it.
@@ -443,7 +451,7 @@ void UcxBackendImpl::track(void* req, RequestContext* op) {
   else if (UCS_PTR_IS_ERR(req))
     completeOp(std::unique_ptr<RequestContext>(op), UCS_PTR_STATUS(req));
   else
-    requests_.insert(req);  // UCX 1.13 skips the callback of a request freed early, so it is freed there
+    requests_.emplace(req, op);  // UCX 1.13 skips the callback of a request freed early, so it is freed there
 }
 
 bool UcxBackendImpl::send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply) {
