@@ -20,18 +20,26 @@ struct AddonData {
   Napi::FunctionReference errorClass;  // KvwireError(code, message, index)
 };
 
+// Builds a KvwireError(code, message, index); returns an empty value if JS cannot run right now.
 Napi::Value makeError(Napi::Env env, Code code, const std::string& message, int64_t index = kvwire::kNoIndex) {
   auto* data = env.GetInstanceData<AddonData>();
-  Napi::Value idx = index == kvwire::kNoIndex ? env.Undefined() : Napi::Number::New(env, static_cast<double>(index));
-  if (data && !data->errorClass.IsEmpty())
-    return data->errorClass.New({Napi::String::New(env, kvwire::codeName(code)), Napi::String::New(env, message), idx});
-  Napi::Error e = Napi::Error::New(env, message);
-  e.Set("code", kvwire::codeName(code));
-  return e.Value();
+  napi_value argv[3] = {nullptr, nullptr, nullptr};
+  napi_status st = napi_create_string_utf8(env, kvwire::codeName(code), NAPI_AUTO_LENGTH, &argv[0]);
+  if (st == napi_ok) st = napi_create_string_utf8(env, message.data(), message.size(), &argv[1]);
+  if (st == napi_ok)
+    st = index == kvwire::kNoIndex ? napi_get_undefined(env, &argv[2])
+                                   : napi_create_double(env, static_cast<double>(index), &argv[2]);
+  napi_value error = nullptr;
+  if (st == napi_ok && data && !data->errorClass.IsEmpty())
+    st = napi_new_instance(env, data->errorClass.Value(), 3, argv, &error);
+  else if (st == napi_ok)
+    st = napi_create_error(env, argv[0], argv[1], &error);
+  return st == napi_ok ? Napi::Value(env, error) : Napi::Value();
 }
 
 void throwStatus(Napi::Env env, const Status& st) {
-  Napi::Error(env, makeError(env, st.code(), st.message(), st.index())).ThrowAsJavaScriptException();
+  Napi::Value error = makeError(env, st.code(), st.message(), st.index());
+  if (!error.IsEmpty()) napi_throw(env, error);
 }
 
 void throwInvalid(Napi::Env env, const std::string& message) { throwStatus(env, Status(Code::InvalidParam, message)); }
@@ -238,23 +246,52 @@ void AgentWrap::updateRefs() {
   if (handles_->pollStarted) set(reinterpret_cast<uv_handle_t*>(&handles_->poll), userRef_ || inFlight);
 }
 
+// Hands settled transfers and notifications to JS in batches. Plain N-API calls with every status
+// checked: while a worker_thread is being terminated JS cannot run, and node-addon-api would turn
+// such a failure into a fatal error; here the batch is simply dropped (the thread is going away).
 void AgentWrap::deliver() {
   if (delivering_ || (settled_.empty() && arrived_.empty())) return;
   delivering_ = true;
-  Napi::Env env = Env();
-  Napi::HandleScope scope(env);
-  auto object = Value();
-  while (!settled_.empty() || !arrived_.empty()) {
+  napi_env env = Env();
+  napi_handle_scope scope = nullptr;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) {
+    delivering_ = false;
+    return;
+  }
+  napi_value self = Value();
+  bool ok = true;
+  auto call = [&](Napi::FunctionReference& fn, napi_value a, napi_value b) {
+    napi_value argv[2] = {a, b}, result = nullptr;
+    napi_async_context context = nullptr;
+    napi_value resourceName = nullptr;
+    ok = ok && napi_create_string_utf8(env, "kvwire", NAPI_AUTO_LENGTH, &resourceName) == napi_ok &&
+         napi_async_init(env, nullptr, resourceName, &context) == napi_ok;
+    if (!ok) return;
+    napi_status st = napi_make_callback(env, context, self, fn.Value(), 2, argv, &result);
+    napi_async_destroy(env, context);
+    if (st == napi_pending_exception) {
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);  // the JS side already reported it
+    } else if (st != napi_ok) {
+      ok = false;
+    }
+  };
+  while (ok && (!settled_.empty() || !arrived_.empty())) {
     if (!settled_.empty()) {
       std::vector<Settled> batch;
       batch.swap(settled_);
-      // One call per batch: [id, code, index, bytes, descriptors, segments, path, postNs, transferNs] per transfer.
+      // One row per transfer: [id, code, index, bytes, descriptors, segments, path, postNs, transferNs].
       constexpr size_t kStride = 9;
-      auto nums = Napi::Float64Array::New(env, batch.size() * kStride);
-      auto errors = Napi::Array::New(env);
-      for (size_t i = 0; i < batch.size(); ++i) {
+      napi_value buffer = nullptr, rows = nullptr, errors = nullptr;
+      void* raw = nullptr;
+      ok = napi_create_arraybuffer(env, batch.size() * kStride * sizeof(double), &raw, &buffer) == napi_ok &&
+           napi_create_typedarray(env, napi_float64_array, batch.size() * kStride, buffer, 0, &rows) == napi_ok &&
+           napi_create_array_with_length(env, batch.size(), &errors) == napi_ok;
+      if (!ok) break;
+      auto* data = static_cast<double*>(raw);
+      for (size_t i = 0; i < batch.size() && ok; ++i) {
         const Settled& s = batch[i];
-        double* row = nums.Data() + i * kStride;
+        double* row = data + i * kStride;
         row[0] = static_cast<double>(s.id);
         row[1] = static_cast<double>(static_cast<int>(s.status.code()));
         row[2] = static_cast<double>(s.status.index());
@@ -264,26 +301,33 @@ void AgentWrap::deliver() {
         row[6] = static_cast<double>(static_cast<int>(s.stats.path));
         row[7] = static_cast<double>(s.stats.postNs);
         row[8] = static_cast<double>(s.stats.transferNs);
-        if (!s.status.isOk())
-          errors.Set(errors.Length(), makeError(env, s.status.code(), s.status.message(), s.status.index()));
+        napi_value err = nullptr;
+        if (s.status.isOk())
+          ok = napi_get_null(env, &err) == napi_ok;
         else
-          errors.Set(errors.Length(), env.Null());
+          err = makeError(Env(), s.status.code(), s.status.message(), s.status.index());
+        ok = ok && err != nullptr && napi_set_element(env, errors, static_cast<uint32_t>(i), err) == napi_ok;
       }
-      onSettled_.MakeCallback(object, {nums, errors});
+      call(onSettled_, rows, errors);
     }
-    if (!arrived_.empty()) {
+    if (ok && !arrived_.empty()) {
       std::vector<Arrived> batch;
       batch.swap(arrived_);
-      auto from = Napi::Array::New(env, batch.size());
-      auto messages = Napi::Array::New(env, batch.size());
-      for (size_t i = 0; i < batch.size(); ++i) {
-        from.Set(i, Napi::String::New(env, batch[i].from));
-        messages.Set(i, Napi::Buffer<char>::Copy(env, batch[i].message.data(), batch[i].message.size()));
+      napi_value from = nullptr, messages = nullptr;
+      ok = napi_create_array_with_length(env, batch.size(), &from) == napi_ok &&
+           napi_create_array_with_length(env, batch.size(), &messages) == napi_ok;
+      for (size_t i = 0; i < batch.size() && ok; ++i) {
+        napi_value name = nullptr, message = nullptr;
+        void* copy = nullptr;
+        ok = napi_create_string_utf8(env, batch[i].from.data(), batch[i].from.size(), &name) == napi_ok &&
+             napi_create_buffer_copy(env, batch[i].message.size(), batch[i].message.data(), &copy, &message) == napi_ok &&
+             napi_set_element(env, from, static_cast<uint32_t>(i), name) == napi_ok &&
+             napi_set_element(env, messages, static_cast<uint32_t>(i), message) == napi_ok;
       }
-      onNotification_.MakeCallback(object, {from, messages});
+      if (ok) call(onNotification_, from, messages);
     }
-    if (env.IsExceptionPending()) env.GetAndClearPendingException();
   }
+  napi_close_handle_scope(env, scope);
   delivering_ = false;
 }
 
