@@ -56,6 +56,7 @@ export class Agent extends EventEmitter {
   #waiters: ((n: IteratorResult<Notification>) => void)[] = [];
   #queue: Notification[] = [];
   #iterating = 0;
+  #closing: Promise<void> = Promise.resolve();
 
   private constructor(options: AgentOptions) {
     super();
@@ -365,11 +366,14 @@ export class Agent extends EventEmitter {
     return this;
   }
 
-  /** Settles every in-flight transfer with ERR_CANCELED and releases UCX. Idempotent. */
+  /**
+   * Settles every in-flight transfer with ERR_CANCELED at once, closes every connection, and
+   * resolves when UCX has released its resources (at most ~2 s). Idempotent.
+   */
   async close(): Promise<void> {
     const native = this.#native;
-    if (!native) return;
-    native.close();
+    if (!native) return this.#closing;
+    this.#closing = native.close();
     this.#native = null;
     for (const t of this.#transfers.values()) t.settle(new KvwireError('ERR_CANCELED', 'agent closed'));
     this.#transfers.clear();
@@ -377,6 +381,7 @@ export class Agent extends EventEmitter {
     this.#regions.clear();
     this.#peers.clear();
     for (const w of this.#waiters.splice(0)) w({ value: undefined, done: true });
+    await this.#closing;
     this.emit('close');
   }
 }

@@ -52,7 +52,7 @@ export interface NativeAgent {
   ): number;
   cancel(id: number, timeout: boolean, why: string): boolean;
   notify(peer: string, message: Uint8Array): void;
-  close(): void;
+  close(): Promise<void>;
   setRef(ref: boolean): void;
   info(): { closed: boolean; agentId?: bigint; generation?: number; inFlight?: number };
 }
@@ -69,17 +69,25 @@ interface Addon {
   ucxVersion(): string;
 }
 
+// UCX's memory hooks (UCM) patch malloc/mmap when libucp loads; inside Node, whose allocations
+// predate them, they corrupted the heap in about one process start in twenty under load. kvwire
+// registers memory explicitly, so it does not need them. A caller's own setting wins.
+process.env.UCX_MEM_MALLOC_HOOKS ??= 'no';
+process.env.UCX_MEM_MMAP_HOOK_MODE ??= 'none';
+
+// KVWIRE_ADDON=<path to kvwire.node> loads another build (e.g. one linked against a different UCX).
 function load(): Addon {
   const root = path.join(__dirname, '..');
+  const override = process.env.KVWIRE_ADDON;
   try {
     // eslint-disable-next-line @typescript-eslint/no-var-requires
-    const addon = require('node-gyp-build')(root) as Addon;
+    const addon = (override ? require(path.resolve(override)) : require('node-gyp-build')(root)) as Addon;
     addon.setErrorClass(KvwireError);
     return addon;
   } catch (err) {
     throw new KvwireError(
       'ERR_UNAVAILABLE',
-      `kvwire native addon could not be loaded from ${root} (run \`npm run build\`): ${(err as Error).message}`,
+      `kvwire native addon could not be loaded from ${override ?? root} (run \`npm run build\`): ${(err as Error).message}`,
     );
   }
 }

@@ -31,7 +31,8 @@ export class PeerProcess {
       this.#pending.delete(m.id);
       done?.(m);
     });
-    this.child.on('exit', () => {
+    this.child.on('exit', (code, signal) => {
+      if (code !== 0 && signal !== 'SIGKILL') console.error(`peer ${name} exited early: code ${code}, signal ${signal}`);
       for (const done of this.#pending.values()) done({ ok: false, error: { code: 'EXITED', message: 'peer exited' } });
       this.#pending.clear();
     });
@@ -40,8 +41,16 @@ export class PeerProcess {
   call(cmd: string, args: Record<string, unknown> = {}): Promise<PeerReply> {
     const id = this.#next++;
     return new Promise((resolve) => {
+      if (!this.child.connected) {
+        resolve({ ok: false, error: { code: 'EXITED', message: `peer ${this.name} is not running` } });
+        return;
+      }
       this.#pending.set(id, resolve);
-      this.child.send({ id, cmd, ...args });
+      this.child.send({ id, cmd, ...args }, (err) => {
+        if (!err) return;
+        this.#pending.delete(id);
+        resolve({ ok: false, error: { code: 'EXITED', message: `peer ${this.name}: ${err.message}` } });
+      });
     });
   }
 

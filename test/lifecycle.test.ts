@@ -98,6 +98,8 @@ for (const { label, transports } of [
       const other = await Agent.create({ name: `closer-${label}`, ucx: { transports } });
       const mine = other.register(Buffer.alloc(1 << 20), { name: 'x' });
       const p = other.loadPeer(Buffer.from(target.metadata, 'base64'));
+      // Connect fully first: UCX 1.13 aborts a peer that resumes to find its half-made connection gone.
+      await other.write(mine.descriptors([0], [64]), p.region('kv').descriptors([0], [64]));
       process.kill(target.child.pid!, 'SIGSTOP');
       const t = other.write(mine.descriptors([0], [1 << 20]), p.region('kv').descriptors([0], [1 << 20]));
       await other.close();

@@ -116,6 +116,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   void deliver();
   void updateRefs();
   void shutdown();
+  void finishClose();
   static void onAsyncCleanup(napi_async_cleanup_hook_handle handle, void* arg);
 
   std::unique_ptr<kvwire::Agent> agent_;
@@ -127,6 +128,9 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   bool pollMode_ = false;
   bool userRef_ = true;
   bool delivering_ = false;
+  std::unique_ptr<Napi::Promise::Deferred> closeDeferred_;
+  uint64_t closeDeadlineNs_ = 0;
+  static constexpr uint64_t kCloseGraceNs = 2'000'000'000;
   uint64_t spinWindowNs_ = 200'000;  // keep polling this long after activity before sleeping
   uint64_t lastActivityNs_ = 0;
 };
@@ -216,6 +220,10 @@ void AgentWrap::drive() {
   if (any) lastActivityNs_ = now;
   deliver();
   if (!agent_ || !handles_) return;  // closed from a JS callback
+  if (agent_->closed() && (agent_->drained() || now > closeDeadlineNs_)) {
+    finishClose();
+    return;
+  }
   bool spin = pollMode_ || now - lastActivityNs_ < spinWindowNs_;
   if (!spin && !agent_->arm()) {  // events arrived while we were deciding: go round again
     lastActivityNs_ = now;
@@ -239,7 +247,7 @@ void AgentWrap::drive() {
 // like a server socket); an unref'd idle agent does not hold the process open.
 void AgentWrap::updateRefs() {
   if (!handles_) return;
-  const bool inFlight = agent_ && agent_->inFlight() > 0;
+  const bool inFlight = agent_ && (agent_->inFlight() > 0 || agent_->closed());
   auto set = [](uv_handle_t* h, bool on) { on ? uv_ref(h) : uv_unref(h); };
   set(reinterpret_cast<uv_handle_t*>(&handles_->idle), inFlight || (userRef_ && pollMode_));
   set(reinterpret_cast<uv_handle_t*>(&handles_->timer), inFlight);
@@ -528,13 +536,34 @@ Napi::Value AgentWrap::Info(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// close() -> Promise<void>. Transfers settle with ERR_CANCELED at once; the promise resolves when
+// UCX has finished what it owns (progressed on the loop, so agents in the same process can answer),
+// or after kCloseGraceNs.
 Napi::Value AgentWrap::Close(const Napi::CallbackInfo& info) {
-  if (agent_) {
-    agent_->close();  // settles every transfer with ERR_CANCELED
-    deliver();
+  Napi::Env env = info.Env();
+  if (!closeDeferred_) {
+    closeDeferred_ = std::make_unique<Napi::Promise::Deferred>(env);
+    if (agent_) {
+      agent_->beginClose();
+      deliver();
+      closeDeadlineNs_ = kvwire::monotonicNs() + kCloseGraceNs;
+      schedule();
+    } else {
+      finishClose();
+    }
   }
+  return closeDeferred_->Promise();
+}
+
+void AgentWrap::finishClose() {
+  agent_.reset();  // blocks only if UCX is still not drained, then leaks the worker rather than abort
   shutdown();
-  return info.Env().Undefined();
+  if (closeDeferred_) {
+    Napi::HandleScope scope(Env());
+    Napi::AsyncContext context(Env(), "kvwire.close");
+    Napi::CallbackScope callbackScope(Env(), context);  // so the awaiting JS runs right away
+    closeDeferred_->Resolve(Env().Undefined());
+  }
 }
 
 void AgentWrap::shutdown() {

@@ -48,18 +48,26 @@ Result<std::unique_ptr<Agent>> Agent::create(const std::string& name, const Back
 
 Agent::~Agent() { close(); }
 
-void Agent::close() {
-  if (!backend_) return;
+void Agent::beginClose() {
+  if (closing_) return;
   std::vector<uint64_t> ids;
   for (auto& [id, t] : transfers_) ids.push_back(id);
   for (uint64_t id : ids) cancel(id, Code::Canceled, "agent closed");
+  closing_ = true;
+  if (backend_) backend_->shutdown();
   peers_.clear();
   regions_.clear();
+}
+
+bool Agent::drained() const { return !backend_ || !backend_->busy(); }
+
+void Agent::close() {
+  beginClose();
   backend_.reset();
 }
 
 Result<RegionInfo> Agent::allocate(const std::string& name, uint64_t length, uint8_t access) {
-  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (closing_) return Status(Code::Closed, "agent is closed");
   if (length == 0) return Status(Code::InvalidParam, "allocate: bytes must be > 0");
   auto mem = backend_->allocate(length);
   if (!mem.isOk()) return mem.status();
@@ -74,7 +82,7 @@ Result<RegionInfo> Agent::allocate(const std::string& name, uint64_t length, uin
 
 Result<RegionInfo> Agent::registerMemory(const std::string& name, uint8_t* ptr, uint64_t length, uint8_t access,
                                          std::shared_ptr<void> keeper) {
-  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (closing_) return Status(Code::Closed, "agent is closed");
   if (ptr == nullptr || length == 0) return Status(Code::InvalidParam, "register: memory must be non-empty");
   auto mem = backend_->registerMemory(ptr, length);
   if (!mem.isOk()) return mem.status();
@@ -108,7 +116,7 @@ LocalRegionRef Agent::regionRef(uint32_t regionId) const {
 }
 
 Result<std::vector<uint8_t>> Agent::metadata() const {
-  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (closing_) return Status(Code::Closed, "agent is closed");
   AgentMetadata md;
   md.name = name_;
   md.agentId = agentId_;
@@ -125,7 +133,7 @@ PeerView Agent::viewOf(const PeerEntry& p) const {
 }
 
 Result<PeerView> Agent::loadPeer(const uint8_t* blob, size_t size) {
-  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (closing_) return Status(Code::Closed, "agent is closed");
   auto decoded = decodeMetadata(blob, size);
   if (!decoded.isOk()) return decoded.status();
   AgentMetadata& md = decoded.value();
@@ -172,7 +180,7 @@ Status Agent::forgetPeer(const std::string& name) {
 
 Result<uint64_t> Agent::post(const TransferRequest& rq) {
   const uint64_t t0 = monotonicNs();
-  if (!backend_) return Status(Code::Closed, "agent is closed");
+  if (closing_) return Status(Code::Closed, "agent is closed");
   auto lit = regions_.find(rq.localRegion);
   if (lit == regions_.end())
     return Status(Code::NotFound, "local region " + std::to_string(rq.localRegion) + " is not registered (deregistered?)");
@@ -251,7 +259,7 @@ bool Agent::cancel(uint64_t id, Code code, const std::string& why) {
 }
 
 Status Agent::notify(const std::string& peer, const std::string& message) {
-  if (!backend_) return {Code::Closed, "agent is closed"};
+  if (closing_) return {Code::Closed, "agent is closed"};
   auto it = peers_.find(peer);
   if (it == peers_.end()) return {Code::NotFound, "unknown peer '" + peer + "'"};
   if (it->second->failed) return {Code::RemoteDisconnect, "peer '" + peer + "' is disconnected"};

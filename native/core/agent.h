@@ -73,9 +73,14 @@ class Agent : public BackendHost {
   bool arm();
   bool busy() const;
   size_t inFlight() const { return transfers_.size(); }
-  // Settles every transfer with ERR_CANCELED, drops peers and regions, releases the backend.
+  // Closing in two steps, so the caller can keep progressing (on its event loop) while UCX
+  // finishes what it owns: beginClose settles every transfer with ERR_CANCELED, drops peers and
+  // regions and closes connections; drained() says UCX is done; close() releases the backend
+  // (blocking briefly if it is not drained).
+  void beginClose();
+  bool drained() const;
   void close();
-  bool closed() const { return backend_ == nullptr; }
+  bool closed() const { return closing_; }
 
   // BackendHost
   void transferFinished(const TransferRef& t, Status status) override;
@@ -102,6 +107,7 @@ class Agent : public BackendHost {
   uint64_t generation_ = 1;
   AgentCallbacks callbacks_;
   std::unique_ptr<Backend> backend_;
+  bool closing_ = false;
   uint32_t nextRegionId_ = 1;
   uint64_t nextTransferId_ = 1;
   uint64_t nextPeerKey_ = 1;

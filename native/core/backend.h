@@ -62,6 +62,8 @@ class Backend {
   virtual bool progress() = 0;     // true if anything happened
   virtual bool arm() = 0;          // true if armed (safe to sleep on the fd); false if events are pending
   virtual bool busy() const = 0;   // operations in flight that need progress to finish
+  // Force-closes every connection and cancels what can be canceled; progress then drains the rest.
+  virtual void shutdown() = 0;
 };
 
 std::string ucxVersion();

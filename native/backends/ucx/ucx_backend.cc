@@ -124,10 +124,12 @@ class UcxBackendImpl : public Backend {
   bool progress() override;
   bool arm() override;
   bool busy() const override { return !requests_.empty() || !inbound_.empty() || !closing_.empty(); }
+  void shutdown() override;
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
   void closeEndpoint(ucp_ep_h ep, bool force);
   void forgetPeer(UcxPeer* peer) { peersByEp_.erase(peer->ep_); }
+  bool shuttingDown() const { return shuttingDown_; }
 
  private:
   friend class UcxPeer;
@@ -176,10 +178,28 @@ class UcxBackendImpl : public Backend {
   std::unordered_map<void*, RequestContext*> requests_;  // UCX requests in flight; each is freed in its callback
   std::unordered_map<uint64_t, TransferRef> active_;                 // initiator transfers awaiting the wire
   std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
-  std::unordered_map<ucp_ep_h, std::string> connectionNames_;        // reply ep -> peer name (from HELLO)
+  // Target side: one entry per initiator that said HELLO, keyed by the reply ep its messages carry.
+  // Replies go over an endpoint we create ourselves, so we can close it and hear when it fails.
+  struct Connection {
+    std::string name;
+    ucp_ep_h ep = nullptr;
+  };
+  std::unordered_map<ucp_ep_h, Connection> connections_;
+  std::unordered_map<ucp_ep_h, ucp_ep_h> connectionByOwnEp_;  // our ep -> reply ep
+  std::string connectionName(ucp_ep_h reply) const {
+    auto it = connections_.find(reply);
+    return it == connections_.end() ? std::string() : it->second.name;
+  }
+  ucp_ep_h replyPath(ucp_ep_h reply) const {
+    auto it = connections_.find(reply);
+    return it == connections_.end() || it->second.ep == nullptr ? reply : it->second.ep;
+  }
+  void connectionFailed(ucp_ep_h ownEp);
   std::unordered_map<ucp_ep_h, UcxPeer*> peersByEp_;
   std::vector<std::pair<uint64_t, ucs_status_t>> failedPeers_;        // reported after progress returns
+  std::vector<ucp_ep_h> failedConnections_;                            // target-side, handled likewise
   std::vector<void*> closing_;                                        // endpoint close requests
+  bool shuttingDown_ = false;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -256,26 +276,31 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   return Status::ok();
 }
 
-UcxBackendImpl::~UcxBackendImpl() {
-  // Close every endpoint still open, then give UCX a bounded time to finish what it owns.
-  for (auto& [ep, peer] : peersByEp_) {
-    peer->ep_ = nullptr;
-    closeEndpoint(ep, true);
-  }
-  peersByEp_.clear();
+void UcxBackendImpl::shutdown() {
+  if (shuttingDown_) return;
+  shuttingDown_ = true;  // peers destroyed from now on force-close their endpoints
+  for (auto& [reply, conn] : connections_)
+    if (conn.ep) closeEndpoint(conn.ep, true);
+  connections_.clear();
+  connectionByOwnEp_.clear();
   active_.clear();
-  const uint64_t deadline = monotonicNs() + 500'000'000ull;
+  inbound_.clear();
   for (auto& [req, op] : std::unordered_map<void*, RequestContext*>(requests_)) ucp_request_cancel(worker_, req);
+}
+
+UcxBackendImpl::~UcxBackendImpl() {
+  shutdown();
+  const uint64_t deadline = monotonicNs() + 500'000'000ull;
   while ((!requests_.empty() || !closing_.empty()) && monotonicNs() < deadline) progress();
-  // Whatever UCX still holds (sends on connections a peer opened to us) is released unfinished:
-  // a released request gets no callback, so its context is freed here.
-  for (auto& [req, op] : requests_) {
-    ucp_request_free(req);
-    std::unique_ptr<RequestContext> drop(op);
+  if (!requests_.empty() || !closing_.empty()) {
+    // UCX 1.13 aborts the process when a worker is destroyed with requests it has not finished
+    // (a peer stopped mid-rendezvous). Leaking this one worker and its context is the lesser harm.
+    fprintf(stderr, "kvwire: agent '%s' closed with %zu UCX requests unfinished (%zu closing); its UCX worker is leaked\n",
+            agentName_.c_str(), requests_.size(), closing_.size());
+    static std::vector<std::shared_ptr<ContextHolder>> leaked;
+    leaked.push_back(ctx_);
+    worker_ = nullptr;
   }
-  requests_.clear();
-  for (void* req : closing_) ucp_request_free(req);
-  closing_.clear();
   inbound_.clear();
   if (worker_) ucp_worker_destroy(worker_);
   // ctx_ is released last, after every UcxMemory that shares it.
@@ -356,10 +381,11 @@ Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata
   if (!us) return us;
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
-  ucx::HelloHeader h{ucx::kWireVersion, 0};
+  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size())};
   std::memcpy(op->header, &h, sizeof h);
   op->headerLength = sizeof h;
   op->payload = agentName_;
+  op->payload.append(reinterpret_cast<const char*>(address_.data()), address_.size());
   const std::string& name = op->payload;
   send(peer->ep_, ucx::kAmHello, std::move(op), name.data(), name.size(), true);
   return std::unique_ptr<BackendPeer>(std::move(peer));
@@ -369,7 +395,7 @@ UcxPeer::~UcxPeer() {
   regions_.clear();  // rkeys go before their endpoint
   if (ep_) {
     backend_->forgetPeer(this);
-    backend_->closeEndpoint(ep_, failed_);
+    backend_->closeEndpoint(ep_, failed_ || backend_->shuttingDown());
   }
 }
 
@@ -415,7 +441,6 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, Path requested, Status* why) {
 }
 
 void UcxBackendImpl::closeEndpoint(ucp_ep_h ep, bool force) {
-  connectionNames_.erase(ep);
   ucp_request_param_t p{};
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
@@ -426,7 +451,10 @@ void UcxBackendImpl::closeEndpoint(ucp_ep_h ep, bool force) {
 void UcxBackendImpl::onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st) {
   auto* self = static_cast<UcxBackendImpl*>(arg);
   auto it = self->peersByEp_.find(ep);
-  if (it == self->peersByEp_.end()) return;
+  if (it == self->peersByEp_.end()) {
+    if (self->connectionByOwnEp_.count(ep)) self->failedConnections_.push_back(ep);
+    return;
+  }
   it->second->failed_ = true;
   self->failedPeers_.emplace_back(it->second->key_, st);
 }
@@ -698,12 +726,26 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
   switch (id) {
     case ucx::kAmHello: {
       ucx::HelloHeader h{};
-      if (readHeader(header, headerLength, &h) && reply != nullptr && length <= kMaxNameBytes) connectionNames_[reply] = text();
+      if (!readHeader(header, headerLength, &h) || reply == nullptr || h.nameLength > kMaxNameBytes ||
+          h.nameLength >= length || connections_.count(reply))
+        return;
+      Connection& conn = connections_[reply];
+      conn.name.assign(reinterpret_cast<const char*>(data), h.nameLength);
+      ucp_ep_params_t ep{};
+      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.address = reinterpret_cast<const ucp_address_t*>(data + h.nameLength);
+      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
+      ep.err_handler.arg = this;
+      if (ucp_ep_create(worker_, &ep, &conn.ep) == UCS_OK)
+        connectionByOwnEp_[conn.ep] = reply;
+      else
+        conn.ep = nullptr;  // replies fall back to the reply ep
       return;
     }
     case ucx::kAmNotify: {
-      auto it = reply ? connectionNames_.find(reply) : connectionNames_.end();
-      host_->notificationArrived(it == connectionNames_.end() ? std::string() : it->second, text());
+      host_->notificationArrived(connectionName(reply), text());
       return;
     }
     case ucx::kAmWriteCommit: {
@@ -740,10 +782,10 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       ucx::ReadRequestHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
       if (length != static_cast<size_t>(h.segments) * sizeof(ucx::ReadSegment)) {
-        sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::InvalidParam, "malformed read request"));
+        sendStatus(replyPath(reply), ucx::kAmReadDone, h.transferId, Status(Code::InvalidParam, "malformed read request"));
         return;
       }
-      serveRead(reply, h, reinterpret_cast<const ucx::ReadSegment*>(data));
+      serveRead(replyPath(reply), h, reinterpret_cast<const ucx::ReadSegment*>(data));
       return;
     }
     default:
@@ -794,10 +836,9 @@ void UcxBackendImpl::maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key) {
   bool deliver = st.isOk() && in.hasNotify;
   std::string message = std::move(in.notify);
   inbound_.erase(it);
-  sendStatus(key.first, ucx::kAmAck, key.second, st);
+  sendStatus(replyPath(key.first), ucx::kAmAck, key.second, st);
   if (deliver) {
-    auto name = connectionNames_.find(key.first);
-    host_->notificationArrived(name == connectionNames_.end() ? std::string() : name->second, std::move(message));
+    host_->notificationArrived(connectionName(key.first), std::move(message));
   }
 }
 
@@ -872,6 +913,18 @@ void UcxBackendImpl::finishRead(const TransferRef& t) {
 // ---------------------------------------------------------------------------------------------
 // Progress
 
+// An initiator went away: forget its half-finished WRITEs and close our endpoint to it.
+void UcxBackendImpl::connectionFailed(ucp_ep_h own) {
+  auto it = connectionByOwnEp_.find(own);
+  if (it == connectionByOwnEp_.end()) return;
+  ucp_ep_h reply = it->second;
+  connectionByOwnEp_.erase(it);
+  connections_.erase(reply);
+  for (auto in = inbound_.begin(); in != inbound_.end();)
+    in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
+  closeEndpoint(own, true);
+}
+
 bool UcxBackendImpl::progress() {
   bool any = false;
   while (ucp_worker_progress(worker_) != 0) any = true;
@@ -882,6 +935,7 @@ bool UcxBackendImpl::progress() {
       host_->peerFailed(key, Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", st)));
     any = true;
   }
+  for (ucp_ep_h own : std::exchange(failedConnections_, {})) connectionFailed(own);
   for (size_t i = 0; i < closing_.size();) {
     if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
       ucp_request_free(closing_[i]);

@@ -20,9 +20,9 @@ enum AmId : uint16_t {
 constexpr uint32_t kWireVersion = 1;
 
 #pragma pack(push, 1)
-struct HelloHeader {
+struct HelloHeader {  // data: the initiator's name, then its worker address
   uint32_t version;
-  uint64_t agentId;
+  uint32_t nameLength;
 };
 struct WriteHeader {
   uint64_t transferId;
