@@ -12,16 +12,10 @@ export interface RegionOptions {
   access?: Access;
 }
 
-/** Memory this agent registered or allocated. Peers see it in the agent's metadata. */
-export class Region {
-  #live = true;
+/** What a region is, as its metadata says: shared by this agent's regions and a peer's. */
+abstract class RegionDescription {
   /** @internal */
-  constructor(
-    /** @internal */ readonly native: NativeRegion,
-    /** A view of the region's bytes. */
-    readonly bytes: Uint8Array,
-  ) {}
-
+  constructor(/** @internal */ readonly native: NativeRegion) {}
   get id(): number {
     return this.native.id;
   }
@@ -31,6 +25,7 @@ export class Region {
   get kind(): MemoryKind {
     return this.native.kind;
   }
+  /** What peers may do with it. */
   get access(): Access {
     return this.native.access;
   }
@@ -41,6 +36,20 @@ export class Region {
   get allocated(): boolean {
     return this.native.allocated;
   }
+}
+
+/** Memory this agent registered or allocated. Peers see it in the agent's metadata. */
+export class Region extends RegionDescription {
+  #live = true;
+  /** @internal */
+  constructor(
+    native: NativeRegion,
+    /** A view of the region's bytes. */
+    readonly bytes: Uint8Array,
+  ) {
+    super(native);
+  }
+
   get live(): boolean {
     return this.#live;
   }
@@ -57,30 +66,14 @@ export class Region {
 }
 
 /** A region of a peer, as its metadata describes it. */
-export class RemoteRegion {
+export class RemoteRegion extends RegionDescription {
   /** @internal */
   constructor(
     readonly peer: string,
     /** @internal */ readonly peerAgentId: bigint,
-    /** @internal */ readonly native: NativeRegion,
-  ) {}
-  get id(): number {
-    return this.native.id;
-  }
-  get name(): string {
-    return this.native.name;
-  }
-  get kind(): MemoryKind {
-    return this.native.kind;
-  }
-  get access(): Access {
-    return this.native.access;
-  }
-  get length(): number {
-    return this.native.length;
-  }
-  get allocated(): boolean {
-    return this.native.allocated;
+    native: NativeRegion,
+  ) {
+    super(native);
   }
   descriptors(offsets: ByteSpans | number, lengths: ByteSpans | number): DescriptorList<RemoteRegion> {
     return DescriptorList.build(this, offsets, lengths);
