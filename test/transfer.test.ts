@@ -65,6 +65,23 @@ for (const { label, transports } of TRANSPORTS) {
           }, 60_000);
         }
       }
+
+      it('path rma (opt-in): put/get + flush moves the same bytes, notification after', async () => {
+        const lengths = mixedLengths(99, 32, 64, 64 << 10);
+        const localOffsets = place(991, lengths, SIZE);
+        const remoteOffsets = place(992, lengths, SIZE);
+        for (const op of ['write', 'read'] as const) {
+          await Promise.all([a.ok('fill', { seed: 50 }), b.ok('fill', { seed: 51 })]);
+          const [src, srcOffsets, dst, dstOffsets] =
+            op === 'write' ? [a, localOffsets, b, remoteOffsets] : [b, remoteOffsets, a, localOffsets];
+          const expected = (await src.ok('hash', { offsets: srcOffsets, lengths })).hash;
+          const notified = b.waitEvent('notification');
+          const r = await a.ok('transfer', { op, peer: b.name, localOffsets, remoteOffsets, lengths, path: 'rma', notify: 'rma' });
+          expect(r.stats.path).toBe('rma');
+          expect((await dst.ok('hash', { offsets: dstOffsets, lengths })).hash).toBe(expected);
+          expect((await notified).message).toBe('rma');
+        }
+      });
     });
   }
 }

@@ -143,6 +143,8 @@ class UcxBackendImpl : public Backend {
   void track(void* req, RequestContext* op);
   static ucp_request_param_t callbackParam(RequestContext* op, bool recv);
   void endTransfer(const TransferRef& t, const Status& st);
+  // Sends a transfer's notification (if it has one) to its peer, after its data.
+  void notifyAfter(const TransferRef& t);
   void finishRead(const TransferRef& t);
   void maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key);
 
@@ -544,17 +546,20 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
         endTransfer(t, fromUcs("flushing RMA operations", st));
         break;
       }
-      active_.erase(t->id);
-      if (t->hasNotify && !t->settled) {
-        auto it = peersByEp_.end();
-        for (auto p = peersByEp_.begin(); p != peersByEp_.end(); ++p)
-          if (p->second->key_ == t->peerKey) it = p;
-        if (it != peersByEp_.end()) notify(*it->second, t->notify);
-      }
-      host_->transferFinished(t, Status::ok());
+      if (!t->settled) notifyAfter(t);
+      endTransfer(t, Status::ok());
       break;
     }
   }
+}
+
+void UcxBackendImpl::notifyAfter(const TransferRef& t) {
+  if (!t->hasNotify) return;
+  for (auto& [ep, peer] : peersByEp_)
+    if (peer->key_ == t->peerKey) {
+      notify(*peer, t->notify);
+      return;
+    }
 }
 
 void UcxBackendImpl::endTransfer(const TransferRef& t, const Status& st) {
@@ -901,13 +906,8 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
 
 void UcxBackendImpl::finishRead(const TransferRef& t) {
   if (t->settled || !t->remoteDone || t->landed < t->segments.size()) return;
-  active_.erase(t->id);
-  // The bytes are in our memory; now the target may learn the read is over.
-  if (t->hasNotify) {
-    for (auto& [ep, peer] : peersByEp_)
-      if (peer->key_ == t->peerKey) notify(*peer, t->notify);
-  }
-  host_->transferFinished(t, Status::ok());
+  notifyAfter(t);  // the bytes are in our memory; now the target may learn the read is over
+  endTransfer(t, Status::ok());
 }
 
 // ---------------------------------------------------------------------------------------------
