@@ -9,6 +9,7 @@ const BATCHES = [
   { count: 1, min: 16 << 20, max: 16 << 20 },
   { count: 64, min: 64, max: 1 << 20 },
   { count: 10_000, min: 64, max: 8 << 10 },
+  { count: 100_000, min: 64, max: 256 },
 ];
 const TRANSPORTS = [
   { label: 'shm', transports: 'shm,self' },
