@@ -265,6 +265,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
       {ucx::kAmWriteCommit, &onAm<ucx::kAmWriteCommit>}, {ucx::kAmAck, &onAm<ucx::kAmAck>},
       {ucx::kAmReadRequest, &onAm<ucx::kAmReadRequest>}, {ucx::kAmReadData, &onAm<ucx::kAmReadData>},
       {ucx::kAmReadDone, &onAm<ucx::kAmReadDone>},       {ucx::kAmNotify, &onAm<ucx::kAmNotify>},
+      {ucx::kAmWritePacked, &onAm<ucx::kAmWritePacked>}, {ucx::kAmReadPacked, &onAm<ucx::kAmReadPacked>},
   };
   for (const auto& [id, cb] : handlers) {
     ucp_am_handler_param_t hp{};
@@ -616,7 +617,33 @@ Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, RemoteReg
 Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
   active_[t->id] = t;
   if (t->op == kvwire::Op::Write) {
+    uint64_t messages = 0;
+    std::string entries, bytes;  // the pack being built
+    auto sendPack = [&]() -> bool {
+      if (entries.empty()) return true;
+      auto op = std::make_unique<RequestContext>();
+      op->kind = RequestContext::kWriteData;
+      op->transfer = t;
+      ucx::PackedWriteHeader h{t->id, t->remoteRegionId, static_cast<uint32_t>(entries.size() / sizeof(ucx::PackedEntry))};
+      std::memcpy(op->header, &h, sizeof h);
+      op->headerLength = sizeof h;
+      op->payload = std::move(entries);
+      op->payload += bytes;
+      entries.clear();
+      bytes.clear();
+      ++messages;
+      const std::string& payload = op->payload;
+      return send(peer.ep_, ucx::kAmWritePacked, std::move(op), payload.data(), payload.size(), true);
+    };
     for (const Segment& s : t->segments) {
+      if (s.length <= ucx::kPackSegmentMax) {
+        if (bytes.size() + entries.size() + s.length + sizeof(ucx::PackedEntry) > ucx::kPackBytesMax && !sendPack())
+          return Status::ok();
+        ucx::PackedEntry e{s.remoteOffset, static_cast<uint32_t>(s.length), s.firstIndex};
+        entries.append(reinterpret_cast<const char*>(&e), sizeof e);
+        bytes.append(reinterpret_cast<const char*>(s.local), s.length);
+        continue;
+      }
       auto op = std::make_unique<RequestContext>();
       op->kind = RequestContext::kWriteData;
       op->transfer = t;
@@ -624,12 +651,14 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       ucx::WriteHeader h{t->id, t->remoteRegionId, s.firstIndex, s.remoteOffset, s.length};
       std::memcpy(op->header, &h, sizeof h);
       op->headerLength = sizeof h;
+      ++messages;
       if (!send(peer.ep_, ucx::kAmWrite, std::move(op), s.local, s.length, true)) return Status::ok();
     }
+    if (!sendPack()) return Status::ok();
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
     op->transfer = t;
-    ucx::CommitHeader h{t->id, t->segments.size(), t->hasNotify ? 1u : 0u};
+    ucx::CommitHeader h{t->id, messages, t->hasNotify ? 1u : 0u};
     std::memcpy(op->header, &h, sizeof h);
     op->headerLength = sizeof h;
     op->payload = t->notify;
@@ -783,6 +812,59 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       finishRead(t);
       return;
     }
+    case ucx::kAmWritePacked: {
+      ucx::PackedWriteHeader h{};
+      if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
+      auto key = std::make_pair(reply, h.transferId);
+      InboundWrite& in = inbound_[key];
+      const size_t table = static_cast<size_t>(h.count) * sizeof(ucx::PackedEntry);
+      const uint8_t* bytes = data + table;
+      size_t left = table <= length ? length - table : 0;
+      for (uint32_t i = 0; i < h.count && table <= length; ++i) {
+        ucx::PackedEntry e{};
+        std::memcpy(&e, data + i * sizeof e, sizeof e);
+        if (e.length > left) {
+          left = SIZE_MAX;
+          break;
+        }
+        LocalRegionRef hold;
+        Result<uint8_t*> dst = host_->resolveInbound(h.regionId, e.offset, e.length, kAccessWrite, &hold);
+        if (dst.isOk())
+          std::memcpy(dst.value(), bytes, e.length);
+        else if (in.error.isOk())
+          in.error = Status(dst.status().code(), dst.status().message(), e.firstIndex);
+        bytes += e.length;
+        left -= e.length;
+      }
+      if ((table > length || left != 0) && in.error.isOk())
+        in.error = Status(Code::InvalidParam, "malformed packed write");
+      ++in.landed;
+      maybeFinishInbound(key);
+      return;
+    }
+    case ucx::kAmReadPacked: {
+      ucx::PackedReadHeader h{};
+      if (!readHeader(header, headerLength, &h)) return;
+      auto it = active_.find(h.transferId);
+      if (it == active_.end()) return;  // settled already: drop
+      TransferRef t = it->second;
+      // Destinations and lengths come from our own plan; the message must match it exactly.
+      uint64_t expected = 0;
+      const bool inRange = h.firstSegment <= t->segments.size() && h.count <= t->segments.size() - h.firstSegment;
+      for (uint32_t i = 0; inRange && i < h.count; ++i) expected += t->segments[h.firstSegment + i].length;
+      if (!inRange || expected != length) {
+        endTransfer(t, Status(Code::Backend, "peer sent packed read data that does not match the request"));
+        return;
+      }
+      for (uint32_t i = 0; i < h.count; ++i) {
+        const Segment& seg = t->segments[h.firstSegment + i];
+        std::memcpy(seg.local, data, seg.length);
+        data += seg.length;
+      }
+      t->landed += h.count;
+      finishRead(t);
+      return;
+    }
     case ucx::kAmReadRequest: {
       ucx::ReadRequestHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
@@ -862,14 +944,30 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
     }
     sources[i] = {src.value(), s.length};
   }
-  for (uint32_t i = 0; i < h.segments; ++i) {
+  for (uint32_t i = 0; i < h.segments;) {
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kReadDataSend;
     op->hold = hold;
+    if (sources[i].second <= ucx::kPackSegmentMax) {
+      // A run of small segments goes back as one message.
+      const uint32_t first = i;
+      while (i < h.segments && sources[i].second <= ucx::kPackSegmentMax &&
+             op->payload.size() + sources[i].second <= ucx::kPackBytesMax) {
+        op->payload.append(reinterpret_cast<const char*>(sources[i].first), sources[i].second);
+        ++i;
+      }
+      ucx::PackedReadHeader ph{h.transferId, first, i - first};
+      std::memcpy(op->header, &ph, sizeof ph);
+      op->headerLength = sizeof ph;
+      const std::string& payload = op->payload;
+      if (!send(reply, ucx::kAmReadPacked, std::move(op), payload.data(), payload.size(), false)) return;
+      continue;
+    }
     ucx::ReadDataHeader rh{h.transferId, i};
     std::memcpy(op->header, &rh, sizeof rh);
     op->headerLength = sizeof rh;
     if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false)) return;
+    ++i;
   }
   sendStatus(reply, ucx::kAmReadDone, h.transferId, Status::ok());
 }

@@ -15,7 +15,16 @@ enum AmId : uint16_t {
   kAmReadData = 6,     // target -> initiator: one segment of a READ
   kAmReadDone = 7,     // target -> initiator: everything sent (or why not)
   kAmNotify = 8,       // either way: a notification on its own
+  kAmWritePacked = 9,  // initiator -> target: many small WRITE segments in one message
+  kAmReadPacked = 10,  // target -> initiator: a run of small READ segments in one message
 };
+
+// Segments up to kPackSegmentMax bytes travel packed, up to kPackBytesMax bytes per message: one
+// active message per tiny descriptor costs more than copying it. Measured (bench/pair.cjs, 10,000 x
+// 256 B, registered memory): shm 0.48 -> 1.02 GB/s WRITE, tcp 0.04 -> 0.45 GB/s. Packing 4 KiB
+// segments, or packs above the eager size (8 KiB), made shm slower, so both limits stay small.
+constexpr uint32_t kPackSegmentMax = 1u << 10;
+constexpr size_t kPackBytesMax = 8u << 10;
 
 constexpr uint32_t kWireVersion = 1;
 
@@ -54,6 +63,21 @@ struct ReadSegment {  // payload of READ_REQUEST, one per segment
 struct ReadDataHeader {
   uint64_t transferId;
   uint32_t segment;
+};
+struct PackedWriteHeader {  // data: count x PackedEntry, then the segments' bytes in order
+  uint64_t transferId;
+  uint32_t regionId;
+  uint32_t count;
+};
+struct PackedEntry {
+  uint64_t offset;
+  uint32_t length;
+  uint32_t firstIndex;
+};
+struct PackedReadHeader {  // data: segments [firstSegment, firstSegment + count) back to back
+  uint64_t transferId;
+  uint32_t firstSegment;
+  uint32_t count;
 };
 #pragma pack(pop)
 
