@@ -6,9 +6,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <unordered_map>
 #include <utility>
 
+#include "../../core/copy_pool.h"
 #include "wire.h"
 
 namespace kvwire {
@@ -123,7 +125,9 @@ class UcxBackendImpl : public Backend {
   int eventFd() const override { return efd_; }
   bool progress() override;
   bool arm() override;
-  bool busy() const override { return !requests_.empty() || !inbound_.empty() || !closing_.empty(); }
+  bool busy() const override {
+    return !requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty();
+  }
   void shutdown() override;
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
@@ -148,7 +152,8 @@ class UcxBackendImpl : public Backend {
   void finishRead(const TransferRef& t);
   void maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key);
 
-  Status postDirect(UcxPeer& peer, const TransferRef& t, RemoteRegion& rr);
+  Status postDirect(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
+  void copyInBackground(const TransferRef& t, const RemoteRegionRef& rr);
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
   Status postRma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
 
@@ -202,6 +207,17 @@ class UcxBackendImpl : public Backend {
   std::vector<ucp_ep_h> failedConnections_;                            // target-side, handled likewise
   std::vector<void*> closing_;                                        // endpoint close requests
   bool shuttingDown_ = false;
+  // Direct copies of at least this many bytes run on the copy pool, off the caller's thread.
+  static constexpr uint64_t kBackgroundCopyBytes = 1u << 20;
+  std::unique_ptr<CopyPool> copyPool_;
+  struct CopyJob {
+    TransferRef transfer;
+    RemoteRegionRef remote;
+    std::atomic<size_t> pending{0};
+  };
+  std::unordered_map<uint64_t, std::unique_ptr<CopyJob>> copyJobs_;  // by transfer id
+  std::mutex copiedMutex_;
+  std::vector<uint64_t> copied_;  // finished by the pool, settled by progress()
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -292,6 +308,8 @@ void UcxBackendImpl::shutdown() {
 }
 
 UcxBackendImpl::~UcxBackendImpl() {
+  copyPool_.reset();  // finishes copies in flight; they touch only memory this backend still maps
+  copyJobs_.clear();
   shutdown();
   const uint64_t deadline = monotonicNs() + 500'000'000ull;
   while ((!requests_.empty() || !closing_.empty()) && monotonicNs() < deadline) progress();
@@ -590,15 +608,19 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
   if (it == peer.regions_.end())
     return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
   switch (t->path) {
-    case Path::Direct: return postDirect(peer, t, *it->second);
+    case Path::Direct: return postDirect(peer, t, it->second);
     case Path::Rma: return postRma(peer, t, it->second);
     default: return postActiveMessage(peer, t);
   }
 }
 
-Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, RemoteRegion& rr) {
+Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
+  if (t->stats.bytes >= kBackgroundCopyBytes) {
+    copyInBackground(t, rr);
+    return Status::ok();
+  }
   for (const Segment& s : t->segments) {
-    uint8_t* remote = rr.mapped + s.remoteOffset;
+    uint8_t* remote = rr->mapped + s.remoteOffset;
     if (t->op == kvwire::Op::Write)
       std::memcpy(remote, s.local, s.length);
     else
@@ -612,6 +634,57 @@ Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, RemoteReg
   }
   host_->transferFinished(t, Status::ok());
   return Status::ok();
+}
+
+// Splits the batch into one byte-balanced share per pool thread. The last share to finish queues
+// the transfer and wakes the worker's event fd; progress() then notifies the peer and settles it.
+void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRef& rr) {
+  if (!copyPool_) copyPool_ = std::make_unique<CopyPool>(std::max(1u, std::min(2u, std::thread::hardware_concurrency())));
+  struct Piece {
+    uint8_t* dst;
+    const uint8_t* src;
+    uint64_t length;
+  };
+  const size_t shares = copyPool_->size();
+  const uint64_t target = (t->stats.bytes + shares - 1) / shares;
+  std::vector<std::vector<Piece>> work(shares);
+  size_t share = 0;
+  uint64_t filled = 0;
+  for (const Segment& s : t->segments) {
+    for (uint64_t done = 0; done < s.length;) {
+      const uint64_t n = std::min(s.length - done, std::max<uint64_t>(target - filled, 1));
+      uint8_t* remote = rr->mapped + s.remoteOffset + done;
+      uint8_t* local = s.local + done;
+      work[share].push_back(t->op == kvwire::Op::Write ? Piece{remote, local, n} : Piece{local, remote, n});
+      done += n;
+      filled += n;
+      if (filled >= target && share + 1 < shares) {
+        ++share;
+        filled = 0;
+      }
+    }
+  }
+  // The job (and through it the memory on both sides) is owned here, on the progress thread, so
+  // no reference is ever dropped on a pool thread; a canceled transfer's copy still completes.
+  auto job = std::make_unique<CopyJob>();
+  job->transfer = t;
+  job->remote = rr;
+  for (auto& w : work) job->pending += w.empty() ? 0 : 1;
+  CopyJob* raw = job.get();
+  copyJobs_[t->id] = std::move(job);
+  for (auto& w : work) {
+    if (w.empty()) continue;
+    copyPool_->submit([this, raw, id = t->id, pieces = std::move(w)] {
+      for (const Piece& p : pieces) std::memcpy(p.dst, p.src, p.length);
+      if (raw->pending.fetch_sub(1) != 1) return;  // the job may be freed from here on
+      std::atomic_thread_fence(std::memory_order_release);
+      {
+        std::lock_guard<std::mutex> lock(copiedMutex_);
+        copied_.push_back(id);
+      }
+      ucp_worker_signal(worker_);  // thread-safe: wakes the event loop
+    });
+  }
 }
 
 Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
@@ -1026,6 +1099,22 @@ void UcxBackendImpl::connectionFailed(ucp_ep_h own) {
 bool UcxBackendImpl::progress() {
   bool any = false;
   while (ucp_worker_progress(worker_) != 0) any = true;
+  if (!copyJobs_.empty()) {
+    std::vector<uint64_t> copied;
+    {
+      std::lock_guard<std::mutex> lock(copiedMutex_);
+      copied.swap(copied_);
+    }
+    for (uint64_t id : copied) {
+      auto it = copyJobs_.find(id);
+      if (it == copyJobs_.end()) continue;
+      TransferRef t = std::move(it->second->transfer);
+      copyJobs_.erase(it);
+      if (!t->settled) notifyAfter(t);
+      endTransfer(t, Status::ok());
+      any = true;
+    }
+  }
   if (!failedPeers_.empty()) {
     auto failed = std::move(failedPeers_);
     failedPeers_.clear();
