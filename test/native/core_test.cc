@@ -1,0 +1,113 @@
+// The core without Node: metadata codec and descriptor planning, driven directly from C++.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+
+#include "core/descriptors.h"
+#include "core/metadata.h"
+
+namespace kvwire {
+namespace {
+
+AgentMetadata sample() {
+  AgentMetadata md;
+  md.name = "prefill-0";
+  md.agentId = 0x1122334455667788ull;
+  md.generation = 7;
+  md.backend = "ucx";
+  md.workerAddress = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  RegionInfo a;
+  a.id = 1;
+  a.name = "kv";
+  a.access = kAccessRead;
+  a.base = 0x7f0000000000ull;
+  a.length = 1 << 20;
+  a.backendAllocated = true;
+  a.rkey = {9, 9, 9};
+  RegionInfo b = a;
+  b.id = 2;
+  b.name = "staging";
+  b.access = kAccessReadWrite;
+  b.backendAllocated = false;
+  md.regions = {a, b};
+  return md;
+}
+
+TEST(Metadata, RoundTrip) {
+  auto blob = encodeMetadata(sample());
+  ASSERT_TRUE(blob.isOk());
+  auto md = decodeMetadata(blob.value().data(), blob.value().size());
+  ASSERT_TRUE(md.isOk()) << md.status().message();
+  EXPECT_EQ(md.value().name, "prefill-0");
+  EXPECT_EQ(md.value().agentId, 0x1122334455667788ull);
+  EXPECT_EQ(md.value().generation, 7u);
+  ASSERT_EQ(md.value().regions.size(), 2u);
+  EXPECT_EQ(md.value().regions[0].name, "kv");
+  EXPECT_TRUE(md.value().regions[0].backendAllocated);
+  EXPECT_EQ(md.value().regions[1].access, kAccessReadWrite);
+  EXPECT_EQ(md.value().regions[1].rkey, (std::vector<uint8_t>{9, 9, 9}));
+}
+
+TEST(Metadata, EveryTruncationIsRejected) {
+  auto blob = encodeMetadata(sample()).value();
+  for (size_t n = 0; n < blob.size(); ++n) {
+    auto md = decodeMetadata(blob.data(), n);
+    ASSERT_FALSE(md.isOk()) << "length " << n;
+    EXPECT_EQ(md.status().code(), Code::InvalidParam);
+  }
+}
+
+TEST(Metadata, RandomCorruptionNeverCrashes) {
+  auto blob = encodeMetadata(sample()).value();
+  std::mt19937 rng(42);
+  for (int i = 0; i < 20000; ++i) {
+    auto copy = blob;
+    for (int f = 0; f < 3; ++f) copy[rng() % copy.size()] = static_cast<uint8_t>(rng());
+    auto md = decodeMetadata(copy.data(), copy.size());
+    if (!md.isOk()) EXPECT_EQ(md.status().code(), Code::InvalidParam);
+  }
+}
+
+TEST(Plan, CoalescesOnlyRunsAdjacentOnBothSides) {
+  std::vector<uint8_t> mem(4096);
+  const uint64_t lo[] = {0, 64, 128, 1000, 1064};
+  const uint64_t ro[] = {0, 64, 500, 564, 628};
+  const uint64_t len[] = {64, 64, 64, 64, 64};
+  std::string name = "r";
+  auto segs = planSegments({lo, len, 5}, {0, 4096, "local", &name}, mem.data(), {ro, len, 5}, {0, 4096, "remote", &name});
+  ASSERT_TRUE(segs.isOk());
+  // [0,64] merge; 128 breaks (remote jumps); 128->1000 breaks (local jumps); 1000,1064 merge with 500,564.
+  ASSERT_EQ(segs.value().size(), 3u);
+  EXPECT_EQ(segs.value()[0].length, 128u);
+  EXPECT_EQ(segs.value()[1].firstIndex, 2u);
+  EXPECT_EQ(segs.value()[1].length, 64u);
+  EXPECT_EQ(segs.value()[2].firstIndex, 3u);
+  EXPECT_EQ(segs.value()[2].length, 128u);
+  EXPECT_EQ(segs.value()[2].local, mem.data() + 1000);
+}
+
+TEST(Plan, NamesTheFirstBadIndexAndNeverOverflows) {
+  std::vector<uint8_t> mem(4096);
+  std::string name = "r";
+  const uint64_t lo[] = {0, 8, UINT64_MAX - 4};
+  const uint64_t len[] = {8, 8, 8};
+  auto bad = planSegments({lo, len, 3}, {0, 4096, "local", &name}, mem.data(), {lo, len, 3}, {0, 4096, "remote", &name});
+  ASSERT_FALSE(bad.isOk());
+  EXPECT_EQ(bad.status().code(), Code::InvalidParam);
+  EXPECT_EQ(bad.status().index(), 2);
+
+  const uint64_t ok[] = {0, 8};
+  const uint64_t lens[] = {8, 16};
+  const uint64_t other[] = {8, 8};
+  auto mismatch = planSegments({ok, lens, 2}, {0, 4096, "local", &name}, mem.data(), {ok, other, 2}, {0, 4096, "remote", &name});
+  ASSERT_FALSE(mismatch.isOk());
+  EXPECT_EQ(mismatch.status().index(), 1);
+
+  auto count = planSegments({ok, lens, 2}, {0, 4096, "local", &name}, mem.data(), {ok, lens, 1}, {0, 4096, "remote", &name});
+  ASSERT_FALSE(count.isOk());
+  EXPECT_EQ(count.status().index(), kNoIndex);
+}
+
+}  // namespace
+}  // namespace kvwire
