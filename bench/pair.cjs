@@ -3,7 +3,7 @@
 // median GB/s over several runs, and ucx_perftest on the same transport and size in the same
 // script as the baseline. Usage:
 //   node bench/pair.cjs [--transport shm|tcp] [--block 1048576] [--batch 64] [--runs 5] [--iters 10]
-//                       [--layout spread|hot] [--json]
+//                       [--layout spread|hot] [--progress event|poll] [--json]
 'use strict';
 const { fork, spawn, execFileSync } = require('node:child_process');
 const { parseArgs } = require('node:util');
@@ -20,6 +20,7 @@ const { values: opt } = parseArgs({
     json: { type: 'boolean', default: false },
     role: { type: 'string', default: 'initiator' },
     memory: { type: 'string', default: 'allocated' },
+    progress: { type: 'string', default: 'event' },
   },
 });
 const tls = opt.transport === 'tcp' ? 'tcp' : 'shm,self';
@@ -37,7 +38,7 @@ function makeRegion(agent, memory) {
 
 if (opt.role === 'target') {
   process.once('message', async (m) => {
-    const agent = await Agent.create({ name: `target-${m.memory}`, ucx: { transports: tls } });
+    const agent = await Agent.create({ name: `target-${m.memory}`, progress: opt.progress, ucx: { transports: tls } });
     makeRegion(agent, m.memory);
     process.send({ metadata: Buffer.from(agent.metadata()).toString('base64') });
     process.on('message', async () => {
@@ -63,10 +64,10 @@ function perm(n, seed) {
 
 async function measure(memory) {
   const child = fork(__filename, ['--role', 'target', '--transport', opt.transport, '--block', opt.block, '--batch', opt.batch,
-    '--layout', opt.layout], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    '--layout', opt.layout, '--progress', opt.progress], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
   child.send({ memory });
   const { metadata } = await new Promise((r) => child.once('message', r));
-  const agent = await Agent.create({ name: `init-${memory}`, ucx: { transports: tls } });
+  const agent = await Agent.create({ name: `init-${memory}`, progress: opt.progress, ucx: { transports: tls } });
   const region = makeRegion(agent, memory);
   const kv = agent.loadPeer(Buffer.from(metadata, 'base64')).region('kv');
   // Distinct, non-adjacent blocks on both sides (no coalescing): the realistic KV pattern.
