@@ -35,11 +35,19 @@ const SIGNATURE_MAGIC = Buffer.from('KVWH');
 const SIGNATURE_BYTES = SIGNATURE_MAGIC.length + 32;
 const ACCESS: readonly Access[] = ['read', 'write', 'readwrite'];
 const MAX_NAME_BYTES = 255;
+/** Notifications are small control messages; the native side refuses anything above 64 MiB. */
+export const MAX_NOTIFY_BYTES = 16 << 20;
 
 function toBytes(field: string, value: string | Uint8Array): Uint8Array {
   if (typeof value === 'string') return Buffer.from(value, 'utf8');
   check(value instanceof Uint8Array, field, 'must be a string or a Uint8Array');
   return value;
+}
+
+function notificationBytes(field: string, value: string | Uint8Array): Uint8Array {
+  const bytes = toBytes(field, value);
+  check(bytes.byteLength <= MAX_NOTIFY_BYTES, field, `is ${bytes.byteLength} bytes; at most ${MAX_NOTIFY_BYTES}`);
+  return bytes;
 }
 
 /**
@@ -253,7 +261,7 @@ export class Agent extends EventEmitter {
       );
       const pathIndex = PATH_NAMES.indexOf(options.path ?? 'auto');
       check(pathIndex >= 0, 'path', `must be one of ${PATH_NAMES.join(', ')}`);
-      if (options.notify !== undefined) notify = toBytes('notify', options.notify);
+      if (options.notify !== undefined) notify = notificationBytes('notify', options.notify);
       if (this.#regions.get(local.region.id) !== local.region)
         throw new KvwireError('ERR_NOT_FOUND', `local region '${local.region.name}' is not registered with agent '${this.name}'`);
       if (options.signal?.aborted) throw new KvwireError('ERR_CANCELED', 'aborted before the transfer started');
@@ -324,7 +332,7 @@ export class Agent extends EventEmitter {
   async notify(peer: string | Peer, message: string | Uint8Array): Promise<void> {
     const name = typeof peer === 'string' ? peer : peer?.name;
     check(typeof name === 'string', 'peer', 'must be a peer name or Peer');
-    this.#open().notify(name, toBytes('message', message));
+    this.#open().notify(name, notificationBytes('message', message));
   }
 
   /** Notifications as an async iterator; ends when the agent closes. */

@@ -136,6 +136,8 @@ describe('validation', () => {
     expect(await rejection(a.write(l, r, { deadlineMs: -1 }))).toMatchObject({ code: 'ERR_INVALID_PARAM' });
     expect(await rejection(a.write(l, l as never))).toMatchObject({ code: 'ERR_INVALID_PARAM' });
     expect(await rejection(a.write(l, r, { path: 'warp' as 'am' }))).toMatchObject({ code: 'ERR_INVALID_PARAM' });
+    expect(await rejection(a.write(l, r, { notify: Buffer.alloc((16 << 20) + 1) }))).toMatchObject({ code: 'ERR_INVALID_PARAM' });
+    await expect(a.notify(peer, 42 as unknown as string)).rejects.toMatchObject({ code: 'ERR_INVALID_PARAM' });
     const direct = await rejection(a.write(l, r, { path: 'direct' }));
     expect(direct.code).toBe('ERR_UNAVAILABLE'); // registered Buffer memory is never mapped into a peer
   });

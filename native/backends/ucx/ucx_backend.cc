@@ -801,12 +801,18 @@ void UcxBackendImpl::abandon(const TransferRef& t) {
 // ---------------------------------------------------------------------------------------------
 // Receiving
 
+// How a handler refuses a message: an error status is only allowed for rendezvous data (it fails
+// the sender's request); an eager message is simply not used.
+ucs_status_t refuse(const ucp_am_recv_param_t* param, ucs_status_t why) {
+  return (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ? why : UCS_OK;
+}
+
 ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
                                       const ucp_am_recv_param_t* param) {
   ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
   if (id == ucx::kAmWrite) return handleWrite(header, headerLength, data, length, param, reply);
   if (id == ucx::kAmReadData) return handleReadData(header, headerLength, data, length, param);
-  if (headerLength > sizeof(RequestContext::header)) return UCS_ERR_INVALID_PARAM;
+  if (headerLength > sizeof(RequestContext::header)) return refuse(param, UCS_ERR_INVALID_PARAM);
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
     handleControl(id, header, headerLength, static_cast<const uint8_t*>(data), length, reply);
     return UCS_OK;
@@ -956,7 +962,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
 ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength, void* data, size_t length,
                                          const ucp_am_recv_param_t* param, ucp_ep_h reply) {
   ucx::WriteHeader h{};
-  if (!readHeader(header, headerLength, &h) || reply == nullptr) return UCS_ERR_INVALID_PARAM;
+  if (!readHeader(header, headerLength, &h) || reply == nullptr) return refuse(param, UCS_ERR_INVALID_PARAM);
   auto key = std::make_pair(reply, h.transferId);
   InboundWrite& in = inbound_[key];
   LocalRegionRef hold;
@@ -1048,14 +1054,14 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
 ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLength, void* data, size_t length,
                                             const ucp_am_recv_param_t* param) {
   ucx::ReadDataHeader h{};
-  if (!readHeader(header, headerLength, &h)) return UCS_ERR_INVALID_PARAM;
+  if (!readHeader(header, headerLength, &h)) return refuse(param, UCS_ERR_INVALID_PARAM);
   auto it = active_.find(h.transferId);
-  if (it == active_.end()) return UCS_ERR_CANCELED;  // settled already (canceled, timed out): drop the data
+  if (it == active_.end()) return refuse(param, UCS_ERR_CANCELED);  // settled already: drop the data
   TransferRef t = it->second;
   // The destination comes from our own plan, never from the wire.
   if (h.segment >= t->segments.size() || t->segments[h.segment].length != length) {
     endTransfer(t, Status(Code::Backend, "peer sent a read segment that does not match the request"));
-    return UCS_ERR_INVALID_PARAM;
+    return refuse(param, UCS_ERR_INVALID_PARAM);
   }
   uint8_t* dst = t->segments[h.segment].local;
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
