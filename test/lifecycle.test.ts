@@ -93,6 +93,27 @@ for (const { label, transports } of [
       agent.forgetPeer(peer);
     }, 30_000);
 
+    it('loading a restarted peer of the same name fails transfers to the old instance cleanly', async () => {
+      const oldPeer = await freshTarget(`phoenix-${label}`);
+      const oldTarget = target;
+      const l = local.descriptors([0], [1 << 20]);
+      const oldRemote = oldPeer.region('kv').descriptors([0], [1 << 20]);
+      await agent.write(l, oldRemote);
+      process.kill(oldTarget.child.pid!, 'SIGSTOP');
+      const pending = [agent.write(l, oldRemote), agent.read(l, oldRemote)];
+      const newPeer = await freshTarget(`phoenix-${label}`); // same name, new process
+      expect(newPeer.name).toBe(oldPeer.name);
+      const outcomes = await Promise.all(pending.map((t) => t.then(() => 'ok', (e: KvwireError) => e.code)));
+      expect(outcomes).toEqual(['ERR_REMOTE_DISCONNECT', 'ERR_REMOTE_DISCONNECT']);
+      // A list built from the old instance is refused; one from the new instance works.
+      await expect(agent.write(l, oldRemote)).rejects.toMatchObject({ code: 'ERR_MISMATCH' });
+      const stats = await agent.write(l, newPeer.region('kv').descriptors([0], [1 << 20]));
+      expect(stats.bytes).toBe(1 << 20);
+      oldTarget.kill();
+      agent.forgetPeer(newPeer);
+      await target.close();
+    });
+
     it('close() rejects in-flight transfers with ERR_CANCELED', async () => {
       const peer = await freshTarget(`closing-${label}`);
       const other = await Agent.create({ name: `closer-${label}`, ucx: { transports } });
