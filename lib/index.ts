@@ -14,3 +14,4 @@ export function ucxVersion(): string {
 export function decodeMetadata(blob: Uint8Array): unknown {
   return addon.decodeMetadata(blob);
 }
+export { KvLayout, type KvLayoutSpec, type KvTransferPlan, type KvArrangement, type KvOrder, type BlockLayout } from './kv/layout';
