@@ -15,3 +15,4 @@ export function decodeMetadata(blob: Uint8Array): unknown {
   return addon.decodeMetadata(blob);
 }
 export { KvLayout, type KvLayoutSpec, type KvTransferPlan, type KvArrangement, type KvOrder, type BlockLayout } from './kv/layout';
+export { KvSender, KvReceiver, KvPublication, type PublishOptions, type PullRequest, type PullResult } from './kv/worker';

@@ -16,8 +16,8 @@ export class PeerProcess {
   #events: ((m: any) => void)[] = [];
   metadata = '';
 
-  constructor(readonly name: string, env: NodeJS.ProcessEnv = {}) {
-    this.child = fork(path.join(__dirname, 'fixtures/peer.cjs'), [], {
+  constructor(readonly name: string, env: NodeJS.ProcessEnv = {}, script = 'fixtures/peer.cjs') {
+    this.child = fork(path.join(__dirname, script), [], {
       env: { ...process.env, ...env },
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
     });
@@ -60,11 +60,11 @@ export class PeerProcess {
     return r;
   }
 
-  waitEvent(event: string, timeoutMs = 10_000): Promise<any> {
+  waitEvent(event: string, timeoutMs = 10_000, match: (m: any) => boolean = () => true): Promise<any> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`no '${event}' event from ${this.name} in ${timeoutMs} ms`)), timeoutMs);
       const fn = (m: any) => {
-        if (m.event !== event) return;
+        if (m.event !== event || !match(m)) return;
         clearTimeout(timer);
         this.#events.splice(this.#events.indexOf(fn), 1);
         resolve(m);

@@ -261,7 +261,7 @@ bool Agent::cancel(uint64_t id, Code code, const std::string& why) {
 Status Agent::notify(const std::string& peer, const std::string& message) {
   if (closing_) return {Code::Closed, "agent is closed"};
   auto it = peers_.find(peer);
-  if (it == peers_.end()) return {Code::NotFound, "unknown peer '" + peer + "'"};
+  if (it == peers_.end()) return backend_->notifyConnection(peer, message);
   if (it->second->failed) return {Code::RemoteDisconnect, "peer '" + peer + "' is disconnected"};
   return backend_->notify(*it->second->conn, message);
 }

@@ -54,6 +54,8 @@ class Backend {
   // Starts moving a planned transfer; completion arrives through BackendHost::transferFinished.
   virtual Status post(BackendPeer& peer, const TransferRef& t) = 0;
   virtual Status notify(BackendPeer& peer, const std::string& message) = 0;
+  // Notifies an agent that connected to this one by name (one whose metadata we never loaded).
+  virtual Status notifyConnection(const std::string& name, const std::string& message) = 0;
   // The transfer was settled early (cancel, deadline): stop what can be stopped.
   virtual void abandon(const TransferRef& t) = 0;
 

@@ -132,6 +132,8 @@ class UcxBackendImpl : public Backend {
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
   void closeEndpoint(ucp_ep_h ep, bool force);
+  void sendHello(ucp_ep_h ep, bool isReply);
+  Status notifyConnection(const std::string& name, const std::string& message) override;
   void forgetPeer(UcxPeer* peer) { peersByEp_.erase(peer->ep_); }
   bool shuttingDown() const { return shuttingDown_; }
 
@@ -400,16 +402,20 @@ Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata
   peersByEp_[peer->ep_] = peer.get();
   Status us = peer->updateRegions(md);
   if (!us) return us;
+  sendHello(peer->ep_, false);
+  return std::unique_ptr<BackendPeer>(std::move(peer));
+}
+
+void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply) {
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
-  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size())};
+  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size()), isReply ? 1u : 0u};
   std::memcpy(op->header, &h, sizeof h);
   op->headerLength = sizeof h;
   op->payload = agentName_;
   op->payload.append(reinterpret_cast<const char*>(address_.data()), address_.size());
-  const std::string& name = op->payload;
-  send(peer->ep_, ucx::kAmHello, std::move(op), name.data(), name.size(), true);
-  return std::unique_ptr<BackendPeer>(std::move(peer));
+  const std::string& hello = op->payload;
+  send(ep, ucx::kAmHello, std::move(op), hello.data(), hello.size(), true);
 }
 
 UcxPeer::~UcxPeer() {
@@ -792,6 +798,20 @@ Status UcxBackendImpl::notify(BackendPeer& base, const std::string& message) {
   return Status::ok();
 }
 
+// A notification to an agent that connected to us (it loaded our metadata; we did not load its).
+Status UcxBackendImpl::notifyConnection(const std::string& name, const std::string& message) {
+  for (auto& [reply, conn] : connections_) {
+    if (conn.name != name || conn.ep == nullptr) continue;
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kNotify;
+    op->payload = message;
+    const std::string& msg = op->payload;
+    send(conn.ep, ucx::kAmNotify, std::move(op), msg.data(), msg.size(), true);
+    return Status::ok();
+  }
+  return {Code::NotFound, "unknown peer '" + name + "' (neither loaded nor connected to this agent)"};
+}
+
 void UcxBackendImpl::abandon(const TransferRef& t) {
   // Requests already handed to UCX finish on their own and keep their memory alive until then;
   // messages that arrive for this transfer from now on are dropped.
@@ -844,6 +864,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
         return;
       Connection& conn = connections_[reply];
       conn.name.assign(reinterpret_cast<const char*>(data), h.nameLength);
+      if (h.isReply) return;  // the target named itself on the connection we opened: nothing to open
       ucp_ep_params_t ep{};
       ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -851,10 +872,12 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
       ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
       ep.err_handler.arg = this;
-      if (ucp_ep_create(worker_, &ep, &conn.ep) == UCS_OK)
+      if (ucp_ep_create(worker_, &ep, &conn.ep) == UCS_OK) {
         connectionByOwnEp_[conn.ep] = reply;
-      else
+        sendHello(conn.ep, true);
+      } else {
         conn.ep = nullptr;  // replies fall back to the reply ep
+      }
       return;
     }
     case ucx::kAmNotify: {

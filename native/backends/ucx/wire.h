@@ -29,9 +29,10 @@ constexpr size_t kPackBytesMax = 8u << 10;
 constexpr uint32_t kWireVersion = 1;
 
 #pragma pack(push, 1)
-struct HelloHeader {  // data: the initiator's name, then its worker address
+struct HelloHeader {  // data: the sender's name, then its worker address
   uint32_t version;
   uint32_t nameLength;
+  uint32_t isReply;  // 1: the target's answer on its own endpoint, so the initiator can name it too
 };
 struct WriteHeader {
   uint64_t transferId;

@@ -1,0 +1,281 @@
+// The worker API over KvLayout: a prefill worker publishes a request's blocks (KvSender) and learns
+// when every reader is done; a decode worker pulls them into its own blocks (KvReceiver), whole or
+// layer by layer as prefill computes them. Control messages ride on kvwire notifications.
+import type { Agent, Notification } from '../agent';
+import { check, KvwireError } from '../errors';
+import type { Peer, Region } from '../memory';
+import type { TransferStats } from '../transfer';
+import { KvLayout } from './layout';
+
+const PREFIX = 'kvwire.kv:';
+
+type Control =
+  | { t: 'subscribe'; req: string }
+  | { t: 'layer'; req: string; layer: number }
+  | { t: 'done'; req: string }
+  | { t: 'abort'; req: string; reason: string };
+
+function encode(msg: Control): string {
+  return PREFIX + JSON.stringify(msg);
+}
+
+function decode(n: Notification): Control | null {
+  const text = n.message.toString('utf8');
+  if (!text.startsWith(PREFIX)) return null;
+  try {
+    const msg = JSON.parse(text.slice(PREFIX.length)) as Control;
+    return msg && typeof msg.req === 'string' && typeof msg.t === 'string' ? msg : null;
+  } catch {
+    return null; // not ours, or malformed: ignored, never thrown from an event handler
+  }
+}
+
+export interface PublishOptions {
+  /** Decode workers that will read the blocks; the publication completes when each said done. */
+  readers?: number;
+  /** Give up (ERR_TIMEOUT) if the readers are not all done in this many ms; readers are told to abort. */
+  leaseMs?: number;
+  /** Layers already in the blocks; by default all of them. Stream the rest with `layerReady`. */
+  layersReady?: number;
+}
+
+/** One published request on the prefill side. Await it for the names of the readers that finished. */
+export class KvPublication implements PromiseLike<string[]> {
+  readonly #promise: Promise<string[]>;
+  #resolve!: (readers: string[]) => void;
+  #reject!: (e: KvwireError) => void;
+  #settled = false;
+  readonly done: string[] = [];
+  readonly subscribers = new Set<string>();
+  layersReady: number;
+  #timer: NodeJS.Timeout | undefined;
+
+  /** @internal */
+  constructor(
+    readonly requestId: string,
+    readonly blocks: readonly number[],
+    readonly readers: number,
+    layersReady: number,
+    leaseMs: number,
+    private readonly sender: KvSender,
+  ) {
+    this.layersReady = layersReady;
+    this.#promise = new Promise((resolve, reject) => {
+      this.#resolve = resolve;
+      this.#reject = reject;
+    });
+    this.#promise.catch(() => {}); // a caller that only awaits later must not crash the process meanwhile
+    this.#timer = setTimeout(() => this.abort(`lease of ${leaseMs} ms expired`, 'ERR_TIMEOUT'), leaseMs);
+    this.#timer.unref();
+  }
+
+  get settled(): boolean {
+    return this.#settled;
+  }
+
+  then<A = string[], B = never>(
+    onFulfilled?: ((v: string[]) => A | PromiseLike<A>) | null,
+    onRejected?: ((e: KvwireError) => B | PromiseLike<B>) | null,
+  ): Promise<A | B> {
+    return this.#promise.then(onFulfilled, onRejected);
+  }
+
+  /** Layer `layer` is now in the blocks: subscribed readers may pull it. Layers must be announced in order. */
+  async layerReady(layer: number): Promise<void> {
+    check(Number.isSafeInteger(layer) && layer === this.layersReady, 'layer', `expected layer ${this.layersReady} next, got ${layer}`);
+    this.layersReady = layer + 1;
+    await Promise.all([...this.subscribers].map((r) => this.sender.send(r, { t: 'layer', req: this.requestId, layer })));
+  }
+
+  /** Ends the publication (ERR_CANCELED, or `code`) and tells every subscribed reader to stop. */
+  abort(reason = 'aborted by prefill', code: 'ERR_CANCELED' | 'ERR_TIMEOUT' = 'ERR_CANCELED'): void {
+    if (this.#settled) return;
+    for (const r of this.subscribers) this.sender.send(r, { t: 'abort', req: this.requestId, reason }).catch(() => {});
+    this.#finish(new KvwireError(code, `request '${this.requestId}': ${reason}`));
+  }
+
+  /** @internal */
+  readerDone(from: string): void {
+    if (this.#settled || this.done.includes(from)) return;
+    this.done.push(from);
+    if (this.done.length >= this.readers) this.#finish(null);
+  }
+
+  /** @internal */
+  #finish(error: KvwireError | null): void {
+    this.#settled = true;
+    clearTimeout(this.#timer);
+    this.sender.forget(this.requestId);
+    if (error) this.#reject(error);
+    else this.#resolve(this.done);
+  }
+}
+
+/** Prefill side: publishes requests' blocks of its pool and hears when readers are done with them. */
+export class KvSender {
+  #publications = new Map<string, KvPublication>();
+  readonly #onNotification = (n: Notification) => this.#handle(n);
+
+  constructor(
+    readonly agent: Agent,
+    readonly layout: KvLayout,
+    readonly pool: Region,
+  ) {
+    check(pool.length >= layout.regionBytes, 'pool', `has ${pool.length} bytes; the layout needs ${layout.regionBytes}`);
+    agent.on('notification', this.#onNotification);
+  }
+
+  /** Makes `blocks` of request `requestId` readable until every reader is done, the lease ends, or abort. */
+  publish(requestId: string, blocks: readonly number[], options: PublishOptions = {}): KvPublication {
+    check(typeof requestId === 'string' && requestId.length > 0, 'requestId', 'must be a non-empty string');
+    check(!this.#publications.has(requestId), 'requestId', `'${requestId}' is already published`);
+    this.layout.descriptorsFor(blocks); // validates the block ids
+    const readers = options.readers ?? 1;
+    const leaseMs = options.leaseMs ?? 30_000;
+    const layersReady = options.layersReady ?? this.layout.layers;
+    check(Number.isSafeInteger(readers) && readers > 0, 'readers', 'must be a positive integer');
+    check(Number.isFinite(leaseMs) && leaseMs > 0, 'leaseMs', 'must be a positive number');
+    check(Number.isSafeInteger(layersReady) && layersReady >= 0 && layersReady <= this.layout.layers, 'layersReady', `must be in 0..${this.layout.layers}`);
+    const pub = new KvPublication(requestId, [...blocks], readers, layersReady, leaseMs, this);
+    this.#publications.set(requestId, pub);
+    return pub;
+  }
+
+  /** Stops listening; open publications are aborted. */
+  close(): void {
+    for (const p of [...this.#publications.values()]) p.abort('sender closed');
+    this.agent.off('notification', this.#onNotification);
+  }
+
+  /** @internal */
+  send(peer: string, msg: Control): Promise<void> {
+    return this.agent.notify(peer, encode(msg));
+  }
+
+  /** @internal */
+  forget(requestId: string): void {
+    this.#publications.delete(requestId);
+  }
+
+  #handle(n: Notification): void {
+    const msg = decode(n);
+    const pub = msg && this.#publications.get(msg.req);
+    if (!msg || !pub) return;
+    if (msg.t === 'done') pub.readerDone(n.from);
+    else if (msg.t === 'abort') pub.abort(`reader '${n.from}' aborted: ${msg.reason}`);
+    else if (msg.t === 'subscribe') {
+      pub.subscribers.add(n.from);
+      // Tell the new reader about every layer that is already in place.
+      for (let layer = 0; layer < pub.layersReady; layer++) this.send(n.from, { t: 'layer', req: msg.req, layer }).catch(() => {});
+    }
+  }
+}
+
+export interface PullRequest {
+  requestId: string;
+  /** The prefill peers, indexed by their TP rank. */
+  sources: readonly Peer[];
+  /** The layout of any one prefill rank. */
+  sourceLayout: KvLayout;
+  sourceBlocks: readonly number[];
+  destinationBlocks: readonly number[];
+  deadlineMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface PullResult {
+  bytes: number;
+  transfers: number;
+  stats: TransferStats[];
+}
+
+/** Decode side: pulls requests' blocks from prefill workers into its own pool blocks. */
+export class KvReceiver {
+  #streams = new Map<string, { layers: number[]; wake: (() => void) | null; aborted: string | null }>();
+  readonly #onNotification = (n: Notification) => this.#handle(n);
+
+  constructor(
+    readonly agent: Agent,
+    readonly layout: KvLayout,
+    readonly pool: Region,
+  ) {
+    check(pool.length >= layout.regionBytes, 'pool', `has ${pool.length} bytes; the layout needs ${layout.regionBytes}`);
+    agent.on('notification', this.#onNotification);
+  }
+
+  close(): void {
+    this.agent.off('notification', this.#onNotification);
+  }
+
+  /** Pulls every layer of the request's blocks, then tells each source it is done (they may free). */
+  async pull(rq: PullRequest): Promise<PullResult> {
+    const result = await this.#pullLayers(rq, [0, this.layout.layers]);
+    await Promise.all(rq.sources.map((s) => this.agent.notify(s, encode({ t: 'done', req: rq.requestId }))));
+    return result;
+  }
+
+  /**
+   * Layer streaming: subscribes to the request and pulls each layer as prefill announces it,
+   * yielding the layer index once its bytes are in place. Sends 'done' after the last layer.
+   */
+  async *stream(rq: PullRequest): AsyncGenerator<{ layer: number; bytes: number }> {
+    const state = { layers: [] as number[], wake: null as (() => void) | null, aborted: null as string | null };
+    this.#streams.set(rq.requestId, state);
+    const onAbort = () => {
+      state.aborted ??= 'aborted by this reader';
+      state.wake?.();
+    };
+    rq.signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      for (const s of rq.sources) await this.agent.notify(s, encode({ t: 'subscribe', req: rq.requestId }));
+      const seen = new Map<number, number>(); // layer -> sources that announced it
+      for (let next = 0; next < this.layout.layers; ) {
+        if (rq.signal?.aborted) onAbort();
+        while (state.layers.length === 0 && !state.aborted) await new Promise<void>((resolve) => (state.wake = resolve));
+        if (state.aborted) throw new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${state.aborted}`);
+        const layer = state.layers.shift()!;
+        seen.set(layer, (seen.get(layer) ?? 0) + 1);
+        // A layer is ready when every source rank announced it.
+        while (next < this.layout.layers && (seen.get(next) ?? 0) >= rq.sources.length) {
+          const r = await this.#pullLayers(rq, [next, next + 1]);
+          yield { layer: next, bytes: r.bytes };
+          next++;
+        }
+      }
+      await Promise.all(rq.sources.map((s) => this.agent.notify(s, encode({ t: 'done', req: rq.requestId }))));
+    } catch (err) {
+      for (const s of rq.sources) this.agent.notify(s, encode({ t: 'abort', req: rq.requestId, reason: String((err as Error).message) })).catch(() => {});
+      throw err;
+    } finally {
+      rq.signal?.removeEventListener('abort', onAbort);
+      this.#streams.delete(rq.requestId);
+    }
+  }
+
+  async #pullLayers(rq: PullRequest, layers: [number, number]): Promise<PullResult> {
+    check(rq.sources.length === rq.sourceLayout.tpSize, 'sources', `need one peer per prefill rank (${rq.sourceLayout.tpSize}), got ${rq.sources.length}`);
+    const plans = this.layout.planPull(rq.sourceLayout, rq.sourceBlocks, rq.destinationBlocks, layers);
+    const stats = await Promise.all(
+      plans.map((plan) =>
+        this.agent.read(
+          this.pool.descriptors(plan.destinationOffsets, plan.lengths),
+          rq.sources[plan.sourceRank].region('kv').descriptors(plan.sourceOffsets, plan.lengths),
+          { deadlineMs: rq.deadlineMs, signal: rq.signal },
+        ),
+      ),
+    );
+    return { bytes: stats.reduce((a, s) => a + s.bytes, 0), transfers: stats.length, stats };
+  }
+
+  #handle(n: Notification): void {
+    const msg = decode(n);
+    const state = msg && this.#streams.get(msg.req);
+    if (!msg || !state) return;
+    if (msg.t === 'layer' && Number.isSafeInteger(msg.layer)) state.layers.push(msg.layer);
+    else if (msg.t === 'abort') state.aborted = `aborted by '${n.from}': ${msg.reason}`;
+    else return;
+    const wake = state.wake;
+    state.wake = null;
+    wake?.();
+  }
+}
