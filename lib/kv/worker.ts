@@ -111,10 +111,12 @@ export class KvPublication implements PromiseLike<string[]> {
   }
 }
 
-/** Prefill side: publishes requests' blocks of its pool and hears when readers are done with them. */
-export class KvSender {
-  #publications = new Map<string, KvPublication>();
-  readonly #onNotification = (n: Notification) => this.#handle(n);
+/** What both sides share: an agent, this worker's layout and pool, and the control-message listener. */
+abstract class KvEndpoint {
+  readonly #onNotification = (n: Notification) => {
+    const msg = decode(n);
+    if (msg) this.handle(n.from, msg);
+  };
 
   constructor(
     readonly agent: Agent,
@@ -124,6 +126,18 @@ export class KvSender {
     check(pool.length >= layout.regionBytes, 'pool', `has ${pool.length} bytes; the layout needs ${layout.regionBytes}`);
     agent.on('notification', this.#onNotification);
   }
+
+  /** Stops listening for control messages. */
+  close(): void {
+    this.agent.off('notification', this.#onNotification);
+  }
+
+  protected abstract handle(from: string, msg: Control): void;
+}
+
+/** Prefill side: publishes requests' blocks of its pool and hears when readers are done with them. */
+export class KvSender extends KvEndpoint {
+  #publications = new Map<string, KvPublication>();
 
   /** Makes `blocks` of request `requestId` readable until every reader is done, the lease ends, or abort. */
   publish(requestId: string, blocks: readonly number[], options: PublishOptions = {}): KvPublication {
@@ -144,7 +158,7 @@ export class KvSender {
   /** Stops listening; open publications are aborted. */
   close(): void {
     for (const p of [...this.#publications.values()]) p.abort('sender closed');
-    this.agent.off('notification', this.#onNotification);
+    super.close();
   }
 
   /** @internal */
@@ -157,16 +171,15 @@ export class KvSender {
     this.#publications.delete(requestId);
   }
 
-  #handle(n: Notification): void {
-    const msg = decode(n);
-    const pub = msg && this.#publications.get(msg.req);
-    if (!msg || !pub) return;
-    if (msg.t === 'done') pub.readerDone(n.from);
-    else if (msg.t === 'abort') pub.abort(`reader '${n.from}' aborted: ${msg.reason}`);
+  protected handle(from: string, msg: Control): void {
+    const pub = this.#publications.get(msg.req);
+    if (!pub) return;
+    if (msg.t === 'done') pub.readerDone(from);
+    else if (msg.t === 'abort') pub.abort(`reader '${from}' aborted: ${msg.reason}`);
     else if (msg.t === 'subscribe') {
-      pub.subscribers.add(n.from);
+      pub.subscribers.add(from);
       // Tell the new reader about every layer that is already in place.
-      for (let layer = 0; layer < pub.layersReady; layer++) this.send(n.from, { t: 'layer', req: msg.req, layer }).catch(() => {});
+      for (let layer = 0; layer < pub.layersReady; layer++) this.send(from, { t: 'layer', req: msg.req, layer }).catch(() => {});
     }
   }
 }
@@ -190,22 +203,8 @@ export interface PullResult {
 }
 
 /** Decode side: pulls requests' blocks from prefill workers into its own pool blocks. */
-export class KvReceiver {
+export class KvReceiver extends KvEndpoint {
   #streams = new Map<string, { layers: number[]; wake: (() => void) | null; aborted: string | null }>();
-  readonly #onNotification = (n: Notification) => this.#handle(n);
-
-  constructor(
-    readonly agent: Agent,
-    readonly layout: KvLayout,
-    readonly pool: Region,
-  ) {
-    check(pool.length >= layout.regionBytes, 'pool', `has ${pool.length} bytes; the layout needs ${layout.regionBytes}`);
-    agent.on('notification', this.#onNotification);
-  }
-
-  close(): void {
-    this.agent.off('notification', this.#onNotification);
-  }
 
   /** Pulls every layer of the request's blocks, then tells each source it is done (they may free). */
   async pull(rq: PullRequest): Promise<PullResult> {
@@ -267,12 +266,11 @@ export class KvReceiver {
     return { bytes: stats.reduce((a, s) => a + s.bytes, 0), transfers: stats.length, stats };
   }
 
-  #handle(n: Notification): void {
-    const msg = decode(n);
-    const state = msg && this.#streams.get(msg.req);
-    if (!msg || !state) return;
+  protected handle(from: string, msg: Control): void {
+    const state = this.#streams.get(msg.req);
+    if (!state) return;
     if (msg.t === 'layer' && Number.isSafeInteger(msg.layer)) state.layers.push(msg.layer);
-    else if (msg.t === 'abort') state.aborted = `aborted by '${n.from}': ${msg.reason}`;
+    else if (msg.t === 'abort') state.aborted = `aborted by '${from}': ${msg.reason}`;
     else return;
     const wake = state.wake;
     state.wake = null;
