@@ -16,3 +16,4 @@ export function decodeMetadata(blob: Uint8Array): unknown {
 }
 export { KvLayout, type KvLayoutSpec, type KvTransferPlan, type KvArrangement, type KvOrder, type BlockLayout } from './kv/layout';
 export { KvSender, KvReceiver, KvPublication, type PublishOptions, type PullRequest, type PullResult } from './kv/worker';
+export { KvRouterEndpoint, KvwireRouterTransport, type KvTransport, type MoveRequest, type MoveResult, type PairStats, type WorkerInfo } from './router';
