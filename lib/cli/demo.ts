@@ -1,26 +1,56 @@
-// `kvwire demo`: a prefill process publishes KV blocks, this (decode) process pulls a stream of
-// requests' blocks over real UCX, verifies every byte, and prints a table.
-import { fork } from 'node:child_process';
+// `kvwire demo`: prefill ranks and decode workers in separate processes. The prefill ranks fill
+// their KV pools; a stream of requests with varied prompt lengths follows; for each, the prefill
+// publishes the request's blocks and every rank of one decode worker pulls its head slice into its
+// own free blocks over UCX, verifies every byte, and says done, after which prefill frees them.
+import { fork, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
-import { Agent } from '../agent';
+import type { KvLayoutSpec } from '../kv/layout';
 
 export interface DemoOptions {
   transport: 'shm' | 'tcp';
   requests: number;
-  blocks: number; // blocks in the prefill pool
-  blockBytes: number;
+  /** Prefill TP size : decode TP size. */
+  tp: [number, number];
+  /** Independent decode workers (each with `tp[1]` ranks); requests alternate between them. */
+  decoders: number;
   json: boolean;
 }
 
-/** The same deterministic bytes on both sides: block b, word w -> a hash of (b, w). */
-export function fillBlock(bytes: Uint8Array, block: number): void {
-  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2);
-  let x = (block + 1) * 2654435761;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x >>> 0;
+/** A Llama-3-8B-like KV cache: 32 layers, 8 KV heads of 128, fp16, 16-token blocks, HND. */
+export const DEMO_SHAPE = {
+  modelId: 'llama-3-8b-like',
+  layers: 32,
+  tokensPerBlock: 16,
+  kvHeads: 8,
+  headDim: 128,
+  dtypeBytes: 2,
+  blockLayout: 'HND',
+} as const;
+const PREFILL_BLOCKS = 256;
+const DECODE_BLOCKS = 128;
+const MAX_PROMPT_TOKENS = 1024; // at most 64 blocks: every other block of a decode pool fits one request
+
+class Worker {
+  readonly child: ChildProcess;
+  #waiting = new Map<string, (m: any) => void>();
+  constructor(script: string, readonly name: string) {
+    this.child = fork(path.join(__dirname, script), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.child.on('message', (m: any) => {
+      const key = `${m.t}:${m.req ?? ''}`;
+      const done = this.#waiting.get(key);
+      this.#waiting.delete(key);
+      done?.(m);
+    });
+    this.child.on('exit', (code) => {
+      for (const done of this.#waiting.values()) done({ error: `${name} exited with ${code}` });
+      this.#waiting.clear();
+    });
+  }
+  expect(t: string, req = ''): Promise<any> {
+    return new Promise((resolve) => this.#waiting.set(`${t}:${req}`, resolve));
+  }
+  send(m: object): void {
+    if (this.child.connected) this.child.send(m);
   }
 }
 
@@ -29,77 +59,109 @@ function percentile(values: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? 0;
 }
 
+function progress(done: number, total: number, json: boolean): void {
+  if (json) return;
+  const width = 30;
+  const filled = Math.round((done / total) * width);
+  const bar = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} requests`;
+  if (process.stderr.isTTY) process.stderr.write(`\r  ${bar}${done === total ? '\n' : ''}`);
+  else if (done === total || done % Math.max(1, Math.floor(total / 10)) === 0) process.stderr.write(`  ${bar}\n`);
+}
+
 export async function runDemo(opts: DemoOptions): Promise<number> {
   const transports = opts.transport === 'tcp' ? 'tcp' : 'shm,self';
-  const prefill = fork(path.join(__dirname, 'prefill-worker.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-  const ready = new Promise<{ metadata: string }>((resolve, reject) => {
-    prefill.once('message', (m: any) => resolve(m));
-    prefill.once('exit', (c) => reject(new Error(`prefill worker exited with ${c}`)));
-  });
-  prefill.send({ transports, blocks: opts.blocks, blockBytes: opts.blockBytes });
-  const { metadata } = await ready;
-
-  const decode = await Agent.create({ name: 'decode-0', ucx: { transports } });
-  const pool = decode.allocate(opts.blocks * opts.blockBytes, { name: 'kv' });
-  const peer = decode.loadPeer(Buffer.from(metadata, 'base64'));
-  const kv = peer.region('kv');
-  const expected = new Uint8Array(opts.blockBytes);
-
-  let seed = 7;
-  const rand = () => (seed = (seed * 1103515245 + 12345) >>> 0);
-  const times: number[] = [];
-  let bytes = 0;
-  let blocksMoved = 0;
-  let errors = 0;
-  const started = process.hrtime.bigint();
-  for (let r = 0; r < opts.requests; r++) {
-    // A request's prompt covers 4..64 blocks scattered in the prefill pool; decode puts them in its own free blocks.
-    const n = 4 + (rand() % 61);
-    const src = Array.from({ length: n }, () => rand() % opts.blocks);
-    const dst = Array.from({ length: n }, (_, i) => (r * 64 + i) % opts.blocks);
-    const stats = await decode.read(
-      pool.descriptors(dst.map((b) => b * opts.blockBytes), opts.blockBytes),
-      kv.descriptors(src.map((b) => b * opts.blockBytes), opts.blockBytes),
-      { notify: `req-${r}`, deadlineMs: 10_000 },
-    );
-    times.push(stats.transferUs);
-    bytes += stats.bytes;
-    blocksMoved += n;
-    for (let i = 0; i < n; i++) {
-      fillBlock(expected, src[i]);
-      const got = pool.bytes.subarray(dst[i] * opts.blockBytes, (dst[i] + 1) * opts.blockBytes);
-      if (Buffer.compare(Buffer.from(got.buffer, got.byteOffset, got.byteLength), Buffer.from(expected)) !== 0) errors++;
-    }
-    if (!opts.json && process.stdout.isTTY) process.stdout.write(`\r  request ${r + 1}/${opts.requests}`);
-  }
-  const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-  if (!opts.json && process.stdout.isTTY) process.stdout.write('\n');
-  prefill.send({ exit: true });
-  await decode.close();
-
-  const result = {
-    transport: opts.transport,
-    requests: opts.requests,
-    blocks: blocksMoved,
-    bytes,
-    gbps: bytes / 1e9 / (times.reduce((a, b) => a + b, 0) / 1e6),
-    p50Us: percentile(times, 50),
-    p99Us: percentile(times, 99),
-    wallSeconds: seconds,
-    errors,
-  };
-  if (opts.json) console.log(JSON.stringify(result));
-  else {
-    console.log('kvwire demo: prefill -> decode over UCX (' + opts.transport + ')');
-    console.table({
-      requests: result.requests,
-      blocks: result.blocks,
-      'bytes (MiB)': +(result.bytes / 2 ** 20).toFixed(1),
-      'GB/s (in transfer)': +result.gbps.toFixed(2),
-      'p50 per request (µs)': +result.p50Us.toFixed(0),
-      'p99 per request (µs)': +result.p99Us.toFixed(0),
-      'wrong blocks': result.errors,
+  const [P, D] = opts.tp;
+  const spec = (blocks: number, rank: number, size: number): KvLayoutSpec => ({ ...DEMO_SHAPE, blocks, tp: { rank, size } });
+  const prefills = Array.from({ length: P }, (_, r) => new Worker('prefill-worker.js', `prefill-${r}`));
+  const decoders = Array.from({ length: opts.decoders }, (_, i) =>
+    Array.from({ length: D }, (_, r) => new Worker('decode-worker.js', `decode-${i}.${r}`)),
+  );
+  const all = [...prefills, ...decoders.flat()];
+  try {
+    const ready = prefills.map((w) => w.expect('ready'));
+    prefills.forEach((w, r) => w.send({ cmd: 'init', name: w.name, layout: spec(PREFILL_BLOCKS, r, P), transports }));
+    const metadata = (await Promise.all(ready)).map((m) => {
+      if (!m.metadata) throw new Error(m.error ?? 'prefill failed to start');
+      return m.metadata as string;
     });
+    const decodeReady = decoders.flat().map((w) => w.expect('ready'));
+    decoders.forEach((group) =>
+      group.forEach((w, r) =>
+        w.send({ cmd: 'init', name: w.name, layout: spec(DECODE_BLOCKS, r, D), prefillLayout: spec(PREFILL_BLOCKS, 0, P), prefills: metadata, transports }),
+      ),
+    );
+    for (const m of await Promise.all(decodeReady)) if (m.error) throw new Error(m.error);
+
+    // Prefill blocks are shared by all requests in flight; each decode worker serves one at a time.
+    const freePrefill = Array.from({ length: PREFILL_BLOCKS }, (_, i) => i);
+    let seed = 7;
+    const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+    const times: number[] = [];
+    let bytes = 0;
+    let blocks = 0;
+    let wrong = 0;
+    const errors: string[] = [];
+    let done = 0;
+    const started = process.hrtime.bigint();
+    const serve = async (instance: number) => {
+      for (let r = instance; r < opts.requests; r += opts.decoders) {
+        const tokens = 16 + (rand() % (MAX_PROMPT_TOKENS - 15));
+        const n = Math.ceil(tokens / DEMO_SHAPE.tokensPerBlock);
+        const src = freePrefill.splice(0, n).sort(() => (rand() & 1) - 0.5); // scattered, as a real allocator leaves them
+        const dst = Array.from({ length: n }, (_, i) => i * 2 + (r % 2)); // every other block of the pool
+        const req = `req-${r}`;
+        const freed = prefills.map((w) => w.expect('freed', req));
+        prefills.forEach((w) => w.send({ cmd: 'publish', req, blocks: src, readers: D }));
+        const group = decoders[instance];
+        const pulled = group.map((w) => w.expect('pulled', req));
+        group.forEach((w) => w.send({ cmd: 'pull', req, sourceBlocks: src, destinationBlocks: dst }));
+        const results = await Promise.all(pulled);
+        for (const x of results) {
+          if (x.error) errors.push(`${req}: ${x.error}`);
+          else wrong += x.wrong;
+          bytes += x.bytes ?? 0;
+        }
+        times.push(Math.max(...results.map((x) => x.transferUs ?? 0)));
+        blocks += dst.length;
+        for (const f of await Promise.all(freed)) if (f.error) errors.push(`${req}: ${f.error}`);
+        freePrefill.push(...src);
+        progress(++done, opts.requests, opts.json);
+      }
+    };
+    await Promise.all(decoders.map((_, i) => serve(i)));
+    const wallSeconds = Number(process.hrtime.bigint() - started) / 1e9;
+    const result = {
+      transport: opts.transport,
+      tp: `${P}:${D}`,
+      decoders: opts.decoders,
+      requests: opts.requests,
+      blocks,
+      bytes,
+      gbps: bytes / 1e9 / wallSeconds,
+      p50Us: percentile(times, 50),
+      p99Us: percentile(times, 99),
+      wallSeconds,
+      wrongBytes: wrong,
+      errors: errors.length,
+    };
+    if (opts.json) console.log(JSON.stringify(result));
+    else {
+      console.log(`kvwire demo: prefill TP ${P} -> ${opts.decoders} decode worker(s) of TP ${D} over UCX (${opts.transport}); ` +
+        `${DEMO_SHAPE.layers} layers, ${DEMO_SHAPE.kvHeads} KV heads x ${DEMO_SHAPE.headDim}, fp16, ${DEMO_SHAPE.tokensPerBlock}-token blocks`);
+      console.table({
+        requests: result.requests,
+        'blocks (all layers)': result.blocks,
+        'moved (MiB)': +(result.bytes / 2 ** 20).toFixed(0),
+        'GB/s (wall, incl. verification)': +result.gbps.toFixed(2),
+        'p50 pull per request (ms)': +(result.p50Us / 1e3).toFixed(1),
+        'p99 pull per request (ms)': +(result.p99Us / 1e3).toFixed(1),
+        'wrong bytes': result.wrongBytes,
+        errors: result.errors,
+      });
+      for (const e of errors.slice(0, 5)) console.error(`  ${e}`);
+    }
+    return wrong === 0 && errors.length === 0 ? 0 : 1;
+  } finally {
+    for (const w of all) w.send({ cmd: 'exit' });
   }
-  return errors === 0 ? 0 : 1;
 }

@@ -5,7 +5,8 @@ import { runDemo } from './demo';
 import { ucxVersion } from '../index';
 
 const usage = `usage: kvwire <command> [options]
-  demo   [--transport shm|tcp] [--requests N] [--json]   prefill -> decode over UCX, every byte verified
+  demo   [--transport shm|tcp] [--requests N] [--tp P:D] [--decoders N] [--json]
+         prefill -> decode workers over UCX, every byte verified
   info                                                    versions and build`;
 
 async function main(argv: string[]): Promise<number> {
@@ -15,15 +16,21 @@ async function main(argv: string[]): Promise<number> {
       args: rest,
       options: {
         transport: { type: 'string', default: 'shm' },
-        requests: { type: 'string', default: '200' },
+        requests: { type: 'string', default: '100' },
+        tp: { type: 'string', default: '1:1' },
+        decoders: { type: 'string', default: '2' },
         json: { type: 'boolean', default: false },
       },
     });
     const requests = Number(values.requests);
+    const decoders = Number(values.decoders);
+    const tp = /^(\d+):(\d+)$/.exec(values.tp!);
     if (values.transport !== 'shm' && values.transport !== 'tcp') throw new Error(`--transport must be shm or tcp`);
     if (!Number.isSafeInteger(requests) || requests <= 0) throw new Error(`--requests must be a positive integer`);
-    // One block = 16 tokens x 8 KV heads x 128 dims x fp16 x (K and V) = 64 KiB for one layer.
-    return runDemo({ transport: values.transport, requests, blocks: 2048, blockBytes: 64 << 10, json: values.json! });
+    if (!Number.isSafeInteger(decoders) || decoders <= 0) throw new Error(`--decoders must be a positive integer`);
+    const sizes = tp ? [Number(tp[1]), Number(tp[2])] : [];
+    if (!tp || !sizes.every((x) => [1, 2, 4, 8].includes(x))) throw new Error(`--tp must be P:D with P and D in 1, 2, 4, 8 (8 KV heads)`);
+    return runDemo({ transport: values.transport, requests, tp: sizes as [number, number], decoders, json: values.json! });
   }
   if (command === 'info') {
     console.log(JSON.stringify({ kvwire: require('../../package.json').version, ucx: ucxVersion(), node: process.version }));

@@ -1,17 +1,33 @@
-// The prefill side of `kvwire demo`: allocates its KV pool, fills every block deterministically,
-// publishes its metadata and serves reads until told to exit.
+// A prefill rank of `kvwire demo`: allocates and fills its KV pool, then publishes each request's
+// blocks as the orchestrator asks, and reports when every reader is done (the blocks may be reused).
 import { Agent } from '../agent';
-import { fillBlock } from './demo';
+import { KvLayout, type KvLayoutSpec } from '../kv/layout';
+import { KvSender } from '../kv/worker';
+import { fillPool } from './kv-content';
 
-process.once('message', async (m: { transports: string; blocks: number; blockBytes: number }) => {
-  const agent = await Agent.create({ name: 'prefill-0', ucx: { transports: m.transports } });
-  const pool = agent.allocate(m.blocks * m.blockBytes, { name: 'kv', access: 'read' });
-  for (let b = 0; b < m.blocks; b++) fillBlock(pool.bytes.subarray(b * m.blockBytes, (b + 1) * m.blockBytes), b);
-  process.on('message', async (msg: { exit?: boolean }) => {
-    if (msg.exit) {
-      await agent.close();
-      process.exit(0);
-    }
-  });
-  process.send!({ metadata: Buffer.from(agent.metadata()).toString('base64') });
+type Msg =
+  | { cmd: 'init'; name: string; layout: KvLayoutSpec; transports: string }
+  | { cmd: 'publish'; req: string; blocks: number[]; readers: number }
+  | { cmd: 'exit' };
+
+let agent: Agent;
+let sender: KvSender;
+
+process.on('message', async (m: Msg) => {
+  if (m.cmd === 'init') {
+    const layout = new KvLayout(m.layout);
+    agent = await Agent.create({ name: m.name, ucx: { transports: m.transports } });
+    const pool = agent.allocate(layout.regionBytes, { name: 'kv', access: 'read' });
+    fillPool(layout, pool.bytes);
+    sender = new KvSender(agent, layout, pool);
+    process.send!({ t: 'ready', metadata: Buffer.from(agent.metadata()).toString('base64') });
+  } else if (m.cmd === 'publish') {
+    sender.publish(m.req, m.blocks, { readers: m.readers, leaseMs: 30_000 }).then(
+      () => process.send!({ t: 'freed', req: m.req }),
+      (e) => process.send!({ t: 'freed', req: m.req, error: `${e.code}: ${e.message}` }),
+    );
+  } else if (m.cmd === 'exit') {
+    await agent?.close();
+    process.exit(0);
+  }
 });
