@@ -132,6 +132,30 @@ for (const { label, transports } of [
   });
 }
 
+describe('an early end waits for bytes still landing', () => {
+  it('a READ canceled during its background copy settles only after the copy, and nothing changes after', async () => {
+    const a = await Agent.create({ name: 'quiet-a', ucx: { transports: 'shm,self' } });
+    const b = await Agent.create({ name: 'quiet-b', ucx: { transports: 'shm,self' } });
+    const SIZE = 96 << 20;
+    const src = b.allocate(SIZE, { name: 'kv' });
+    src.bytes.fill(7);
+    const dst = a.allocate(SIZE, { name: 'dst' });
+    const peer = a.loadPeer(b.metadata());
+    const t = a.read(dst.descriptors([0], [SIZE]), peer.region('kv').descriptors([0], [SIZE]));
+    expect(t.stats).toBeUndefined();
+    expect(t.cancel()).toBe(true); // the copy threads are already running
+    const err = await t.then(() => null, (e: KvwireError) => e);
+    expect(err?.code).toBe('ERR_CANCELED');
+    // Settled only once the copy stopped: every byte is in, and none changes afterwards.
+    const first = Buffer.from(dst.bytes.subarray(SIZE - 4096));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(Buffer.from(dst.bytes.subarray(SIZE - 4096)).equals(first)).toBe(true);
+    expect(dst.bytes.every((x) => x === 7)).toBe(true);
+    await a.close();
+    await b.close();
+  });
+});
+
 describe('notifications', () => {
   it('arrive as events and through the async iterator, named by the connection', async () => {
     const a = await Agent.create({ name: 'note-a' });

@@ -50,9 +50,13 @@ Agent::~Agent() { close(); }
 
 void Agent::beginClose() {
   if (closing_) return;
-  std::vector<uint64_t> ids;
-  for (auto& [id, t] : transfers_) ids.push_back(id);
-  for (uint64_t id : ids) cancel(id, Code::Canceled, "agent closed");
+  std::vector<TransferRef> all;
+  for (auto& [id, t] : transfers_) all.push_back(t);
+  // Closing settles everything now, landing bytes or not: the connections are about to go.
+  for (auto& t : all) {
+    endEarly(t, Status(Code::Canceled, "agent closed"));
+    transferFinished(t, t->endStatus);
+  }
   closing_ = true;
   if (backend_) backend_->shutdown();
   peers_.clear();
@@ -234,6 +238,7 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
       transfers_.erase(t->id);
       t->settled = true;
     }
+    t->ending = true;
     backend_->abandon(t);
     return st;
   }
@@ -251,11 +256,16 @@ void Agent::transferFinished(const TransferRef& t, Status status) {
 
 bool Agent::cancel(uint64_t id, Code code, const std::string& why) {
   auto it = transfers_.find(id);
-  if (it == transfers_.end()) return false;
-  TransferRef t = it->second;
-  if (backend_) backend_->abandon(t);
-  transferFinished(t, Status(code, why));
+  if (it == transfers_.end() || it->second->ending) return false;
+  endEarly(it->second, Status(code, why));
   return true;
+}
+
+void Agent::endEarly(const TransferRef& t, Status status) {
+  if (t->settled || t->ending) return;
+  t->ending = true;
+  t->endStatus = std::move(status);
+  if (!backend_ || backend_->abandon(t)) transferFinished(t, t->endStatus);
 }
 
 Status Agent::notify(const std::string& peer, const std::string& message) {
@@ -274,10 +284,7 @@ void Agent::failPeerTransfers(uint64_t peerKey, const Status& status) {
   std::vector<TransferRef> doomed;
   for (auto& [id, t] : transfers_)
     if (t->peerKey == peerKey) doomed.push_back(t);
-  for (auto& t : doomed) {
-    if (backend_) backend_->abandon(t);
-    transferFinished(t, status);
-  }
+  for (auto& t : doomed) endEarly(t, status);
 }
 
 void Agent::peerFailed(uint64_t peerKey, Status status) {

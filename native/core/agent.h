@@ -100,6 +100,8 @@ class Agent : public BackendHost {
   };
   Agent(std::string name, AgentCallbacks callbacks);
   void failPeerTransfers(uint64_t peerKey, const Status& status);
+  // Ends a transfer with `status`, as soon as none of its bytes can land any more.
+  void endEarly(const TransferRef& t, Status status);
   PeerView viewOf(const PeerEntry& p) const;
 
   std::string name_;

@@ -56,8 +56,10 @@ class Backend {
   virtual Status notify(BackendPeer& peer, const std::string& message) = 0;
   // Notifies an agent that connected to this one by name (one whose metadata we never loaded).
   virtual Status notifyConnection(const std::string& name, const std::string& message) = 0;
-  // The transfer was settled early (cancel, deadline): stop what can be stopped.
-  virtual void abandon(const TransferRef& t) = 0;
+  // The transfer is ending early (cancel, deadline, peer failure): stop what can be stopped. Returns
+  // true if no byte of it can land any more; otherwise the backend calls transferFinished with
+  // t->endStatus once the last one has.
+  virtual bool abandon(const TransferRef& t) = 0;
 
   // Progress: a file descriptor that becomes readable when progress is needed.
   virtual int eventFd() const = 0;

@@ -70,6 +70,12 @@ struct TransferState {
   size_t outstanding = 0;
   size_t landed = 0;
   bool remoteDone = false;  // READ: target said it sent everything; WRITE: target acknowledged
+  // Ended early (cancel, deadline, peer failure) while bytes were still landing in local memory (a
+  // rendezvous receive, a background copy): it settles with `endStatus` once they have landed, so
+  // after a transfer settles no byte of it moves any more.
+  bool ending = false;
+  Status endStatus;
+  size_t landingReceives = 0;
   std::shared_ptr<void> backendHold;  // e.g. the rkey used by an RMA transfer
 };
 using TransferRef = std::shared_ptr<TransferState>;

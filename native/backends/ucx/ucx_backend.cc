@@ -121,7 +121,9 @@ class UcxBackendImpl : public Backend {
   Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) override;
   Status post(BackendPeer& peer, const TransferRef& t) override;
   Status notify(BackendPeer& peer, const std::string& message) override;
-  void abandon(const TransferRef& t) override;
+  bool abandon(const TransferRef& t) override;
+  // An ending transfer's last landing byte arrived: settle it now.
+  void settleIfQuiet(const TransferRef& t);
   int eventFd() const override { return efd_; }
   bool progress() override;
   bool arm() override;
@@ -557,6 +559,11 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     }
     case RequestContext::kInboundRead: {
       const TransferRef& t = op->transfer;
+      --t->landingReceives;
+      if (t->ending) {
+        settleIfQuiet(t);
+        break;
+      }
       if (st != UCS_OK) {
         endTransfer(t, fromUcs("receiving read data", st));
         break;
@@ -567,11 +574,12 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     }
     case RequestContext::kFlush: {
       const TransferRef& t = op->transfer;
+      --t->landingReceives;  // every put/get of the transfer is complete
       if (st != UCS_OK) {
         endTransfer(t, fromUcs("flushing RMA operations", st));
         break;
       }
-      if (!t->settled) notifyAfter(t);
+      if (!t->settled && !t->ending) notifyAfter(t);
       endTransfer(t, Status::ok());
       break;
     }
@@ -589,6 +597,10 @@ void UcxBackendImpl::notifyAfter(const TransferRef& t) {
 
 void UcxBackendImpl::endTransfer(const TransferRef& t, const Status& st) {
   active_.erase(t->id);
+  if (t->ending) {
+    settleIfQuiet(t);  // it settles with its end status once nothing lands any more
+    return;
+  }
   host_->transferFinished(t, st);
 }
 
@@ -780,6 +792,7 @@ Status UcxBackendImpl::postRma(UcxPeer& peer, const TransferRef& t, const Remote
   op->transfer = t;
   op->hold = t->local;
   op->remote = rr;
+  ++t->landingReceives;  // gets may write local memory until the flush completes
   RequestContext* raw = op.release();
   ucp_request_param_t fp = callbackParam(raw, false);
   track(ucp_ep_flush_nbx(peer.ep_, &fp), raw);
@@ -812,10 +825,16 @@ Status UcxBackendImpl::notifyConnection(const std::string& name, const std::stri
   return {Code::NotFound, "unknown peer '" + name + "' (neither loaded nor connected to this agent)"};
 }
 
-void UcxBackendImpl::abandon(const TransferRef& t) {
-  // Requests already handed to UCX finish on their own and keep their memory alive until then;
-  // messages that arrive for this transfer from now on are dropped.
+bool UcxBackendImpl::abandon(const TransferRef& t) {
+  // Messages that arrive for this transfer from now on are dropped. Receives already started and
+  // background copies still write into memory, so the transfer settles only after them.
   active_.erase(t->id);
+  return t->landingReceives == 0 && copyJobs_.count(t->id) == 0;
+}
+
+void UcxBackendImpl::settleIfQuiet(const TransferRef& t) {
+  if (t->ending && !t->settled && t->landingReceives == 0 && copyJobs_.count(t->id) == 0)
+    host_->transferFinished(t, t->endStatus);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1098,6 +1117,7 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
   op->backend = this;
   op->transfer = t;
   op->hold = t->local;
+  ++t->landingReceives;
   RequestContext* raw = op.release();
   ucp_request_param_t p = callbackParam(raw, true);
   track(ucp_am_recv_data_nbx(worker_, data, dst, length, &p), raw);
@@ -1139,9 +1159,13 @@ bool UcxBackendImpl::progress() {
       if (it == copyJobs_.end()) continue;
       TransferRef t = std::move(it->second->transfer);
       copyJobs_.erase(it);
+      any = true;
+      if (t->ending) {
+        settleIfQuiet(t);
+        continue;
+      }
       if (!t->settled) notifyAfter(t);
       endTransfer(t, Status::ok());
-      any = true;
     }
   }
   if (!failedPeers_.empty()) {
