@@ -46,7 +46,7 @@ describe('KvwireRouterTransport', () => {
     expect(s).toMatchObject({ moves: 1, failures: 0, bytes: r.bytes });
     expect(s.gbps).toBeGreaterThan(0);
     expect(transport.estimate(1e9, 'prefill-r', 'decode-r')).toBeCloseTo(1 / s.gbps);
-    expect(transport.health()).toEqual({ 'prefill-r': { connected: true }, 'decode-r': { connected: true } });
+    expect(transport.health()).toMatchObject({ 'prefill-r': { connected: true }, 'decode-r': { connected: true } });
   });
 
   it('reports bad requests with their codes', async () => {
@@ -57,6 +57,25 @@ describe('KvwireRouterTransport', () => {
       message: expect.stringContaining('destinationBlocks[0] = 99'),
     });
     expect(transport.stats()['prefill-r->decode-r'].failures).toBe(1);
+  });
+
+  it('routes a source with TP 2 to a TP 1 destination (each source rank gives its heads)', async () => {
+    const ranks = [0, 1].map((r) => new PeerProcess(`prefill-tp${r}`, {}, 'fixtures/kv-sender.cjs'));
+    try {
+      const specs = [0, 1].map((rank): KvLayoutSpec => ({ ...shape, blocks: 16, tp: { rank, size: 2 } }));
+      const mds = await Promise.all(ranks.map((w, r) => w.ok('init', { name: w.name, layout: specs[r], transports, fill: true })));
+      mds.forEach((m, r) => transport.addWorker({ metadata: Buffer.from(m.metadata, 'base64'), layout: specs[r] }));
+      await expect(transport.move({ requestId: 'wrong-order', from: ['prefill-tp1', 'prefill-tp0'], to: 'decode-r', sourceBlocks: [0], destinationBlocks: [0] }))
+        .rejects.toMatchObject({ code: 'ERR_INVALID_PARAM' });
+      const from = [5, 6];
+      const to = [3, 4];
+      const r = await transport.move({ requestId: 'tp2', from: ['prefill-tp0', 'prefill-tp1'], to: 'decode-r', sourceBlocks: from, destinationBlocks: to });
+      expect(r.bytes).toBe(shape.layers * 2 * from.length * 8 * 4 * 16 * 2);
+      expect((await decode.ok('verify', { from, to })).wrong).toBe(0);
+      expect(transport.stats()['prefill-tp0+prefill-tp1->decode-r'].moves).toBe(1);
+    } finally {
+      for (const w of ranks) w.child.send({ cmd: 'exit' });
+    }
   });
 
   it('a dead destination fails the move and shows in health', async () => {

@@ -10,7 +10,8 @@ import type { KvReceiver } from '../kv/worker';
 /** What a router asks for: put `sourceBlocks` of `from` into `destinationBlocks` of `to`. */
 export interface MoveRequest {
   requestId: string;
-  from: string;
+  /** The source worker, or its TP ranks' workers in rank order when the source has TP > 1. */
+  from: string | readonly string[];
   to: string;
   sourceBlocks: readonly number[];
   destinationBlocks: readonly number[];
@@ -40,10 +41,10 @@ export interface PairStats {
 export interface KvTransport {
   move(request: MoveRequest): Promise<MoveResult>;
   /** Expected seconds to move `bytes` from → to, from measured bandwidth (or `defaultGbps` before any move). */
-  estimate(bytes: number, from: string, to: string): number;
+  estimate(bytes: number, from: string | readonly string[], to: string): number;
   /** Workers known to the transport and whether their connection is up. */
   health(): Record<string, { connected: boolean; lastError?: string }>;
-  /** Per "from->to" pair statistics. */
+  /** Per "from->to" pair statistics ("a+b->to" for a source with several TP ranks). */
   stats(): Record<string, PairStats>;
   close(): Promise<void>;
 }
@@ -51,7 +52,7 @@ export interface KvTransport {
 const PREFIX = 'kvwire.router:';
 
 type Command =
-  | { t: 'move'; id: number; req: MoveRequest; sourceMetadata: string; sourceLayout: KvLayoutSpec }
+  | { t: 'move'; id: number; req: MoveRequest; sourceMetadata: string[]; sourceLayout: KvLayoutSpec }
   | { t: 'moved'; id: number; bytes: number; transferUs: number }
   | { t: 'failed'; id: number; code: string; message: string };
 
@@ -91,10 +92,10 @@ export class KvRouterEndpoint {
   async #move(router: string, c: Extract<Command, { t: 'move' }>): Promise<void> {
     let reply: Command;
     try {
-      const peer = this.agent.loadPeer(Buffer.from(c.sourceMetadata, 'base64'));
+      const sources = c.sourceMetadata.map((md) => this.agent.loadPeer(Buffer.from(md, 'base64')));
       const result = await this.receiver.pull({
         requestId: c.req.requestId,
-        sources: [peer],
+        sources,
         sourceLayout: new KvLayout(c.sourceLayout),
         sourceBlocks: c.req.sourceBlocks,
         destinationBlocks: c.req.destinationBlocks,
@@ -113,7 +114,7 @@ export class KvRouterEndpoint {
 export interface WorkerInfo {
   /** The worker's kvwire metadata. */
   metadata: Uint8Array;
-  /** Its KV layout (one TP rank; the transport supports TP 1 sources today). */
+  /** Its KV layout (its own TP rank and size). */
   layout: KvLayoutSpec;
 }
 
@@ -153,13 +154,21 @@ export class KvwireRouterTransport implements KvTransport {
 
   async move(rq: MoveRequest): Promise<MoveResult> {
     check(rq && typeof rq.requestId === 'string', 'requestId', 'must be a string');
-    const source = this.#workers.get(rq.from);
-    if (!source) throw new KvwireError('ERR_NOT_FOUND', `unknown source worker '${rq.from}'`);
+    const from = typeof rq.from === 'string' ? [rq.from] : [...rq.from];
+    const sources = from.map((name) => {
+      const w = this.#workers.get(name);
+      if (!w) throw new KvwireError('ERR_NOT_FOUND', `unknown source worker '${name}'`);
+      return w;
+    });
+    sources.forEach((w, rank) =>
+      check((w.layout.tp?.size ?? 1) === sources.length && (w.layout.tp?.rank ?? 0) === rank, 'from',
+        `must list the source's ${w.layout.tp?.size ?? 1} TP rank(s) in rank order`),
+    );
     if (!this.#workers.has(rq.to)) throw new KvwireError('ERR_NOT_FOUND', `unknown destination worker '${rq.to}'`);
     const id = this.#next++;
     const started = process.hrtime.bigint();
     const deadline = rq.deadlineMs ?? 30_000;
-    const key = `${rq.from}->${rq.to}`;
+    const key = `${from.join('+')}->${rq.to}`;
     const stats = this.#stats.get(key) ?? { moves: 0, failures: 0, bytes: 0, gbps: 0 };
     this.#stats.set(key, stats);
     try {
@@ -178,8 +187,8 @@ export class KvwireRouterTransport implements KvTransport {
           t: 'move',
           id,
           req: { ...rq, deadlineMs: deadline },
-          sourceMetadata: Buffer.from(source.metadata).toString('base64'),
-          sourceLayout: source.layout,
+          sourceMetadata: sources.map((w) => Buffer.from(w.metadata).toString('base64')),
+          sourceLayout: sources[0].layout,
         };
         this.agent.notify(rq.to, PREFIX + JSON.stringify(cmd)).catch((e: KvwireError) => {
           this.#pending.delete(id);
@@ -203,9 +212,9 @@ export class KvwireRouterTransport implements KvTransport {
     }
   }
 
-  estimate(bytes: number, from: string, to: string): number {
+  estimate(bytes: number, from: string | readonly string[], to: string): number {
     check(Number.isFinite(bytes) && bytes >= 0, 'bytes', 'must be a non-negative number');
-    const gbps = this.#stats.get(`${from}->${to}`)?.gbps || this.defaultGbps;
+    const gbps = this.#stats.get(`${typeof from === 'string' ? from : from.join('+')}->${to}`)?.gbps || this.defaultGbps;
     return bytes / (gbps * 1e9);
   }
 
