@@ -112,3 +112,42 @@ describe('KvSender / KvReceiver', () => {
     expect(s5.message).toContain("reader 'decode-0' aborted");
   });
 });
+
+describe('staging for NHD blocks across TP', () => {
+  for (const staging of [true, false]) {
+    it(`TP 1 -> 2 with NHD blocks ${staging ? 'through the staging region (one run per source)' : 'without staging (one run per token)'}`, async () => {
+      const nhd = { ...shape, blockLayout: 'NHD' as const };
+      const spec: KvLayoutSpec = { ...nhd, blocks: 16, tp: { rank: 0, size: 1 } };
+      const prefill = new PeerProcess(`prefill-nhd-${staging}`, {}, 'fixtures/kv-sender.cjs');
+      const agents: Agent[] = [];
+      try {
+        const { metadata } = await prefill.ok('init', { name: prefill.name, layout: spec, transports, fill: true, stagingBytes: staging ? 1 << 20 : 0 });
+        const from = [1, 4, 5, 12];
+        const to = [0, 2, 3, 7];
+        await prefill.ok('publish', { req: 'nhd', blocks: from, readers: 2, leaseMs: 20_000 });
+        const settled = prefill.waitEvent('settled', 10_000, (m) => m.req === 'nhd');
+        for (let rank = 0; rank < 2; rank++) {
+          const layout = new KvLayout({ ...nhd, blocks: 8, tp: { rank, size: 2 } });
+          const agent = await Agent.create({ name: `nhd-decode-${rank}`, ucx: { transports } });
+          agents.push(agent);
+          const region = agent.register(Buffer.alloc(layout.regionBytes), { name: 'kv' });
+          const receiver = new KvReceiver(agent, layout, region);
+          const peer = agent.loadPeer(Buffer.from(metadata, 'base64'));
+          const r = await receiver.pull({ requestId: 'nhd', sources: [peer], sourceLayout: new KvLayout(spec), sourceBlocks: from, destinationBlocks: to });
+          expect(r.bytes).toBe(shape.layers * 2 * from.length * layout.blockBytes);
+          // Staged: one contiguous run; unstaged: one run per token (no two are adjacent on both sides).
+          expect(r.stats[0].segments).toBe(staging ? 1 : shape.layers * 2 * from.length * shape.tokensPerBlock);
+          let wrong = 0;
+          forEachByte(layout, to, (at: number, layer: number, kv: number, j: number, t: number, h: number, x: number, b: number) => {
+            if (region.bytes[at] !== value(layer, kv, from[j], t, h, x, b)) wrong++;
+          });
+          expect(wrong).toBe(0);
+        }
+        expect(await settled).toMatchObject({ ok: true });
+      } finally {
+        for (const a of agents) await a.close();
+        prefill.child.send({ cmd: 'exit' });
+      }
+    });
+  }
+});

@@ -212,6 +212,35 @@ export class KvLayout {
     return plans;
   }
 
+  /**
+   * Visits, in one canonical order (layer, K/V, block, token), where the slice of global heads
+   * [lo, hi) of each token of `blockIds` lies in this pool: `visit(offset, length)`. Two workers
+   * that walk the same blocks this way agree on the order, so one can gather what the other
+   * scatters (the staging path for NHD blocks across TP).
+   */
+  forEachHeadSlice(blockIds: ArrayLike<number>, layers: [number, number], lo: number, hi: number, visit: (offset: number, length: number) => void): void {
+    this.#checkBlocks('blockIds', blockIds);
+    check(lo >= this.firstHead && hi <= this.firstHead + this.localHeads && lo < hi, 'heads', `[${lo}, ${hi}) is not inside this rank's heads`);
+    const elem = this.headDim * this.dtypeBytes;
+    for (let layer = layers[0]; layer < layers[1]; layer++)
+      for (const kv of [0, 1] as const)
+        for (let i = 0; i < blockIds.length; i++) {
+          const base = this.offsetOf(layer, kv, blockIds[i]);
+          if (this.blockLayout === 'HND') {
+            const run = this.tokensPerBlock * elem;
+            visit(base + (lo - this.firstHead) * run, (hi - lo) * run);
+          } else {
+            for (let t = 0; t < this.tokensPerBlock; t++) visit(base + (t * this.localHeads + (lo - this.firstHead)) * elem, (hi - lo) * elem);
+          }
+        }
+  }
+
+  /** The global heads [lo, hi) this rank shares with `other`'s rank `rank` (empty when lo >= hi). */
+  sharedHeads(other: KvLayout, rank: number): [number, number] {
+    const theirs = other.localHeads;
+    return [Math.max(this.firstHead, rank * theirs), Math.min(this.firstHead + this.localHeads, (rank + 1) * theirs)];
+  }
+
   // Visits (layer, K/V, i-th block) in this layout's memory order, so adjacent pieces come in a row
   // and coalesce.
   #inMemoryOrder(count: number, layers: [number, number], visit: (layer: number, kv: 0 | 1, i: number) => void): void {

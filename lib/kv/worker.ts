@@ -13,7 +13,14 @@ type Control =
   | { t: 'subscribe'; req: string }
   | { t: 'layer'; req: string; layer: number }
   | { t: 'done'; req: string }
-  | { t: 'abort'; req: string; reason: string };
+  | { t: 'abort'; req: string; reason: string }
+  // Staging for NHD blocks across TP: the source gathers a head slice of every token into one run.
+  | { t: 'stage'; req: string; id: number; heads: [number, number]; blocks: number[]; layers: [number, number] }
+  | { t: 'staged'; req: string; id: number; offset?: number; length?: number; error?: string }
+  | { t: 'unstage'; req: string; id: number };
+
+/** The region a KvSender gathers head slices into; peers read it like any region. */
+export const STAGING_REGION = 'kv-staging';
 
 function encode(msg: Control): string {
   return PREFIX + JSON.stringify(msg);
@@ -135,9 +142,26 @@ abstract class KvEndpoint {
   protected abstract handle(from: string, msg: Control): void;
 }
 
+export interface KvSenderOptions {
+  /**
+   * Bytes of a staging region (0: none). With NHD blocks and a reader of another TP size, a pull is
+   * one tiny run per token; the sender then gathers the reader's heads into one run here instead.
+   */
+  stagingBytes?: number;
+}
+
 /** Prefill side: publishes requests' blocks of its pool and hears when readers are done with them. */
 export class KvSender extends KvEndpoint {
   #publications = new Map<string, KvPublication>();
+  readonly #staging: Region | null;
+  #staged = new Map<string, [number, number]>(); // `${reader}/${id}` -> [offset, length] in staging
+
+  constructor(agent: Agent, layout: KvLayout, pool: Region, options: KvSenderOptions = {}) {
+    super(agent, layout, pool);
+    const bytes = options.stagingBytes ?? 0;
+    check(Number.isSafeInteger(bytes) && bytes >= 0, 'stagingBytes', 'must be a non-negative integer');
+    this.#staging = bytes > 0 ? agent.allocate(bytes, { name: STAGING_REGION, access: 'read' }) : null;
+  }
 
   /** Makes `blocks` of request `requestId` readable until every reader is done, the lease ends, or abort. */
   publish(requestId: string, blocks: readonly number[], options: PublishOptions = {}): KvPublication {
@@ -161,6 +185,43 @@ export class KvSender extends KvEndpoint {
     super.close();
   }
 
+  // Gathers the reader's heads of every token of the request's blocks into one free run of staging.
+  #stage(from: string, msg: Extract<Control, { t: 'stage' }>, pub: KvPublication | undefined): Control {
+    const reply = (extra: object): Control => ({ t: 'staged', req: msg.req, id: msg.id, ...extra });
+    if (!pub) return reply({ error: `request '${msg.req}' is not published` });
+    if (!this.#staging) return reply({ error: 'this sender has no staging region' });
+    try {
+      let length = 0;
+      const slices: [number, number][] = [];
+      this.layout.forEachHeadSlice(msg.blocks, msg.layers, msg.heads[0], msg.heads[1], (offset, n) => {
+        slices.push([offset, n]);
+        length += n;
+      });
+      const offset = this.#allocateStaging(length);
+      if (offset < 0) return reply({ error: `staging full (${length} bytes needed)` });
+      let cursor = offset;
+      for (const [o, n] of slices) {
+        this.#staging.bytes.set(this.pool.bytes.subarray(o, o + n), cursor);
+        cursor += n;
+      }
+      this.#staged.set(`${from}/${msg.id}`, [offset, length]);
+      return reply({ offset, length });
+    } catch (e) {
+      return reply({ error: (e as Error).message });
+    }
+  }
+
+  // First fit among the runs handed out and not yet returned.
+  #allocateStaging(length: number): number {
+    const used = [...this.#staged.values()].sort((a, b) => a[0] - b[0]);
+    let start = 0;
+    for (const [o, n] of used) {
+      if (o - start >= length) break;
+      start = Math.max(start, o + n);
+    }
+    return start + length <= this.#staging!.length ? start : -1;
+  }
+
   /** @internal */
   send(peer: string, msg: Control): Promise<void> {
     return this.agent.notify(peer, encode(msg));
@@ -172,7 +233,15 @@ export class KvSender extends KvEndpoint {
   }
 
   protected handle(from: string, msg: Control): void {
+    if (msg.t === 'unstage') {
+      this.#staged.delete(`${from}/${msg.id}`);
+      return;
+    }
     const pub = this.#publications.get(msg.req);
+    if (msg.t === 'stage') {
+      this.send(from, this.#stage(from, msg, pub)).catch(() => {});
+      return;
+    }
     if (!pub) return;
     if (msg.t === 'done') pub.readerDone(from);
     else if (msg.t === 'abort') pub.abort(`reader '${from}' aborted: ${msg.reason}`);
@@ -205,6 +274,8 @@ export interface PullResult {
 /** Decode side: pulls requests' blocks from prefill workers into its own pool blocks. */
 export class KvReceiver extends KvEndpoint {
   #streams = new Map<string, { layers: number[]; wake: (() => void) | null; aborted: string | null }>();
+  #replies = new Map<number, (msg: Extract<Control, { t: 'staged' }>) => void>();
+  #nextId = 1;
 
   /** Pulls every layer of the request's blocks, then tells each source it is done (they may free). */
   async pull(rq: PullRequest): Promise<PullResult> {
@@ -254,19 +325,60 @@ export class KvReceiver extends KvEndpoint {
   async #pullLayers(rq: PullRequest, layers: [number, number]): Promise<PullResult> {
     check(rq.sources.length === rq.sourceLayout.tpSize, 'sources', `need one peer per prefill rank (${rq.sourceLayout.tpSize}), got ${rq.sources.length}`);
     const plans = this.layout.planPull(rq.sourceLayout, rq.sourceBlocks, rq.destinationBlocks, layers);
+    // NHD blocks across TP sizes are one run per token; a source with a staging region gathers them.
+    const staged = this.layout.blockLayout === 'NHD' && rq.sourceLayout.tpSize !== this.layout.tpSize;
     const stats = await Promise.all(
-      plans.map((plan) =>
-        this.agent.read(
+      plans.map(async (plan) => {
+        const source = rq.sources[plan.sourceRank];
+        if (staged && source.regions.some((r) => r.name === STAGING_REGION)) {
+          const s = await this.#pullStaged(rq, source, plan.sourceRank, layers);
+          if (s) return s;
+        }
+        return this.agent.read(
           this.pool.descriptors(plan.destinationOffsets, plan.lengths),
-          rq.sources[plan.sourceRank].region('kv').descriptors(plan.sourceOffsets, plan.lengths),
+          source.region('kv').descriptors(plan.sourceOffsets, plan.lengths),
           { deadlineMs: rq.deadlineMs, signal: rq.signal },
-        ),
-      ),
+        );
+      }),
     );
     return { bytes: stats.reduce((a, s) => a + s.bytes, 0), transfers: stats.length, stats };
   }
 
+  // Asks the source to gather our heads into its staging region, reads that one run, and scatters
+  // it into our blocks. Returns null (the caller pulls run by run) if the source cannot stage.
+  async #pullStaged(rq: PullRequest, source: Peer, rank: number, layers: [number, number]): Promise<TransferStats | null> {
+    const [lo, hi] = this.layout.sharedHeads(rq.sourceLayout, rank);
+    const id = this.#nextId++;
+    const reply = new Promise<Extract<Control, { t: 'staged' }>>((resolve) => this.#replies.set(id, resolve));
+    await this.agent.notify(source, encode({ t: 'stage', req: rq.requestId, id, heads: [lo, hi], blocks: [...rq.sourceBlocks], layers }));
+    const staged = await reply;
+    if (staged.error || staged.offset === undefined || staged.length === undefined) return null;
+    const buffer = Buffer.allocUnsafe(staged.length);
+    const landing = this.agent.register(buffer, { name: `kv-stage-in-${id}`, access: 'write' });
+    try {
+      const stats = await this.agent.read(
+        landing.descriptors([0], [staged.length]),
+        source.region(STAGING_REGION).descriptors([staged.offset], [staged.length]),
+        { deadlineMs: rq.deadlineMs, signal: rq.signal },
+      );
+      let cursor = 0;
+      this.layout.forEachHeadSlice(rq.destinationBlocks, layers, lo, hi, (offset, n) => {
+        this.pool.bytes.set(buffer.subarray(cursor, cursor + n), offset);
+        cursor += n;
+      });
+      return stats;
+    } finally {
+      this.agent.deregister(landing);
+      this.agent.notify(source, encode({ t: 'unstage', req: rq.requestId, id })).catch(() => {});
+    }
+  }
+
   protected handle(from: string, msg: Control): void {
+    if (msg.t === 'staged') {
+      this.#replies.get(msg.id)?.(msg);
+      this.#replies.delete(msg.id);
+      return;
+    }
     const state = this.#streams.get(msg.req);
     if (!state) return;
     if (msg.t === 'layer' && Number.isSafeInteger(msg.layer)) state.layers.push(msg.layer);
