@@ -54,7 +54,6 @@ export interface NativeAgent {
   notify(peer: string, message: Uint8Array): void;
   close(): Promise<void>;
   setRef(ref: boolean): void;
-  info(): { closed: boolean; agentId?: bigint; generation?: number; inFlight?: number };
 }
 
 interface Addon {

@@ -106,7 +106,6 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   Napi::Value Notify(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value SetRef(const Napi::CallbackInfo& info);
-  Napi::Value Info(const Napi::CallbackInfo& info);
 
   bool ensureOpen(Napi::Env env);
   Napi::Object regionObject(Napi::Env env, const kvwire::RegionInfo& r);
@@ -142,8 +141,7 @@ Napi::Function AgentWrap::Init(Napi::Env env) {
                       InstanceMethod("metadata", &AgentWrap::Metadata), InstanceMethod("loadPeer", &AgentWrap::LoadPeer),
                       InstanceMethod("forgetPeer", &AgentWrap::ForgetPeer), InstanceMethod("post", &AgentWrap::Post),
                       InstanceMethod("cancel", &AgentWrap::Cancel), InstanceMethod("notify", &AgentWrap::Notify),
-                      InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef),
-                      InstanceMethod("info", &AgentWrap::Info)});
+                      InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef)});
 }
 
 // new NativeAgent(name, { transports, devices, progress, spinWindowUs }, onSettled, onNotification)
@@ -375,8 +373,10 @@ Napi::Value AgentWrap::Allocate(const Napi::CallbackInfo& info) {
   }
   const kvwire::RegionInfo& ri = r.value();
   // The JS view keeps the mapping alive: deregistering while a view exists unmaps only after GC.
-  auto* keep = new std::shared_ptr<void>(agent_->regionRef(ri.id));
-  auto ab = Napi::ArrayBuffer::New(env, agent_->regionPointer(ri.id), ri.length,
+  kvwire::LocalRegionRef region = agent_->regionRef(ri.id);
+  uint8_t* data = region->ptr();
+  auto* keep = new std::shared_ptr<void>(std::move(region));
+  auto ab = Napi::ArrayBuffer::New(env, data, ri.length,
                                    [](Napi::Env, void*, std::shared_ptr<void>* k) { delete k; }, keep);
   auto out = Napi::Object::New(env);
   out.Set("region", regionObject(env, ri));
@@ -522,18 +522,6 @@ Napi::Value AgentWrap::SetRef(const Napi::CallbackInfo& info) {
   userRef_ = info[0].ToBoolean();
   updateRefs();
   return info.Env().Undefined();
-}
-
-Napi::Value AgentWrap::Info(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  auto o = Napi::Object::New(env);
-  o.Set("closed", agent_ == nullptr);
-  if (agent_) {
-    o.Set("agentId", Napi::BigInt::New(env, agent_->agentId()));
-    o.Set("generation", static_cast<double>(agent_->generation()));
-    o.Set("inFlight", static_cast<double>(agent_->inFlight()));
-  }
-  return o;
 }
 
 // close() -> Promise<void>. Transfers settle with ERR_CANCELED at once; the promise resolves when

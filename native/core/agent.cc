@@ -109,11 +109,6 @@ Status Agent::deregister(uint32_t regionId) {
   return Status::ok();
 }
 
-uint8_t* Agent::regionPointer(uint32_t regionId) const {
-  auto it = regions_.find(regionId);
-  return it == regions_.end() ? nullptr : it->second->ptr();
-}
-
 LocalRegionRef Agent::regionRef(uint32_t regionId) const {
   auto it = regions_.find(regionId);
   return it == regions_.end() ? nullptr : it->second;

@@ -56,7 +56,6 @@ class Agent : public BackendHost {
   Result<RegionInfo> registerMemory(const std::string& name, uint8_t* ptr, uint64_t length, uint8_t access,
                                     std::shared_ptr<void> keeper);
   Status deregister(uint32_t regionId);
-  uint8_t* regionPointer(uint32_t regionId) const;
   LocalRegionRef regionRef(uint32_t regionId) const;
 
   Result<std::vector<uint8_t>> metadata() const;

@@ -66,8 +66,7 @@ struct TransferState {
   bool settled = false;
   TransferStats stats;
   uint64_t startNs = 0;
-  // Backend bookkeeping: requests still owned by the transport, data segments landed.
-  size_t outstanding = 0;
+  // Backend bookkeeping: data segments landed.
   size_t landed = 0;
   bool remoteDone = false;  // READ: target said it sent everything; WRITE: target acknowledged
   // Ended early (cancel, deadline, peer failure) while bytes were still landing in local memory (a
