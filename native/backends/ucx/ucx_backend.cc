@@ -922,7 +922,9 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       if (it == active_.end()) return;  // settled already
       TransferRef t = it->second;
       if (h.code != 0) {
-        endTransfer(t, Status(static_cast<Code>(h.code), "peer refused: " + text(), h.index));
+        // The code comes off the wire: anything this build does not know is reported as ERR_BACKEND.
+        const Code code = h.code <= static_cast<uint32_t>(Code::Closed) ? static_cast<Code>(h.code) : Code::Backend;
+        endTransfer(t, Status(code, "peer refused: " + text(), h.index));
         return;
       }
       if (id == ucx::kAmAck) {
