@@ -2,11 +2,14 @@
 // The `kvwire` command: demo, info.
 import { parseArgs } from 'node:util';
 import { runDemo } from './demo';
+import { parseBenchArgs, BENCH_USAGE } from './bench-args';
+import { runBench, serveRemote } from './bench';
 import { ucxVersion } from '../index';
 
 const usage = `usage: kvwire <command> [options]
   demo   [--transport shm|tcp] [--requests N] [--tp P:D] [--decoders N] [--json]
          prefill -> decode workers over UCX, every byte verified
+  bench  ${BENCH_USAGE}
   info                                                    versions and build`;
 
 async function main(argv: string[]): Promise<number> {
@@ -31,6 +34,15 @@ async function main(argv: string[]): Promise<number> {
     const sizes = tp ? [Number(tp[1]), Number(tp[2])] : [];
     if (!tp || !sizes.every((x) => [1, 2, 4, 8].includes(x))) throw new Error(`--tp must be P:D with P and D in 1, 2, 4, 8 (8 KV heads)`);
     return runDemo({ transport: values.transport, requests, tp: sizes as [number, number], decoders, json: values.json! });
+  }
+  if (command === 'bench') {
+    const b = parseBenchArgs(rest);
+    if (b.help) {
+      console.log(`kvwire bench ${BENCH_USAGE}`);
+      return 0;
+    }
+    if (b.serve) return serveRemote(b.options, b.serve, b.host);
+    return runBench(b.options);
   }
   if (command === 'info') {
     console.log(JSON.stringify({ kvwire: require('../../package.json').version, ucx: ucxVersion(), node: process.version }));

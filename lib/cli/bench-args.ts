@@ -1,0 +1,76 @@
+// Command-line options of `kvwire bench`, checked with errors that name the option.
+import { parseArgs } from 'node:util';
+import { parseSize, type BenchOptions, type Pattern, type Transport } from './bench';
+import type { MemoryKind, Op } from './bench-node';
+
+export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered] [--op write,read]
+         [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
+         [--batch auto|N] [--runs 3] [--run-ms 200] [--progress event|poll] [--no-baselines]
+         [--latency-samples 300] [--idle-seconds 3] [--json] [--svg FILE]
+         [--serve FILE --host IP | --peer FILE]
+         throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines`;
+
+const DEFAULT_BLOCKS = '4K,16K,64K,256K,1M,4M,16M,64M';
+
+function list<T extends string>(name: string, text: string, allowed: readonly T[]): T[] {
+  const items = text.split(',').map((s) => s.trim()).filter(Boolean);
+  for (const x of items) if (!allowed.includes(x as T)) throw new Error(`--${name}: '${x}' is not one of ${allowed.join(', ')}`);
+  if (!items.length) throw new Error(`--${name} is empty`);
+  return [...new Set(items)] as T[];
+}
+
+function positive(name: string, text: string, min = 1): number {
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < min) throw new Error(`--${name} must be an integer >= ${min}, not '${text}'`);
+  return n;
+}
+
+export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?: string; host: string; help: boolean } {
+  const { values: v } = parseArgs({
+    args,
+    options: {
+      transport: { type: 'string', default: 'shm,tcp' },
+      memory: { type: 'string', default: 'allocated,registered' },
+      op: { type: 'string', default: 'write,read' },
+      pattern: { type: 'string', default: 'pairwise' },
+      fan: { type: 'string', default: '2' },
+      block: { type: 'string', default: DEFAULT_BLOCKS },
+      batch: { type: 'string', default: 'auto' },
+      runs: { type: 'string', default: '3' },
+      'run-ms': { type: 'string', default: '200' },
+      progress: { type: 'string', default: 'event' },
+      'no-baselines': { type: 'boolean', default: false },
+      'latency-samples': { type: 'string', default: '300' },
+      'idle-seconds': { type: 'string', default: '3' },
+      json: { type: 'boolean', default: false },
+      svg: { type: 'string' },
+      serve: { type: 'string' },
+      host: { type: 'string', default: '127.0.0.1' },
+      peer: { type: 'string' },
+      help: { type: 'boolean', default: false },
+    },
+  });
+  const patterns: Pattern[] = v.pattern === 'all' ? ['pairwise', 'many-to-one', 'one-to-many'] : list('pattern', v.pattern!, ['pairwise', 'many-to-one', 'one-to-many'] as const);
+  const progress = list('progress', v.progress!, ['event', 'poll'] as const);
+  if (progress.length !== 1) throw new Error('--progress takes one of event, poll');
+  if (v.serve && v.peer) throw new Error('--serve and --peer are the two ends of a remote run; give one');
+  const options: BenchOptions = {
+    transports: v.peer || v.serve ? list('transport', v.transport === 'shm,tcp' ? 'tcp' : v.transport!, ['tcp'] as const) : list<Transport>('transport', v.transport!, ['shm', 'tcp']),
+    memories: list<MemoryKind>('memory', v.memory!, ['allocated', 'registered']),
+    ops: list<Op>('op', v.op!, ['write', 'read']),
+    patterns,
+    blocks: [...new Set(v.block!.split(',').map(parseSize))].sort((a, b) => a - b),
+    batch: v.batch === 'auto' ? 0 : positive('batch', v.batch!),
+    fan: positive('fan', v.fan!, 2),
+    runs: positive('runs', v.runs!),
+    runMs: positive('run-ms', v['run-ms']!),
+    progress: progress[0],
+    baselines: !v['no-baselines'],
+    latencySamples: positive('latency-samples', v['latency-samples']!, 0),
+    idleSeconds: positive('idle-seconds', v['idle-seconds']!, 0),
+    json: v.json!,
+    svg: v.svg,
+    peerFile: v.peer,
+  };
+  return { options, serve: v.serve, host: v.host!, help: v.help! };
+}

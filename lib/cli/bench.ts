@@ -1,0 +1,428 @@
+// `kvwire bench`: kvwire's transfer paths swept over block size, batch, READ/WRITE, memory kind,
+// transport and pattern, between real processes, each cell next to its baselines measured in the
+// same run (ucx_perftest, a plain Node `net` socket, single-thread memcpy), as ratios.
+import { fork, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { ucxVersion } from '../index';
+import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
+import { init as initNode, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
+import { chartSvg } from './chart';
+
+export type Pattern = 'pairwise' | 'many-to-one' | 'one-to-many';
+export type Transport = 'shm' | 'tcp';
+
+export interface BenchOptions {
+  transports: Transport[];
+  memories: MemoryKind[];
+  ops: Op[];
+  patterns: Pattern[];
+  blocks: number[];
+  /** Blocks per batch; 0 = automatic (about 16 MiB per batch, 1..1024 blocks). */
+  batch: number;
+  /** Initiators (many-to-one) or targets (one-to-many). */
+  fan: number;
+  runs: number;
+  runMs: number;
+  progress: 'event' | 'poll';
+  baselines: boolean;
+  /** Samples of the 4 KiB WRITE + notification ping-pong per progress mode; 0 skips it. */
+  latencySamples: number;
+  /** Seconds of idle CPU measurement with a connected peer; 0 skips it. */
+  idleSeconds: number;
+  json: boolean;
+  svg?: string;
+  /** A remote target's description file, written by `kvwire bench --serve`. */
+  peerFile?: string;
+}
+
+const DESCRIPTOR_CELL = { block: 64, batch: 10_000 };
+
+export function autoBatch(block: number, batch: number): number {
+  return batch > 0 ? batch : Math.max(1, Math.min(1024, Math.floor((16 << 20) / block)));
+}
+
+export function parseSize(text: string): number {
+  const m = /^(\d+)([KMG]?)(i?B)?$/i.exec(text.trim());
+  if (!m) throw new Error(`'${text}' is not a size (e.g. 4096, 64K, 4M)`);
+  const n = Number(m[1]) * { '': 1, K: 1 << 10, M: 1 << 20, G: 1 << 30 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G'];
+  if (!Number.isSafeInteger(n) || n <= 0 || n > 1 << 30) throw new Error(`size '${text}' must be 1 B .. 1 GiB`);
+  return n;
+}
+
+export const formatSize = (n: number): string =>
+  n >= 1 << 20 && n % (1 << 20) === 0 ? `${n >> 20} MiB` : n >= 1024 && n % 1024 === 0 ? `${n >> 10} KiB` : `${n} B`;
+
+function percentile(values: number[], p: number): number {
+  const s = [...values].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? 0;
+}
+const median = (xs: number[]) => percentile(xs, 50);
+const round = (x: number, d = 2) => +x.toFixed(d);
+
+/** A bench node process, driven by { id, cmd } messages. */
+class Node {
+  readonly child: ChildProcess;
+  #next = 1;
+  #waiting = new Map<number, { resolve: (m: any) => void; reject: (e: Error) => void }>();
+  constructor(readonly name: string) {
+    this.child = fork(path.join(__dirname, 'bench-node.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.child.on('message', (m: any) => {
+      const w = this.#waiting.get(m.id);
+      this.#waiting.delete(m.id);
+      if (m.ok) w?.resolve(m);
+      else w?.reject(new Error(`${name}: ${m.error}`));
+    });
+    this.child.on('exit', (code, signal) => {
+      for (const w of this.#waiting.values()) w.reject(new Error(`${name} exited (${signal ?? code})`));
+      this.#waiting.clear();
+    });
+  }
+  call<T = any>(cmd: string, args: object = {}): Promise<T> {
+    const id = this.#next++;
+    return new Promise<T>((resolve, reject) => {
+      if (!this.child.connected) return reject(new Error(`${this.name} is not running`));
+      this.#waiting.set(id, { resolve, reject });
+      this.child.send({ id, cmd, ...args });
+    });
+  }
+  async exit(): Promise<void> {
+    if (!this.child.connected) return;
+    const gone = new Promise((r) => this.child.once('exit', r));
+    this.child.send({ cmd: 'exit' });
+    await Promise.race([gone, new Promise((r) => setTimeout(r, 5000))]);
+    this.child.kill('SIGKILL');
+  }
+}
+
+export interface Cell {
+  transport: Transport;
+  memory: MemoryKind;
+  pattern: Pattern;
+  op: Op;
+  block: number;
+  batch: number;
+  path: string;
+  /** Median over runs of bytes / wall time, all initiators together, GB/s (1e9). */
+  gbps: number;
+  runsGbps: number[];
+  /** Mean post-to-settle time of one batch, µs. */
+  avgLatencyUs: number;
+  /** Wall time per descriptor: building the lists, posting, completion in JS, ns. */
+  nsPerDescriptor: number;
+  prepUs: { p50: number; p99: number };
+  postUs: { p50: number; p99: number };
+  transferUs: { p50: number; p99: number };
+  vs: {
+    perftest: { test: string; ratio: number | null; skipped?: string; pairwiseBaseline?: true };
+    socket: { ratio: number | null; skipped?: string };
+    memcpy: { ratio: number | null; skipped?: string };
+  };
+}
+
+export interface BenchResult {
+  kvwire: string;
+  ucx: string;
+  node: string;
+  machine: { cpus: number; model: string; memoryGiB: number };
+  startedAt: string;
+  options: Omit<BenchOptions, 'json' | 'svg'>;
+  remote: boolean;
+  cells: Cell[];
+  baselines: {
+    perftest: (PerftestResult & { transport: Transport; memory: MemoryKind; op: Op; block: number })[];
+    socket: ({ op: Op; block: number; gbps: number; runs: number[] } | { op: Op; block: number; skipped: string })[];
+    memcpy: { block: number; gbps: number; runs: number[] }[];
+  };
+  latency: { mode: 'event' | 'poll'; transport: Transport; size: number; p50Us: number; p99Us: number; samples: number }[];
+  idle: { seconds: number; initiatorPercent: number; targetPercent: number } | null;
+  targets: { id: string; case: string; target: string; measured: string; met: boolean | null }[];
+}
+
+function summarize(r: RunResult[], cell: { block: number; batch: number }): Omit<Cell, 'transport' | 'memory' | 'pattern' | 'op' | 'block' | 'batch' | 'vs'> {
+  const runs = r[0].runs.length;
+  const runsGbps: number[] = [];
+  let descriptors = 0;
+  let wall = 0;
+  for (let i = 0; i < runs; i++) {
+    const bytes = r.reduce((n, x) => n + x.runs[i].bytes, 0);
+    const span = Math.max(...r.map((x) => x.runs[i].endUs)) - Math.min(...r.map((x) => x.runs[i].startUs));
+    runsGbps.push(bytes / span / 1e3);
+    descriptors += bytes / cell.block;
+    wall += span;
+  }
+  const samples: BatchSample[] = r.flatMap((x) => x.samples);
+  const pick = (k: keyof BatchSample) => {
+    const v = samples.map((s) => s[k]);
+    return { p50: round(percentile(v, 50), 1), p99: round(percentile(v, 99), 1) };
+  };
+  return {
+    path: r[0].path,
+    gbps: round(median(runsGbps), 3),
+    runsGbps: runsGbps.map((x) => round(x, 3)),
+    avgLatencyUs: round(samples.reduce((n, s) => n + s.transferUs, 0) / samples.length, 1),
+    // With several initiators the wall clock is shared, so this is per descriptor of the whole system.
+    nsPerDescriptor: round((wall * 1e3) / descriptors, 1),
+    prepUs: pick('prepUs'),
+    postUs: pick('postUs'),
+    transferUs: pick('transferUs'),
+  };
+}
+
+function log(opts: BenchOptions, text: string): void {
+  if (!opts.json || process.stderr.isTTY) process.stderr.write(`${text}\n`);
+}
+
+const transportsOf = (t: Transport) => (t === 'tcp' ? 'tcp' : 'shm,self');
+
+/** The processes of one (transport, memory, pattern) group: initiators and targets. */
+async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, pattern: Pattern, remote?: RemoteTarget) {
+  const nInit = pattern === 'many-to-one' ? opts.fan : 1;
+  const nTarget = remote ? 1 : pattern === 'one-to-many' ? opts.fan : 1;
+  const maxArea = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b), 2 * DESCRIPTOR_CELL.batch * DESCRIPTOR_CELL.block);
+  const base = { transports: transportsOf(t), memory, progress: opts.progress };
+  const initiators = Array.from({ length: nInit }, (_, i) => new Node(`initiator-${i}`));
+  const targets = remote ? [] : Array.from({ length: nTarget }, (_, i) => new Node(`target-${i}`));
+  const all = [...initiators, ...targets];
+  try {
+    const targetInfo = remote
+      ? [{ metadata: remote.metadata, socketPort: remote.socketPort }]
+      : await Promise.all(
+          targets.map((n, i) => n.call('init', { ...base, name: `bench-target-${i}`, regionBytes: maxArea * nInit, socketHost: '127.0.0.1' })),
+        );
+    await Promise.all(initiators.map((n, i) => n.call('init', { ...base, name: `bench-init-${i}`, regionBytes: maxArea * nTarget })));
+    await Promise.all(initiators.map((n) => n.call('peers', { metadata: targetInfo.map((x: any) => x.metadata) })));
+    return { initiators, targets, all, peerCount: targetInfo.length, socket: { host: remote?.host ?? '127.0.0.1', port: targetInfo[0].socketPort as number | undefined } };
+  } catch (e) {
+    await Promise.all(all.map((n) => n.exit()));
+    throw e;
+  }
+}
+
+async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGroup>>, op: Op, block: number, batch: number): Promise<RunResult[]> {
+  const startAtUs = wallUs() + 300_000 + g.initiators.length * 100_000; // after every initiator's warm-up
+  return Promise.all(
+    g.initiators.map((n, i) =>
+      n.call<RunResult>('run', {
+        op, block, batch, slots: 2 * batch,
+        peers: g.initiators.length === 1 ? Array.from({ length: g.peerCount }, (_, k) => k) : [0],
+        remoteArea: i,
+        runs: opts.runs, runMs: opts.runMs, startAtUs,
+      }),
+    ),
+  );
+}
+
+interface RemoteTarget {
+  metadata: string;
+  host: string;
+  socketPort?: number;
+  perftestPort?: number;
+}
+
+function ratio(x: number, base: { gbps?: number } | undefined): number | null {
+  return base?.gbps ? round(x / base.gbps, 3) : null;
+}
+
+export async function runBench(opts: BenchOptions): Promise<number> {
+  const remote: RemoteTarget | undefined = opts.peerFile ? JSON.parse(fs.readFileSync(opts.peerFile, 'utf8')) : undefined;
+  if (remote && (opts.transports.join() !== 'tcp' || opts.patterns.join() !== 'pairwise'))
+    throw new Error('with --peer, only --transport tcp and --pattern pairwise apply (the remote target serves one initiator)');
+  const result: BenchResult = {
+    kvwire: require('../../package.json').version,
+    ucx: ucxVersion(),
+    node: process.version,
+    machine: { cpus: os.cpus().length, model: os.cpus()[0]?.model ?? 'unknown', memoryGiB: Math.round(os.totalmem() / 2 ** 30) },
+    startedAt: new Date().toISOString(),
+    options: { ...opts, json: undefined, svg: undefined } as BenchResult['options'],
+    remote: !!remote,
+    cells: [],
+    baselines: { perftest: [], socket: [], memcpy: [] },
+    latency: [],
+    idle: null,
+    targets: [],
+  };
+  const groups = opts.transports.flatMap((t) => opts.memories.flatMap((m) => opts.patterns.map((p) => [t, m, p] as const)));
+  const perCell = opts.blocks.length * opts.ops.length;
+  const total = groups.length * perCell;
+  log(opts, `kvwire bench: ${total} cells (${opts.transports.join('/')} x ${opts.memories.join('/')} x ${opts.patterns.join('/')} x ` +
+    `${opts.ops.join('/')} x ${opts.blocks.length} block sizes), median of ${opts.runs} runs of >= ${opts.runMs} ms` +
+    (remote ? `, remote target ${remote.host}` : ''));
+  let done = 0;
+  const socketCache = new Map<string, BenchResult['baselines']['socket'][number]>();
+  const memcpyCache = new Map<number, BenchResult['baselines']['memcpy'][number]>();
+  for (const [t, memory, pattern] of groups) {
+    const g = await startGroup(opts, t, memory, pattern, remote);
+    try {
+      for (const block of opts.blocks) {
+        const batch = autoBatch(block, opts.batch);
+        if (opts.baselines && !memcpyCache.has(block)) {
+          const m = await g.initiators[0].call('memcpy', { block, batch, slots: 2 * batch, runs: opts.runs, runMs: opts.runMs });
+          memcpyCache.set(block, { block, gbps: round(median(m.gbps), 3), runs: m.gbps.map((x: number) => round(x, 3)) });
+        }
+        for (const op of opts.ops) {
+          const s = summarize(await runCell(opts, g, op, block, batch), { block, batch });
+          const key = `${op}:${block}`;
+          if (opts.baselines && !socketCache.has(key) && g.socket.port) {
+            const m = await g.initiators[0].call('socket', { ...g.socket, op, block, batch, slots: 2 * batch, runs: opts.runs, runMs: opts.runMs });
+            socketCache.set(key, { op, block, gbps: round(median(m.gbps), 3), runs: m.gbps.map((x: number) => round(x, 3)) });
+          }
+          let pt: PerftestResult | undefined;
+          if (opts.baselines) {
+            const spec = perftestFor(t, memory, op);
+            pt = result.baselines.perftest.find((x) => x.transport === t && x.memory === memory && x.op === op && x.block === block);
+            if (!pt) {
+              pt = await perftest({ ...spec, transports: transportsOf(t), block, runs: opts.runs,
+                remote: remote ? (remote.perftestPort ? { host: remote.host, port: remote.perftestPort } : undefined) : undefined });
+              if (remote && !remote.perftestPort) pt = { test: spec.test, skipped: 'the remote target runs no ucx_perftest server' };
+              result.baselines.perftest.push({ ...pt, transport: t, memory, op, block });
+            }
+          }
+          const sock = socketCache.get(`${op}:${block}`);
+          const mc = memcpyCache.get(block);
+          const skipped = opts.baselines ? undefined : 'baselines off (--no-baselines)';
+          const cell: Cell = {
+            transport: t, memory, pattern, op, block, batch, ...s,
+            vs: {
+              perftest: pt
+                ? { test: pt.test, ratio: ratio(s.gbps, pt as any), ...('skipped' in pt ? { skipped: pt.skipped } : {}), ...(pattern !== 'pairwise' ? { pairwiseBaseline: true as const } : {}) }
+                : { test: 'none', ratio: null, skipped },
+              socket: sock && 'gbps' in sock ? { ratio: ratio(s.gbps, sock) } : { ratio: null, skipped: skipped ?? (sock as any)?.skipped ?? 'no socket server' },
+              memcpy: mc ? { ratio: ratio(s.gbps, mc) } : { ratio: null, skipped },
+            },
+          };
+          result.cells.push(cell);
+          done++;
+          const pr = cell.vs.perftest.ratio;
+          log(opts, `  [${String(done).padStart(String(total).length)}/${total}] ${t} ${memory} ${pattern} ${op.toUpperCase()} ` +
+            `${formatSize(block)} x ${batch}: ${cell.gbps.toFixed(2)} GB/s (${cell.path})` +
+            (pr !== null ? `, ${Math.round(pr * 100)}% of ${cell.vs.perftest.test}` : ''));
+        }
+      }
+      if (pattern === 'pairwise' && t === 'shm') {
+        // Per-descriptor overhead: 10,000 x 64 B in one batch (T4).
+        const { block, batch } = DESCRIPTOR_CELL;
+        const s = summarize(await runCell(opts, g, 'write', block, batch), { block, batch });
+        result.cells.push({ transport: t, memory, pattern, op: 'write', block, batch, ...s,
+          vs: { perftest: { test: 'none', ratio: null, skipped: 'descriptor-rate cell' }, socket: { ratio: null, skipped: 'descriptor-rate cell' }, memcpy: { ratio: null, skipped: 'descriptor-rate cell' } } });
+        log(opts, `  descriptor rate, ${t} ${memory}: ${batch} x ${block} B WRITE, ${s.nsPerDescriptor} ns per descriptor (${s.path})`);
+      }
+    } finally {
+      await Promise.all(g.all.map((n) => n.exit()));
+    }
+  }
+  result.baselines.socket = [...socketCache.values()];
+  result.baselines.memcpy = [...memcpyCache.values()];
+  if (!remote && (opts.latencySamples > 0 || opts.idleSeconds > 0)) await latencyAndIdle(opts, result);
+  result.targets = verdicts(result);
+  if (opts.svg) {
+    fs.mkdirSync(path.dirname(path.resolve(opts.svg)), { recursive: true });
+    fs.writeFileSync(opts.svg, chartSvg(result));
+    log(opts, `chart written to ${opts.svg}`);
+  }
+  if (opts.json) console.log(JSON.stringify(result, null, 1));
+  else printTables(result);
+  return 0;
+}
+
+async function latencyAndIdle(opts: BenchOptions, result: BenchResult): Promise<void> {
+  const t = opts.transports[0];
+  for (const mode of ['event', 'poll'] as const) {
+    if (mode === 'poll' && opts.latencySamples === 0) break;
+    const a = new Node('latency-a');
+    const b = new Node('latency-b');
+    try {
+      const base = { transports: transportsOf(t), memory: 'allocated', regionBytes: 1 << 20, progress: mode };
+      const [ia, ib] = await Promise.all([a.call('init', { ...base, name: 'lat-a' }), b.call('init', { ...base, name: 'lat-b' })]);
+      await Promise.all([a.call('peers', { metadata: [ib.metadata] }), b.call('peers', { metadata: [ia.metadata] })]);
+      if (opts.latencySamples > 0) {
+        await b.call('pingPong', { size: 4096, samples: 0, serve: true });
+        const { oneWayUs } = await a.call('pingPong', { size: 4096, samples: opts.latencySamples, serve: false });
+        result.latency.push({ mode, transport: t, size: 4096, p50Us: round(median(oneWayUs), 1), p99Us: round(percentile(oneWayUs, 99), 1), samples: oneWayUs.length });
+        log(opts, `  latency, ${mode} mode: 4 KiB WRITE + notification seen in JS, one way ${round(median(oneWayUs), 1)} µs p50`);
+      }
+      if (mode === 'event' && opts.idleSeconds > 0) {
+        log(opts, `  idle CPU with a connected peer, ${opts.idleSeconds} s ...`);
+        const [x, y] = await Promise.all([a.call('idleCpu', { seconds: opts.idleSeconds }), b.call('idleCpu', { seconds: opts.idleSeconds })]);
+        result.idle = { seconds: opts.idleSeconds, initiatorPercent: round(x.percent, 3), targetPercent: round(y.percent, 3) };
+      }
+    } finally {
+      await Promise.all([a.exit(), b.exit()]);
+    }
+  }
+}
+
+function verdicts(r: BenchResult): BenchResult['targets'] {
+  const out: BenchResult['targets'] = [];
+  const pct = (x: number) => `${Math.round(x * 100)}%`;
+  const ratios = (cells: Cell[], k: 'perftest' | 'socket') => cells.map((c) => c.vs[k].ratio).filter((x): x is number => x !== null);
+  const pair = r.cells.filter((c) => c.pattern === 'pairwise' && c.block !== DESCRIPTOR_CELL.block);
+  const add = (id: string, what: string, target: string, values: number[], ok: (min: number) => boolean, show = pct) =>
+    out.push({ id, case: what, target, measured: values.length ? `min ${show(Math.min(...values))}, median ${show(median(values))} (${values.length} cells)` : 'not measured in this run', met: values.length ? ok(Math.min(...values)) : null });
+  if (!r.remote) {
+    add('T1', 'allocated memory, same host, WRITE+READ, 1-4 MiB', '>= 90% of ucp_put_bw / ucp_get',
+      ratios(pair.filter((c) => c.transport === 'shm' && c.memory === 'allocated' && c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
+    const reg = pair.filter((c) => c.transport === 'shm' && c.memory === 'registered');
+    const big = ratios(reg.filter((c) => c.block >= 64 << 10), 'perftest');
+    const all = ratios(reg, 'perftest');
+    out.push({ id: 'T2', case: 'registered Buffers, same host, >= 64 KiB (no size below 50%)', target: '>= 90% of tag_bw; none < 50%',
+      measured: big.length ? `>= 64 KiB: min ${pct(Math.min(...big))}, median ${pct(median(big))}; all sizes: min ${pct(Math.min(...all))}` : 'not measured in this run',
+      met: big.length ? Math.min(...big) >= 0.9 && Math.min(...all) >= 0.5 : null });
+  } else {
+    add('T3', 'tcp between two hosts, 1-4 MiB', '>= 90% of tag_bw over tcp',
+      ratios(pair.filter((c) => c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
+  }
+  for (const memory of ['allocated', 'registered'] as const) {
+    const rate = r.cells.filter((c) => c.memory === memory && c.block === DESCRIPTOR_CELL.block && c.batch === DESCRIPTOR_CELL.batch).map((c) => c.nsPerDescriptor);
+    if (rate.length) add('T4', `10,000 x 64 B in one batch, ${memory} (${memory === 'allocated' ? 'direct' : 'am, wire included'}), post to completion in JS`, '<= 200 ns per descriptor', rate, (m) => m <= 200, (x) => `${x} ns`);
+  }
+  for (const l of r.latency)
+    out.push({ id: 'T5', case: `4 KiB WRITE + notification seen in JS, ${l.mode} mode`, target: l.mode === 'event' ? '<= 15 µs' : '<= 5 µs',
+      measured: `p50 ${l.p50Us} µs (p99 ${l.p99Us} µs)`, met: l.p50Us <= (l.mode === 'event' ? 15 : 5) });
+  if (r.idle)
+    out.push({ id: 'T6', case: `idle agent with a connected peer, ${r.idle.seconds} s`, target: '< 1% of one core',
+      measured: `initiator ${r.idle.initiatorPercent}%, target ${r.idle.targetPercent}%`, met: Math.max(r.idle.initiatorPercent, r.idle.targetPercent) < 1 });
+  for (const t of r.options.transports)
+    add('T7', `1 MiB blocks vs a Node net socket, same processes, kvwire over ${t}`, '>= 5x faster',
+      ratios(pair.filter((c) => c.transport === t && c.block === 1 << 20), 'socket'), (m) => m >= 5, (x) => `${x.toFixed(1)}x`);
+  return out;
+}
+
+function printTables(r: BenchResult): void {
+  const fmt = (x: number | null) => (x === null ? 'n/a' : `${Math.round(x * 100)}%`);
+  console.log(`kvwire bench — ${r.machine.cpus} x ${r.machine.model}, UCX ${r.ucx}, Node ${r.node}${r.remote ? ', remote target' : ''}`);
+  console.table(
+    r.cells.map((c) => ({
+      transport: c.transport, memory: c.memory, pattern: c.pattern, op: c.op.toUpperCase(), block: formatSize(c.block), batch: c.batch, path: c.path,
+      'GB/s': c.gbps, 'avg µs': c.avgLatencyUs, 'prep p50/p99': `${c.prepUs.p50}/${c.prepUs.p99}`, 'post p50/p99': `${c.postUs.p50}/${c.postUs.p99}`,
+      'xfer p50/p99': `${c.transferUs.p50}/${c.transferUs.p99}`, 'ns/desc': c.nsPerDescriptor,
+      'vs perftest': c.vs.perftest.ratio === null ? 'n/a' : `${fmt(c.vs.perftest.ratio)} ${c.vs.perftest.test}`,
+      'vs socket': c.vs.socket.ratio === null ? 'n/a' : `${c.vs.socket.ratio.toFixed(1)}x`, 'vs memcpy': fmt(c.vs.memcpy.ratio),
+    })),
+  );
+  const skipped = new Set(r.baselines.perftest.filter((p) => 'skipped' in p).map((p) => (p as any).skipped));
+  for (const s of skipped) console.log(`perftest column skipped: ${s}`);
+  if (r.latency.length || r.idle) console.table([...r.latency.map((l) => ({ what: `4 KiB WRITE + notify, one way, ${l.mode}`, p50: `${l.p50Us} µs`, p99: `${l.p99Us} µs` })),
+    ...(r.idle ? [{ what: `idle CPU, ${r.idle.seconds} s`, p50: `initiator ${r.idle.initiatorPercent}%`, p99: `target ${r.idle.targetPercent}%` }] : [])]);
+  console.table(r.targets.map((t) => ({ id: t.id, case: t.case, target: t.target, measured: t.measured, met: t.met === null ? 'n/a' : t.met ? 'yes' : 'NO' })));
+}
+
+/**
+ * `kvwire bench --serve FILE`: a standalone target for a remote initiator. Writes its metadata, the
+ * socket-baseline port and a ucx_perftest server port to FILE, and serves until SIGINT/SIGTERM.
+ */
+export async function serveRemote(opts: BenchOptions, file: string, host: string): Promise<number> {
+  const regionBytes = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b));
+  const info = await initNode({ name: `bench-remote-${os.hostname()}`, transports: 'tcp', memory: opts.memories[0], regionBytes, progress: opts.progress, socketHost: host });
+  const perftestPort = 20000 + Math.floor(Math.random() * 20000);
+  const loop = perftestServerLoop(perftestPort, 'tcp');
+  fs.writeFileSync(file, JSON.stringify({ metadata: info.metadata, host, socketPort: info.socketPort, perftestPort: loop ? perftestPort : undefined }));
+  log(opts, `kvwire bench target: ${formatSize(regionBytes)} ${opts.memories[0]} region, description in ${file}; Ctrl-C to stop`);
+  await new Promise<void>((resolve) => {
+    process.once('SIGINT', resolve);
+    process.once('SIGTERM', resolve);
+  });
+  loop?.stop();
+  return 0;
+}

@@ -1,0 +1,129 @@
+// `kvwire bench` runs in the suite with a tiny sweep; its JSON is checked for shape and sanity (every
+// cell moved bytes; every ratio is a number or says why it is missing). Timings are not asserted.
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
+import { describe, expect, it } from 'vitest';
+import type { BenchResult, Cell } from '../lib/cli/bench';
+
+const cli = path.join(__dirname, '..', 'dist', 'cli', 'index.js');
+const run = promisify(execFile);
+const TINY = ['--block', '4K,64K', '--runs', '1', '--run-ms', '20'];
+
+async function bench(...args: string[]): Promise<BenchResult> {
+  const { stdout } = await run(process.execPath, [cli, 'bench', '--json', ...args], { timeout: 150_000, maxBuffer: 16 << 20 });
+  return JSON.parse(stdout);
+}
+
+function expectSaneCell(c: Cell): void {
+  expect(c.gbps).toBeGreaterThan(0);
+  expect(c.runsGbps.length).toBeGreaterThan(0);
+  expect(['direct', 'am', 'rma']).toContain(c.path);
+  for (const k of ['prepUs', 'postUs', 'transferUs'] as const) {
+    expect(c[k].p50).toBeGreaterThanOrEqual(0);
+    expect(c[k].p99).toBeGreaterThanOrEqual(c[k].p50);
+  }
+  expect(c.avgLatencyUs).toBeGreaterThan(0);
+  expect(c.nsPerDescriptor).toBeGreaterThan(0);
+  for (const v of Object.values(c.vs)) {
+    // A ratio, or an explicit reason why there is none — never a silent gap.
+    if (v.ratio === null) expect(typeof v.skipped).toBe('string');
+    else expect(v.ratio).toBeGreaterThan(0);
+  }
+}
+
+describe('kvwire bench', () => {
+  it('sweeps both memory kinds and ops on shm and tcp, with baselines, latency, idle CPU, targets and a chart', async () => {
+    const svg = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'kvwire-bench-')), 'chart.svg');
+    const r = await bench(...TINY, '--latency-samples', '20', '--idle-seconds', '1', '--svg', svg);
+    const sweep = r.cells.filter((c) => c.batch !== 10_000);
+    expect(sweep).toHaveLength(2 * 2 * 2 * 2); // transport x memory x op x block
+    for (const t of ['shm', 'tcp'])
+      for (const m of ['allocated', 'registered'])
+        for (const op of ['write', 'read'])
+          for (const block of [4096, 65536])
+            expect(sweep.filter((c) => c.transport === t && c.memory === m && c.op === op && c.block === block)).toHaveLength(1);
+    for (const c of r.cells) expectSaneCell(c);
+    // kvwire maps a same-host peer's allocated region; user Buffers go by active messages.
+    expect(sweep.find((c) => c.transport === 'shm' && c.memory === 'allocated')!.path).toBe('direct');
+    expect(sweep.find((c) => c.memory === 'registered')!.path).toBe('am');
+    // Descriptor-rate cells (T4) for both memory kinds on shm.
+    expect(r.cells.filter((c) => c.batch === 10_000 && c.block === 64)).toHaveLength(2);
+    // Baselines: one perftest entry per (transport, memory, op, block); the right test for each.
+    expect(r.baselines.perftest).toHaveLength(16);
+    for (const p of r.baselines.perftest) {
+      if ('gbps' in p) expect(p.gbps).toBeGreaterThan(0);
+      else expect(p.skipped).toMatch(/ucx_perftest/);
+      const expected = p.transport === 'shm' && p.memory === 'allocated' ? (p.op === 'write' ? 'ucp_put_bw' : 'ucp_get') : 'tag_bw';
+      expect(p.test).toBe(expected);
+    }
+    expect(r.baselines.socket).toHaveLength(4);
+    for (const s of r.baselines.socket) expect('gbps' in s && s.gbps > 0).toBe(true);
+    expect(r.baselines.memcpy.map((m) => m.block)).toEqual([4096, 65536]);
+    expect(r.latency.map((l) => l.mode)).toEqual(['event', 'poll']);
+    for (const l of r.latency) expect(l.p50Us).toBeGreaterThan(0);
+    expect(r.idle!.initiatorPercent).toBeGreaterThanOrEqual(0);
+    expect(r.targets.map((t) => t.id)).toEqual(expect.arrayContaining(['T1', 'T2', 'T4', 'T5', 'T6', 'T7']));
+    for (const t of r.targets) expect(t.met === null || typeof t.met === 'boolean').toBe(true);
+    const chart = fs.readFileSync(svg, 'utf8');
+    expect(chart.startsWith('<svg')).toBe(true);
+    expect(chart).toContain('kvwire allocated write');
+    expect(chart).toContain('Node net socket write');
+  }, 180_000);
+
+  it('runs the many-to-one and one-to-many patterns with aggregate bandwidth', async () => {
+    const r = await bench('--block', '64K', '--runs', '1', '--run-ms', '20', '--transport', 'shm', '--memory', 'registered',
+      '--pattern', 'many-to-one,one-to-many', '--no-baselines', '--latency-samples', '0', '--idle-seconds', '0');
+    expect(r.cells.map((c) => `${c.pattern} ${c.op}`).sort()).toEqual(['many-to-one read', 'many-to-one write', 'one-to-many read', 'one-to-many write']);
+    for (const c of r.cells) {
+      expectSaneCell(c);
+      expect(c.vs.perftest.skipped).toMatch(/baselines off/);
+    }
+  }, 120_000);
+
+  it('joins a remote target from its description file (--serve / --peer)', async () => {
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'kvwire-serve-')), 'target.json');
+    const server = spawn(process.execPath, [cli, 'bench', '--serve', file, '--host', '127.0.0.1', '--block', '64K'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    server.stderr!.on('data', (d) => (stderr += d));
+    try {
+      for (let i = 0; i < 200 && !fs.existsSync(file); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(fs.existsSync(file), stderr).toBe(true);
+      const r = await bench('--peer', file, '--block', '64K', '--runs', '1', '--run-ms', '20', '--memory', 'registered');
+      expect(r.remote).toBe(true);
+      expect(r.cells).toHaveLength(2);
+      for (const c of r.cells) {
+        expectSaneCell(c);
+        expect(c.transport).toBe('tcp');
+      }
+      expect(r.baselines.socket).toHaveLength(2);
+      expect(r.targets.map((t) => t.id)).toContain('T3');
+    } finally {
+      server.kill('SIGTERM');
+    }
+    const code = await new Promise((r) => server.once('exit', r));
+    expect(code).toBe(0);
+  }, 120_000);
+
+  it('rejects bad options naming the option, with a non-zero exit', () => {
+    for (const [args, message] of [
+      [['--block', '3X'], /'3X' is not a size/],
+      [['--transport', 'rdma'], /--transport: 'rdma' is not one of shm, tcp/],
+      [['--runs', '0'], /--runs must be an integer >= 1/],
+      [['--serve', 'a', '--peer', 'b'], /--serve and --peer/],
+    ] as const) {
+      let status = 0;
+      let stderr = '';
+      try {
+        execFileSync(process.execPath, [cli, 'bench', ...args], { encoding: 'utf8', stdio: 'pipe' });
+      } catch (e) {
+        status = (e as { status: number }).status;
+        stderr = String((e as { stderr: string }).stderr);
+      }
+      expect(status).not.toBe(0);
+      expect(stderr).toMatch(message);
+    }
+  });
+});
