@@ -56,7 +56,8 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
   if (v.serve && v.peer) throw new Error('--serve and --peer are the two ends of a remote run; give one');
   const options: BenchOptions = {
     transports: v.peer || v.serve ? list('transport', v.transport === 'shm,tcp' ? 'tcp' : v.transport!, ['tcp'] as const) : list<Transport>('transport', v.transport!, ['shm', 'tcp']),
-    memories: list<MemoryKind>('memory', v.memory!, ['allocated', 'registered']),
+    // A remote target has one region, so a remote run is one memory kind (registered unless told).
+    memories: list<MemoryKind>('memory', (v.peer || v.serve) && v.memory === 'allocated,registered' ? 'registered' : v.memory!, ['allocated', 'registered']),
     ops: list<Op>('op', v.op!, ['write', 'read']),
     patterns,
     blocks: [...new Set(v.block!.split(',').map(parseSize))].sort((a, b) => a - b),

@@ -216,6 +216,7 @@ async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGro
 
 interface RemoteTarget {
   metadata: string;
+  memory: MemoryKind;
   host: string;
   socketPort?: number;
   perftestPort?: number;
@@ -229,6 +230,8 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const remote: RemoteTarget | undefined = opts.peerFile ? JSON.parse(fs.readFileSync(opts.peerFile, 'utf8')) : undefined;
   if (remote && (opts.transports.join() !== 'tcp' || opts.patterns.join() !== 'pairwise'))
     throw new Error('with --peer, only --transport tcp and --pattern pairwise apply (the remote target serves one initiator)');
+  if (remote && opts.memories.join() !== remote.memory)
+    throw new Error(`--memory ${opts.memories.join()} does not match the remote target's ${remote.memory} region (start it with the same --memory)`);
   const result: BenchResult = {
     kvwire: require('../../package.json').version,
     ucx: ucxVersion(),
@@ -413,11 +416,12 @@ function printTables(r: BenchResult): void {
  * socket-baseline port and a ucx_perftest server port to FILE, and serves until SIGINT/SIGTERM.
  */
 export async function serveRemote(opts: BenchOptions, file: string, host: string): Promise<number> {
+  if (opts.memories.length !== 1) throw new Error('--serve takes one --memory (allocated or registered)');
   const regionBytes = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b));
   const info = await initNode({ name: `bench-remote-${os.hostname()}`, transports: 'tcp', memory: opts.memories[0], regionBytes, progress: opts.progress, socketHost: host });
   const perftestPort = 20000 + Math.floor(Math.random() * 20000);
   const loop = perftestServerLoop(perftestPort, 'tcp');
-  fs.writeFileSync(file, JSON.stringify({ metadata: info.metadata, host, socketPort: info.socketPort, perftestPort: loop ? perftestPort : undefined }));
+  fs.writeFileSync(file, JSON.stringify({ metadata: info.metadata, memory: opts.memories[0], host, socketPort: info.socketPort, perftestPort: loop ? perftestPort : undefined }));
   log(opts, `kvwire bench target: ${formatSize(regionBytes)} ${opts.memories[0]} region, description in ${file}; Ctrl-C to stop`);
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
