@@ -73,9 +73,10 @@ describe('kvwire bench', () => {
     expect(chart).toContain('Node net socket write');
   }, 180_000);
 
-  it('runs the many-to-one and one-to-many patterns with aggregate bandwidth', async () => {
-    const r = await bench('--block', '64K', '--runs', '1', '--run-ms', '20', '--transport', 'shm', '--memory', 'registered',
+  it('runs the many-to-one and one-to-many patterns with aggregate bandwidth (hot layout)', async () => {
+    const r = await bench('--block', '64K', '--runs', '1', '--run-ms', '20', '--transport', 'shm', '--memory', 'registered', '--layout', 'hot',
       '--pattern', 'many-to-one,one-to-many', '--no-baselines', '--latency-samples', '0', '--idle-seconds', '0');
+    expect(r.options.layout).toBe('hot');
     expect(r.cells.map((c) => `${c.pattern} ${c.op}`).sort()).toEqual(['many-to-one read', 'many-to-one write', 'one-to-many read', 'one-to-many write']);
     for (const c of r.cells) {
       expectSaneCell(c);
@@ -112,6 +113,7 @@ describe('kvwire bench', () => {
       [['--block', '3X'], /'3X' is not a size/],
       [['--transport', 'rdma'], /--transport: 'rdma' is not one of shm, tcp/],
       [['--runs', '0'], /--runs must be an integer >= 1/],
+      [['--layout', 'cold'], /--layout takes one of spread, hot/],
       [['--serve', 'a', '--peer', 'b'], /--serve and --peer/],
     ] as const) {
       let status = 0;

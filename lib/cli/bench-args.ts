@@ -5,7 +5,7 @@ import type { MemoryKind, Op } from './bench-node';
 
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
-         [--batch auto|N] [--runs 3] [--run-ms 200] [--progress event|poll] [--no-baselines]
+         [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--no-baselines]
          [--latency-samples 300] [--idle-seconds 3] [--json] [--svg FILE]
          [--serve FILE --host IP | --peer FILE]
          throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines`;
@@ -17,6 +17,11 @@ function list<T extends string>(name: string, text: string, allowed: readonly T[
   for (const x of items) if (!allowed.includes(x as T)) throw new Error(`--${name}: '${x}' is not one of ${allowed.join(', ')}`);
   if (!items.length) throw new Error(`--${name} is empty`);
   return [...new Set(items)] as T[];
+}
+
+function oneOf<T extends string>(name: string, text: string, allowed: readonly T[]): T {
+  if (!allowed.includes(text as T)) throw new Error(`--${name} takes one of ${allowed.join(', ')}, not '${text}'`);
+  return text as T;
 }
 
 function positive(name: string, text: string, min = 1): number {
@@ -39,6 +44,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       runs: { type: 'string', default: '3' },
       'run-ms': { type: 'string', default: '200' },
       progress: { type: 'string', default: 'event' },
+      layout: { type: 'string', default: 'spread' },
       'no-baselines': { type: 'boolean', default: false },
       'latency-samples': { type: 'string', default: '300' },
       'idle-seconds': { type: 'string', default: '3' },
@@ -51,8 +57,6 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     },
   });
   const patterns: Pattern[] = v.pattern === 'all' ? ['pairwise', 'many-to-one', 'one-to-many'] : list('pattern', v.pattern!, ['pairwise', 'many-to-one', 'one-to-many'] as const);
-  const progress = list('progress', v.progress!, ['event', 'poll'] as const);
-  if (progress.length !== 1) throw new Error('--progress takes one of event, poll');
   if (v.serve && v.peer) throw new Error('--serve and --peer are the two ends of a remote run; give one');
   const options: BenchOptions = {
     transports: v.peer || v.serve ? list('transport', v.transport === 'shm,tcp' ? 'tcp' : v.transport!, ['tcp'] as const) : list<Transport>('transport', v.transport!, ['shm', 'tcp']),
@@ -65,7 +69,8 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     fan: positive('fan', v.fan!, 2),
     runs: positive('runs', v.runs!),
     runMs: positive('run-ms', v['run-ms']!),
-    progress: progress[0],
+    progress: oneOf('progress', v.progress!, ['event', 'poll'] as const),
+    layout: oneOf('layout', v.layout!, ['spread', 'hot'] as const),
     baselines: !v['no-baselines'],
     latencySamples: positive('latency-samples', v['latency-samples']!, 0),
     idleSeconds: positive('idle-seconds', v['idle-seconds']!, 0),

@@ -13,7 +13,10 @@ export type MemoryKind = 'allocated' | 'registered';
 /** Wall clock in µs, comparable between processes on one host. */
 export const wallUs = (): number => (performance.timeOrigin + performance.now()) * 1e3;
 
-/** Seeded permutation: which slots a batch uses, so blocks are scattered and never coalesce by accident. */
+/**
+ * Seeded permutation: which slots a batch uses, so blocks are scattered and never coalesce by
+ * accident. With fewer slots than blocks they repeat (one slot: every block is the same "hot" one).
+ */
 export function scatter(slots: number, count: number, seed: number): number[] {
   const a = Array.from({ length: slots }, (_, i) => i);
   let x = seed >>> 0;
@@ -22,7 +25,7 @@ export function scatter(slots: number, count: number, seed: number): number[] {
     const j = x % (i + 1);
     [a[i], a[j]] = [a[j], a[i]];
   }
-  return a.slice(0, count);
+  return Array.from({ length: count }, (_, i) => a[i % slots]);
 }
 
 export interface NodeInit {
@@ -45,7 +48,7 @@ export interface RunRequest {
   op: Op;
   block: number;
   batch: number;
-  /** Slots per target area; blocks are drawn from them (2 × batch: spread). */
+  /** Slots per target area; blocks are drawn from them (2 × batch: spread; 1: hot). */
   slots: number;
   /** Indexes of loaded peers to address; with several, one batch goes to each per iteration. */
   peers: number[];

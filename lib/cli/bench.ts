@@ -25,6 +25,8 @@ export interface BenchOptions {
   fan: number;
   runs: number;
   runMs: number;
+  /** 'spread' (default): distinct scattered blocks; 'hot': every block at one offset, like ucx_perftest. */
+  layout: 'spread' | 'hot';
   progress: 'event' | 'poll';
   baselines: boolean;
   /** Samples of the 4 KiB WRITE + notification ping-pong per progress mode; 0 skips it. */
@@ -38,6 +40,9 @@ export interface BenchOptions {
 }
 
 const DESCRIPTOR_CELL = { block: 64, batch: 10_000 };
+
+/** Spread: a batch's blocks scattered over twice as many slots (a real KV pool); hot: one slot reused, as ucx_perftest does. */
+const slotsFor = (opts: BenchOptions, batch: number) => (opts.layout === 'hot' ? 1 : 2 * batch);
 
 export function autoBatch(block: number, batch: number): number {
   return batch > 0 ? batch : Math.max(1, Math.min(1024, Math.floor((16 << 20) / block)));
@@ -170,8 +175,9 @@ function summarize(r: RunResult[], cell: { block: number; batch: number }): Omit
   };
 }
 
-function log(opts: BenchOptions, text: string): void {
-  if (!opts.json || process.stderr.isTTY) process.stderr.write(`${text}\n`);
+/** Progress goes to stderr, so `--json` output on stdout stays clean. */
+function log(text: string): void {
+  process.stderr.write(`${text}\n`);
 }
 
 const transportsOf = (t: Transport) => (t === 'tcp' ? 'tcp' : 'shm,self');
@@ -205,7 +211,7 @@ async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGro
   return Promise.all(
     g.initiators.map((n, i) =>
       n.call<RunResult>('run', {
-        op, block, batch, slots: 2 * batch,
+        op, block, batch, slots: slotsFor(opts, batch),
         peers: g.initiators.length === 1 ? Array.from({ length: g.peerCount }, (_, k) => k) : [0],
         remoteArea: i,
         runs: opts.runs, runMs: opts.runMs, startAtUs,
@@ -249,7 +255,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const groups = opts.transports.flatMap((t) => opts.memories.flatMap((m) => opts.patterns.map((p) => [t, m, p] as const)));
   const perCell = opts.blocks.length * opts.ops.length;
   const total = groups.length * perCell;
-  log(opts, `kvwire bench: ${total} cells (${opts.transports.join('/')} x ${opts.memories.join('/')} x ${opts.patterns.join('/')} x ` +
+  log(`kvwire bench: ${total} cells (${opts.transports.join('/')} x ${opts.memories.join('/')} x ${opts.patterns.join('/')} x ` +
     `${opts.ops.join('/')} x ${opts.blocks.length} block sizes), median of ${opts.runs} runs of >= ${opts.runMs} ms` +
     (remote ? `, remote target ${remote.host}` : ''));
   let done = 0;
@@ -261,14 +267,14 @@ export async function runBench(opts: BenchOptions): Promise<number> {
       for (const block of opts.blocks) {
         const batch = autoBatch(block, opts.batch);
         if (opts.baselines && !memcpyCache.has(block)) {
-          const m = await g.initiators[0].call('memcpy', { block, batch, slots: 2 * batch, runs: opts.runs, runMs: opts.runMs });
+          const m = await g.initiators[0].call('memcpy', { block, batch, slots: slotsFor(opts, batch), runs: opts.runs, runMs: opts.runMs });
           memcpyCache.set(block, { block, gbps: round(median(m.gbps), 3), runs: m.gbps.map((x: number) => round(x, 3)) });
         }
         for (const op of opts.ops) {
           const s = summarize(await runCell(opts, g, op, block, batch), { block, batch });
           const key = `${op}:${block}`;
           if (opts.baselines && !socketCache.has(key) && g.socket.port) {
-            const m = await g.initiators[0].call('socket', { ...g.socket, op, block, batch, slots: 2 * batch, runs: opts.runs, runMs: opts.runMs });
+            const m = await g.initiators[0].call('socket', { ...g.socket, op, block, batch, slots: slotsFor(opts, batch), runs: opts.runs, runMs: opts.runMs });
             socketCache.set(key, { op, block, gbps: round(median(m.gbps), 3), runs: m.gbps.map((x: number) => round(x, 3)) });
           }
           let pt: PerftestResult | undefined;
@@ -298,7 +304,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           result.cells.push(cell);
           done++;
           const pr = cell.vs.perftest.ratio;
-          log(opts, `  [${String(done).padStart(String(total).length)}/${total}] ${t} ${memory} ${pattern} ${op.toUpperCase()} ` +
+          log(`  [${String(done).padStart(String(total).length)}/${total}] ${t} ${memory} ${pattern} ${op.toUpperCase()} ` +
             `${formatSize(block)} x ${batch}: ${cell.gbps.toFixed(2)} GB/s (${cell.path})` +
             (pr !== null ? `, ${Math.round(pr * 100)}% of ${cell.vs.perftest.test}` : ''));
         }
@@ -309,7 +315,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
         const s = summarize(await runCell(opts, g, 'write', block, batch), { block, batch });
         result.cells.push({ transport: t, memory, pattern, op: 'write', block, batch, ...s,
           vs: { perftest: { test: 'none', ratio: null, skipped: 'descriptor-rate cell' }, socket: { ratio: null, skipped: 'descriptor-rate cell' }, memcpy: { ratio: null, skipped: 'descriptor-rate cell' } } });
-        log(opts, `  descriptor rate, ${t} ${memory}: ${batch} x ${block} B WRITE, ${s.nsPerDescriptor} ns per descriptor (${s.path})`);
+        log(`  descriptor rate, ${t} ${memory}: ${batch} x ${block} B WRITE, ${s.nsPerDescriptor} ns per descriptor (${s.path})`);
       }
     } finally {
       await Promise.all(g.all.map((n) => n.exit()));
@@ -322,7 +328,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   if (opts.svg) {
     fs.mkdirSync(path.dirname(path.resolve(opts.svg)), { recursive: true });
     fs.writeFileSync(opts.svg, chartSvg(result));
-    log(opts, `chart written to ${opts.svg}`);
+    log(`chart written to ${opts.svg}`);
   }
   if (opts.json) console.log(JSON.stringify(result, null, 1));
   else printTables(result);
@@ -343,10 +349,10 @@ async function latencyAndIdle(opts: BenchOptions, result: BenchResult): Promise<
         await b.call('pingPong', { size: 4096, samples: 0, serve: true });
         const { oneWayUs } = await a.call('pingPong', { size: 4096, samples: opts.latencySamples, serve: false });
         result.latency.push({ mode, transport: t, size: 4096, p50Us: round(median(oneWayUs), 1), p99Us: round(percentile(oneWayUs, 99), 1), samples: oneWayUs.length });
-        log(opts, `  latency, ${mode} mode: 4 KiB WRITE + notification seen in JS, one way ${round(median(oneWayUs), 1)} µs p50`);
+        log(`  latency, ${mode} mode: 4 KiB WRITE + notification seen in JS, one way ${round(median(oneWayUs), 1)} µs p50`);
       }
       if (mode === 'event' && opts.idleSeconds > 0) {
-        log(opts, `  idle CPU with a connected peer, ${opts.idleSeconds} s ...`);
+        log(`  idle CPU with a connected peer, ${opts.idleSeconds} s ...`);
         const [x, y] = await Promise.all([a.call('idleCpu', { seconds: opts.idleSeconds }), b.call('idleCpu', { seconds: opts.idleSeconds })]);
         result.idle = { seconds: opts.idleSeconds, initiatorPercent: round(x.percent, 3), targetPercent: round(y.percent, 3) };
       }
@@ -422,7 +428,7 @@ export async function serveRemote(opts: BenchOptions, file: string, host: string
   const perftestPort = 20000 + Math.floor(Math.random() * 20000);
   const loop = perftestServerLoop(perftestPort, 'tcp');
   fs.writeFileSync(file, JSON.stringify({ metadata: info.metadata, memory: opts.memories[0], host, socketPort: info.socketPort, perftestPort: loop ? perftestPort : undefined }));
-  log(opts, `kvwire bench target: ${formatSize(regionBytes)} ${opts.memories[0]} region, description in ${file}; Ctrl-C to stop`);
+  log(`kvwire bench target: ${formatSize(regionBytes)} ${opts.memories[0]} region, description in ${file}; Ctrl-C to stop`);
   await new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
