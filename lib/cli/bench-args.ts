@@ -6,7 +6,7 @@ import type { MemoryKind, Op } from './bench-node';
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
          [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--no-baselines]
-         [--latency-samples 300] [--idle-seconds 3] [--json] [--svg FILE]
+         [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE]
          [--serve FILE --host IP | --peer FILE]
          throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines`;
 
@@ -46,7 +46,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       progress: { type: 'string', default: 'event' },
       layout: { type: 'string', default: 'spread' },
       'no-baselines': { type: 'boolean', default: false },
-      'latency-samples': { type: 'string', default: '300' },
+      'latency-samples': { type: 'string', default: '2000' },
       'idle-seconds': { type: 'string', default: '3' },
       json: { type: 'boolean', default: false },
       svg: { type: 'string' },
