@@ -79,6 +79,16 @@ describe('KvSender / KvReceiver', () => {
     expect(await settled).toMatchObject({ ok: true, readers: ['decode-1'] });
   });
 
+  it("a reader's done that overtakes the publish (it heard of the request elsewhere) still frees it", async () => {
+    const from = [12, 13];
+    const d = decoders[1];
+    await d.receiver.pull({ requestId: 'r6', sources: [d.peer], sourceLayout: new KvLayout(prefillSpec), sourceBlocks: from, destinationBlocks: [0, 1] });
+    await new Promise((r) => setTimeout(r, 200)); // the done is at the prefill before its publish
+    const settled = prefill.waitEvent('settled', 5_000, (m) => m.req === 'r6');
+    await prefill.ok('publish', { req: 'r6', blocks: from, readers: 1, leaseMs: 20_000 });
+    expect(await settled).toMatchObject({ ok: true, readers: ['decode-1'] });
+  });
+
   it('a lease with no reader expires with ERR_TIMEOUT', async () => {
     const settled = prefill.waitEvent('settled', 10_000, (m) => m.req === 'r3');
     await prefill.ok('publish', { req: 'r3', blocks: [0], readers: 1, leaseMs: 200 });

@@ -143,6 +143,8 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
       wallSeconds,
       wrongBytes: wrong,
       errors: errors.length,
+      /** The first few errors, verbatim. */
+      errorMessages: errors.slice(0, 5),
     };
     if (opts.json) console.log(JSON.stringify(result));
     else {

@@ -150,9 +150,18 @@ export interface KvSenderOptions {
   stagingBytes?: number;
 }
 
+/**
+ * A reader's message can overtake the publish it refers to (the reader heard of the request on
+ * another channel, pulled, and said done before `publish` ran here). Such messages wait this long
+ * for their publication, at most EARLY_MAX request ids at a time (oldest dropped first).
+ */
+const EARLY_TTL_MS = 10_000;
+const EARLY_MAX = 1024;
+
 /** Prefill side: publishes requests' blocks of its pool and hears when readers are done with them. */
 export class KvSender extends KvEndpoint {
   #publications = new Map<string, KvPublication>();
+  #early = new Map<string, { at: number; messages: [string, Control][] }>();
   readonly #staging: Region | null;
   #staged = new Map<string, [number, number]>(); // `${reader}/${id}` -> [offset, length] in staging
 
@@ -176,6 +185,9 @@ export class KvSender extends KvEndpoint {
     check(Number.isSafeInteger(layersReady) && layersReady >= 0 && layersReady <= this.layout.layers, 'layersReady', `must be in 0..${this.layout.layers}`);
     const pub = new KvPublication(requestId, [...blocks], readers, layersReady, leaseMs, this);
     this.#publications.set(requestId, pub);
+    const early = this.#early.get(requestId);
+    this.#early.delete(requestId);
+    if (early && performance.now() - early.at <= EARLY_TTL_MS) for (const [from, msg] of early.messages) this.handle(from, msg);
     return pub;
   }
 
@@ -232,6 +244,17 @@ export class KvSender extends KvEndpoint {
     this.#publications.delete(requestId);
   }
 
+  #keepEarly(from: string, msg: Control): void {
+    const now = performance.now();
+    for (const [id, e] of this.#early) {
+      if (now - e.at <= EARLY_TTL_MS && this.#early.size < EARLY_MAX) break; // oldest first: the rest are younger
+      this.#early.delete(id);
+    }
+    const entry = this.#early.get(msg.req) ?? { at: now, messages: [] };
+    if (entry.messages.length < 64) entry.messages.push([from, msg]);
+    this.#early.set(msg.req, entry);
+  }
+
   protected handle(from: string, msg: Control): void {
     if (msg.t === 'unstage') {
       this.#staged.delete(`${from}/${msg.id}`);
@@ -242,7 +265,10 @@ export class KvSender extends KvEndpoint {
       this.send(from, this.#stage(from, msg, pub)).catch(() => {});
       return;
     }
-    if (!pub) return;
+    if (!pub) {
+      if (msg.t === 'done' || msg.t === 'abort' || msg.t === 'subscribe') this.#keepEarly(from, msg);
+      return;
+    }
     if (msg.t === 'done') pub.readerDone(from);
     else if (msg.t === 'abort') pub.abort(`reader '${from}' aborted: ${msg.reason}`);
     else if (msg.t === 'subscribe') {
