@@ -66,6 +66,7 @@ interface Addon {
   setErrorClass(cls: typeof KvwireError): void;
   decodeMetadata(blob: Uint8Array): unknown;
   ucxVersion(): string;
+  copyRuns(dst: Uint8Array, dstOffsets: Float64Array, src: Uint8Array, srcOffsets: Float64Array, lengths: Float64Array): void;
 }
 
 // UCX's memory hooks (UCM) patch malloc/mmap when libucp loads; inside Node, whose allocations

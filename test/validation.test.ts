@@ -1,6 +1,7 @@
 // Bad input: every case settles with its KvwireError code and, where one descriptor is at fault, its index.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
+import { addon } from '../lib/native';
 
 async function rejection(p: PromiseLike<unknown>): Promise<KvwireError> {
   try {
@@ -165,5 +166,23 @@ describe('validation', () => {
     expect(thrown(() => c.allocate(64, { name: 'x' })).code).toBe('ERR_CLOSED');
     expect(r.live).toBe(false);
     await expect(c.notify('val-a', 'x')).rejects.toMatchObject({ code: 'ERR_CLOSED' });
+  });
+});
+
+describe('copyRuns (the native gather/scatter behind KV staging)', () => {
+  it('copies every run, or nothing when one is bad, naming it', () => {
+    const src = Uint8Array.from({ length: 32 }, (_, i) => i);
+    const dst = new Uint8Array(8);
+    addon.copyRuns(dst, Float64Array.of(0, 4), src, Float64Array.of(20, 2), Float64Array.of(4, 4));
+    expect([...dst]).toEqual([20, 21, 22, 23, 2, 3, 4, 5]);
+    const before = [...dst];
+    expect(() => addon.copyRuns(dst, Float64Array.of(0, 5), src, Float64Array.of(0, 0), Float64Array.of(4, 4))).toThrow(
+      expect.objectContaining({ code: 'ERR_INVALID_PARAM', index: 1, message: expect.stringMatching(/run 1 .* outside the destination/) }),
+    );
+    expect(() => addon.copyRuns(dst, Float64Array.of(0), src, Float64Array.of(-1), Float64Array.of(1))).toThrow(
+      expect.objectContaining({ code: 'ERR_INVALID_PARAM', index: 0 }),
+    );
+    expect(() => addon.copyRuns(dst, Float64Array.of(0, 1), src, Float64Array.of(0), Float64Array.of(1))).toThrow(/same length/);
+    expect([...dst]).toEqual(before);
   });
 });

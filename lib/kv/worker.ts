@@ -6,6 +6,7 @@ import { check, KvwireError } from '../errors';
 import type { Peer, Region } from '../memory';
 import type { TransferStats } from '../transfer';
 import { KvLayout } from './layout';
+import { addon } from '../native';
 
 const PREFIX = 'kvwire.kv:';
 
@@ -18,6 +19,24 @@ type Control =
   | { t: 'stage'; req: string; id: number; heads: [number, number]; blocks: number[]; layers: [number, number] }
   | { t: 'staged'; req: string; id: number; offset?: number; length?: number; error?: string }
   | { t: 'unstage'; req: string; id: number };
+
+/**
+ * The head slices [lo, hi) of `blocks` in `layers`, in order, as runs of `layout`'s pool, and where
+ * each lands when they are packed back to back from `packedAt`.
+ */
+function headSliceRuns(layout: KvLayout, blocks: ArrayLike<number>, layers: [number, number], lo: number, hi: number, packedAt: number) {
+  const offsets: number[] = [];
+  const lengths: number[] = [];
+  const packed: number[] = [];
+  let cursor = packedAt;
+  layout.forEachHeadSlice(blocks, layers, lo, hi, (offset, n) => {
+    offsets.push(offset);
+    lengths.push(n);
+    packed.push(cursor);
+    cursor += n;
+  });
+  return { offsets: Float64Array.from(offsets), lengths: Float64Array.from(lengths), packed: Float64Array.from(packed), bytes: cursor - packedAt };
+}
 
 /** The region a KvSender gathers head slices into; peers read it like any region. */
 export const STAGING_REGION = 'kv-staging';
@@ -203,19 +222,12 @@ export class KvSender extends KvEndpoint {
     if (!pub) return reply({ error: `request '${msg.req}' is not published` });
     if (!this.#staging) return reply({ error: 'this sender has no staging region' });
     try {
-      let length = 0;
-      const slices: [number, number][] = [];
-      this.layout.forEachHeadSlice(msg.blocks, msg.layers, msg.heads[0], msg.heads[1], (offset, n) => {
-        slices.push([offset, n]);
-        length += n;
-      });
+      const runs = headSliceRuns(this.layout, msg.blocks, msg.layers, msg.heads[0], msg.heads[1], 0);
+      const length = runs.bytes;
       const offset = this.#allocateStaging(length);
       if (offset < 0) return reply({ error: `staging full (${length} bytes needed)` });
-      let cursor = offset;
-      for (const [o, n] of slices) {
-        this.#staging.bytes.set(this.pool.bytes.subarray(o, o + n), cursor);
-        cursor += n;
-      }
+      // One native call gathers every slice (validated first: a bad list copies nothing).
+      addon.copyRuns(this.#staging.bytes, runs.packed.map((x) => x + offset), this.pool.bytes, runs.offsets, runs.lengths);
       this.#staged.set(`${from}/${msg.id}`, [offset, length]);
       return reply({ offset, length });
     } catch (e) {
@@ -297,11 +309,17 @@ export interface PullResult {
   stats: TransferStats[];
 }
 
+type Landing = { region: Region; buffer: Buffer; busy: boolean };
+
 /** Decode side: pulls requests' blocks from prefill workers into its own pool blocks. */
 export class KvReceiver extends KvEndpoint {
   #streams = new Map<string, { layers: number[]; wake: (() => void) | null; aborted: string | null }>();
   #replies = new Map<number, (msg: Extract<Control, { t: 'staged' }>) => void>();
   #nextId = 1;
+  // Landing buffers for staged pulls, registered once and reused (registering and faulting in a
+  // fresh 16 MiB buffer per pull cost more than the read itself). Peers may only read them.
+  #landing: Landing[] = [];
+  #closed = false;
 
   /** Pulls every layer of the request's blocks, then tells each source it is done (they may free). */
   async pull(rq: PullRequest): Promise<PullResult> {
@@ -379,24 +397,49 @@ export class KvReceiver extends KvEndpoint {
     await this.agent.notify(source, encode({ t: 'stage', req: rq.requestId, id, heads: [lo, hi], blocks: [...rq.sourceBlocks], layers }));
     const staged = await reply;
     if (staged.error || staged.offset === undefined || staged.length === undefined) return null;
-    const buffer = Buffer.allocUnsafe(staged.length);
-    const landing = this.agent.register(buffer, { name: `kv-stage-in-${id}`, access: 'write' });
+    const landing = this.#takeLanding(staged.length);
+    const buffer = landing.buffer;
     try {
       const stats = await this.agent.read(
-        landing.descriptors([0], [staged.length]),
+        landing.region.descriptors([0], [staged.length]),
         source.region(STAGING_REGION).descriptors([staged.offset], [staged.length]),
         { deadlineMs: rq.deadlineMs, signal: rq.signal },
       );
-      let cursor = 0;
-      this.layout.forEachHeadSlice(rq.destinationBlocks, layers, lo, hi, (offset, n) => {
-        this.pool.bytes.set(buffer.subarray(cursor, cursor + n), offset);
-        cursor += n;
-      });
+      const runs = headSliceRuns(this.layout, rq.destinationBlocks, layers, lo, hi, 0);
+      addon.copyRuns(this.pool.bytes, runs.offsets, buffer, runs.packed, runs.lengths);
       return stats;
     } finally {
-      this.agent.deregister(landing);
+      this.#returnLanding(landing);
       this.agent.notify(source, encode({ t: 'unstage', req: rq.requestId, id })).catch(() => {});
     }
+  }
+
+  #takeLanding(length: number): Landing {
+    let landing = this.#landing.find((l) => !l.busy && l.buffer.length >= length);
+    if (!landing) {
+      const buffer = Buffer.alloc(length);
+      landing = { buffer, busy: false, region: this.agent.register(buffer, { name: `kv-stage-in-${this.#nextId++}`, access: 'read' }) };
+      this.#landing.push(landing);
+    }
+    landing.busy = true;
+    return landing;
+  }
+
+  // Keeps at most two idle landing buffers (the largest); none once the receiver is closed.
+  #returnLanding(landing: Landing): void {
+    landing.busy = false;
+    const idle = this.#landing.filter((l) => !l.busy).sort((a, b) => b.buffer.length - a.buffer.length);
+    for (const l of idle.slice(this.#closed ? 0 : 2)) {
+      this.#landing.splice(this.#landing.indexOf(l), 1);
+      if (l.region.live && !this.agent.closed) this.agent.deregister(l.region);
+    }
+  }
+
+  /** Stops listening for control messages and releases the staging landing buffers not in use. */
+  close(): void {
+    this.#closed = true;
+    for (const l of this.#landing.filter((x) => !x.busy)) this.#returnLanding(l);
+    super.close();
   }
 
   protected handle(from: string, msg: Control): void {

@@ -621,11 +621,37 @@ Napi::Value DecodeMetadata(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// copyRuns(dst, dstOffsets, src, srcOffsets, lengths): a validated local gather/scatter (staging).
+Napi::Value CopyRuns(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray() || !info[2].IsTypedArray()) {
+    throwInvalid(env, "copyRuns: dst and src must be typed arrays");
+    return env.Undefined();
+  }
+  auto dst = info[0].As<Napi::TypedArray>();
+  auto src = info[2].As<Napi::TypedArray>();
+  std::vector<uint64_t> dstOffsets, srcOffsets, lengths;
+  if (!readOffsets(env, info[1], "dstOffsets", &dstOffsets) || !readOffsets(env, info[3], "srcOffsets", &srcOffsets) ||
+      !readOffsets(env, info[4], "lengths", &lengths))
+    return env.Undefined();
+  if (dstOffsets.size() != lengths.size() || srcOffsets.size() != lengths.size()) {
+    throwInvalid(env, "copyRuns: dstOffsets, srcOffsets and lengths must have the same length");
+    return env.Undefined();
+  }
+  auto* dstBytes = static_cast<uint8_t*>(dst.ArrayBuffer().Data()) + dst.ByteOffset();
+  auto* srcBytes = static_cast<const uint8_t*>(src.ArrayBuffer().Data()) + src.ByteOffset();
+  Status st = kvwire::copyRuns(dstBytes, dst.ByteLength(), dstOffsets.data(), srcBytes, src.ByteLength(),
+                               srcOffsets.data(), lengths.data(), lengths.size());
+  if (!st) throwStatus(env, st);
+  return env.Undefined();
+}
+
 Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new AddonData());
   exports.Set("NativeAgent", AgentWrap::Init(env));
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass));
   exports.Set("decodeMetadata", Napi::Function::New(env, DecodeMetadata));
+  exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
   exports.Set("ucxVersion", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
     return Napi::String::New(info.Env(), kvwire::ucxVersion());
   }));

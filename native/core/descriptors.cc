@@ -1,5 +1,7 @@
 #include "descriptors.h"
 
+#include <cstring>
+
 #include <string>
 
 namespace kvwire {
@@ -58,6 +60,23 @@ Result<std::vector<Segment>> planSegments(const DescriptorSpan& local, const Reg
     segs.push_back({l, r, n, static_cast<uint32_t>(i)});
   }
   return segs;
+}
+
+Status copyRuns(uint8_t* dst, uint64_t dstLength, const uint64_t* dstOffsets, const uint8_t* src, uint64_t srcLength,
+                const uint64_t* srcOffsets, const uint64_t* lengths, size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    const uint64_t n = lengths[i];
+    if (dstOffsets[i] > dstLength || n > dstLength - dstOffsets[i])
+      return Status(Code::InvalidParam, "run " + std::to_string(i) + " (" + std::to_string(n) + " bytes at " +
+                                           std::to_string(dstOffsets[i]) + ") is outside the destination (" +
+                                           std::to_string(dstLength) + " bytes)", static_cast<int64_t>(i));
+    if (srcOffsets[i] > srcLength || n > srcLength - srcOffsets[i])
+      return Status(Code::InvalidParam, "run " + std::to_string(i) + " (" + std::to_string(n) + " bytes at " +
+                                           std::to_string(srcOffsets[i]) + ") is outside the source (" +
+                                           std::to_string(srcLength) + " bytes)", static_cast<int64_t>(i));
+  }
+  for (size_t i = 0; i < count; ++i) std::memmove(dst + dstOffsets[i], src + srcOffsets[i], lengths[i]);
+  return Status::ok();
 }
 
 }  // namespace kvwire

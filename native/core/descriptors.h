@@ -33,4 +33,10 @@ Result<std::vector<Segment>> planSegments(const DescriptorSpan& local, const Reg
                                           uint8_t* localPtr, const DescriptorSpan& remote,
                                           const RegionBounds& remoteRegion);
 
+// A local gather/scatter: copies run i of lengths[i] bytes from src+srcOffsets[i] to
+// dst+dstOffsets[i]. Every run is checked against both buffers first (overflow-safe, first bad
+// index), so a bad list copies nothing.
+Status copyRuns(uint8_t* dst, uint64_t dstLength, const uint64_t* dstOffsets, const uint8_t* src, uint64_t srcLength,
+                const uint64_t* srcOffsets, const uint64_t* lengths, size_t count);
+
 }  // namespace kvwire

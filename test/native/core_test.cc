@@ -111,3 +111,25 @@ TEST(Plan, NamesTheFirstBadIndexAndNeverOverflows) {
 
 }  // namespace
 }  // namespace kvwire
+
+TEST(CopyRuns, GathersAndRefusesABadListWithoutCopyingAnything) {
+  std::vector<uint8_t> src(64), dst(16, 0xee);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i);
+  const uint64_t srcOffsets[] = {40, 8, 0};
+  const uint64_t dstOffsets[] = {0, 4, 8};
+  const uint64_t lengths[] = {4, 4, 8};
+  ASSERT_TRUE(kvwire::copyRuns(dst.data(), dst.size(), dstOffsets, src.data(), src.size(), srcOffsets, lengths, 3));
+  const std::vector<uint8_t> want = {40, 41, 42, 43, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7};
+  EXPECT_EQ(dst, want);
+
+  std::vector<uint8_t> before = dst;
+  const uint64_t badDst[] = {0, 4, 9};  // run 2 ends one byte past the destination
+  kvwire::Status st = kvwire::copyRuns(dst.data(), dst.size(), badDst, src.data(), src.size(), srcOffsets, lengths, 3);
+  EXPECT_FALSE(st);
+  EXPECT_EQ(st.index(), 2);
+  EXPECT_EQ(dst, before);  // runs 0 and 1 were valid but nothing was copied
+  const uint64_t huge[] = {UINT64_MAX, 0, 0};
+  st = kvwire::copyRuns(dst.data(), dst.size(), dstOffsets, src.data(), src.size(), huge, lengths, 3);
+  EXPECT_FALSE(st);
+  EXPECT_EQ(st.index(), 0);
+}
