@@ -323,6 +323,8 @@ const handlers: Record<string, (m: any) => unknown> = {
 
 /** Started by fork(): answer { id, cmd, ... } with { id, ok, ...result } until { cmd: 'exit' }. */
 export function serveIpc(): void {
+  // The orchestrator went away (killed, Ctrl-C): do not linger holding a UCX worker and a region.
+  process.on('disconnect', () => process.exit(0));
   process.on('message', async (m: any) => {
     if (m.cmd === 'exit') {
       socketServer?.close();

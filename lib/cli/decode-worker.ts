@@ -18,6 +18,9 @@ let receiver: KvReceiver;
 let sources: Peer[];
 let pool: Uint8Array;
 
+// The demo's orchestrator went away (killed, Ctrl-C): do not linger.
+process.on('disconnect', () => process.exit(0));
+
 process.on('message', async (m: Msg) => {
   if (m.cmd === 'init') {
     layout = new KvLayout(m.layout);

@@ -13,6 +13,9 @@ type Msg =
 let agent: Agent;
 let sender: KvSender;
 
+// The demo's orchestrator went away (killed, Ctrl-C): do not linger.
+process.on('disconnect', () => process.exit(0));
+
 process.on('message', async (m: Msg) => {
   if (m.cmd === 'init') {
     const layout = new KvLayout(m.layout);
