@@ -2,6 +2,7 @@
 // memory kind, run between two processes by this script (or against a remote `--serve` target).
 import { spawn, spawnSync } from 'node:child_process';
 import type { MemoryKind, Op } from './bench-node';
+import { median } from './stats';
 
 export type PerftestResult = { test: string; gbps: number; runs: number[] } | { test: string; skipped: string };
 
@@ -21,7 +22,6 @@ export function perftestMissing(): string | undefined {
   return undefined;
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function runClient(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<{ code: number | null; out: string }> {

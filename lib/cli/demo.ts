@@ -5,6 +5,7 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
 import type { KvLayoutSpec } from '../kv/layout';
+import { percentile } from './stats';
 
 export interface DemoOptions {
   transport: 'shm' | 'tcp';
@@ -52,11 +53,6 @@ class Worker {
   send(m: object): void {
     if (this.child.connected) this.child.send(m);
   }
-}
-
-function percentile(values: number[], p: number): number {
-  const s = [...values].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? 0;
 }
 
 function progress(done: number, total: number, json: boolean): void {
