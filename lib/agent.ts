@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { createHmac, timingSafeEqual } from 'node:crypto';
+import { isMainThread } from 'node:worker_threads';
 import { DescriptorList } from './descriptors';
 import { check, KvwireError } from './errors';
 import { Peer, Region, RemoteRegion, type Access, type RegionOptions } from './memory';
@@ -31,6 +32,30 @@ export interface Notification {
   message: Buffer;
 }
 
+/**
+ * A connection with a peer ended: it closed its agent (or its process exited), our endpoint to it
+ * failed, or UCX lost it. May be emitted more than once for one peer (once per connection).
+ */
+export interface Disconnect {
+  peer: string;
+  reason: string;
+}
+
+// Agents still open when the process exits say goodbye to their peers (synchronously, bounded to
+// ~20 ms), so a peer on shared memory learns at once instead of after UCX's ~1 s keepalive.
+const openAgents = new Set<() => void>();
+let exitHooked = false;
+// In a worker_thread the agent's own teardown (when the thread's environment goes) says goodbye.
+function closeOnExit(closeNow: () => void): void {
+  if (!isMainThread) return;
+  openAgents.add(closeNow);
+  if (exitHooked) return;
+  exitHooked = true;
+  process.on('exit', () => {
+    for (const close of [...openAgents]) close();
+  });
+}
+
 const SIGNATURE_MAGIC = Buffer.from('KVWH');
 const SIGNATURE_BYTES = SIGNATURE_MAGIC.length + 32;
 const ACCESS: readonly Access[] = ['read', 'write', 'readwrite'];
@@ -52,7 +77,8 @@ function notificationBytes(field: string, value: string | Uint8Array): Uint8Arra
 
 /**
  * One kvwire endpoint: registers memory, publishes metadata, loads peers and moves descriptor
- * lists to and from them. Emits 'notification' events (also available as `notifications()`).
+ * lists to and from them. Emits 'notification' events (also available as `notifications()`) and
+ * 'disconnect' events ({@link Disconnect}) when a connection with a peer ends.
  */
 export class Agent extends EventEmitter {
   readonly name: string;
@@ -65,6 +91,13 @@ export class Agent extends EventEmitter {
   #queue: Notification[] = [];
   #iterating = 0;
   #closing: Promise<void> = Promise.resolve();
+  readonly #closeOnExit = () => {
+    try {
+      this.#native?.close().catch(() => {});
+    } catch {
+      // exiting anyway: UCX keepalive will tell the peers
+    }
+  };
 
   private constructor(options: AgentOptions) {
     super();
@@ -81,6 +114,7 @@ export class Agent extends EventEmitter {
       (rows, errors) => this.#onSettled(rows, errors),
       (from, messages) => this.#onNotifications(from, messages),
     );
+    closeOnExit(this.#closeOnExit);
   }
 
   /** Creates an agent with its UCX context and worker. */
@@ -316,9 +350,14 @@ export class Agent extends EventEmitter {
     }
   }
 
-  #onNotifications(from: string[], messages: Buffer[]): void {
+  #onNotifications(from: string[], messages: (Buffer | string)[]): void {
     for (let i = 0; i < from.length; i++) {
-      const n: Notification = { from: from[i], message: messages[i] };
+      const message = messages[i];
+      if (typeof message === 'string') {
+        this.emit('disconnect', { peer: from[i], reason: message } satisfies Disconnect);
+        continue;
+      }
+      const n: Notification = { from: from[i], message };
       this.emit('notification', n);
       if (this.#iterating > 0) {
         const w = this.#waiters.shift();
@@ -383,6 +422,7 @@ export class Agent extends EventEmitter {
     if (!native) return this.#closing;
     this.#closing = native.close();
     this.#native = null;
+    openAgents.delete(this.#closeOnExit);
     for (const t of this.#transfers.values()) t.settle(new KvwireError('ERR_CANCELED', 'agent closed'));
     this.#transfers.clear();
     for (const r of this.#regions.values()) r.markDeregistered();

@@ -1,4 +1,4 @@
-export { Agent, type AgentOptions, type Notification } from './agent';
+export { Agent, type AgentOptions, type Notification, type Disconnect } from './agent';
 export { DescriptorList, type ByteSpans, type DescriptorTarget } from './descriptors';
 export { KvwireError, type ErrorCode } from './errors';
 export { Peer, Region, RemoteRegion, type Access, type MemoryKind, type RegionOptions } from './memory';
@@ -15,5 +15,5 @@ export function decodeMetadata(blob: Uint8Array): unknown {
   return addon.decodeMetadata(blob);
 }
 export { KvLayout, type KvLayoutSpec, type KvTransferPlan, type KvArrangement, type KvOrder, type BlockLayout } from './kv/layout';
-export { KvSender, KvReceiver, KvPublication, STAGING_REGION, type KvSenderOptions, type PublishOptions, type PullRequest, type PullResult } from './kv/worker';
+export { KvSender, KvReceiver, KvPublication, STAGING_REGION, POOL_REGION, type KvSenderOptions, type PublishOptions, type PullRequest, type PullResult } from './kv/worker';
 export { KvRouterEndpoint, KvwireRouterTransport, type KvTransport, type MoveRequest, type MoveResult, type PairStats, type WorkerInfo } from './router';

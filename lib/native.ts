@@ -61,7 +61,8 @@ interface Addon {
     name: string,
     options: NativeAgentOptions,
     onSettled: (rows: Float64Array, errors: (KvwireError | null)[]) => void,
-    onNotification: (from: string[], messages: Buffer[]) => void,
+    /** A Buffer is a notification from `from`; a string is why the connection with `from` ended. */
+    onNotification: (from: string[], messages: (Buffer | string)[]) => void,
   ) => NativeAgent;
   setErrorClass(cls: typeof KvwireError): void;
   decodeMetadata(blob: Uint8Array): unknown;

@@ -1,7 +1,7 @@
 // The router transport plugin across three processes: the router (this process) asks a decode
 // worker to pull a request's blocks from a prefill worker; bytes go worker to worker.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent, KvwireRouterTransport, type KvLayoutSpec } from '../lib';
+import { Agent, KvLayout, KvwireRouterTransport, type KvLayoutSpec } from '../lib';
 import { PeerProcess } from './helpers';
 
 const shape = { modelId: 'tiny', layers: 4, tokensPerBlock: 8, kvHeads: 4, headDim: 16, dtypeBytes: 2 };
@@ -64,7 +64,8 @@ describe('KvwireRouterTransport', () => {
     try {
       const specs = [0, 1].map((rank): KvLayoutSpec => ({ ...shape, blocks: 16, tp: { rank, size: 2 } }));
       const mds = await Promise.all(ranks.map((w, r) => w.ok('init', { name: w.name, layout: specs[r], transports, fill: true })));
-      mds.forEach((m, r) => transport.addWorker({ metadata: Buffer.from(m.metadata, 'base64'), layout: specs[r] }));
+      // A worker's KvLayout is accepted as well as its spec (the TP rank travels with either).
+      mds.forEach((m, r) => transport.addWorker({ metadata: Buffer.from(m.metadata, 'base64'), layout: r === 0 ? new KvLayout(specs[r]) : specs[r] }));
       await expect(transport.move({ requestId: 'wrong-order', from: ['prefill-tp1', 'prefill-tp0'], to: 'decode-r', sourceBlocks: [0], destinationBlocks: [0] }))
         .rejects.toMatchObject({ code: 'ERR_INVALID_PARAM' });
       const from = [5, 6];
@@ -80,7 +81,9 @@ describe('KvwireRouterTransport', () => {
 
   it('a dead destination fails the move and shows in health', async () => {
     decode.kill();
-    await new Promise((r) => setTimeout(r, 1500)); // shm: UCX keepalive notices in ~1 s
+    // shm: UCX keepalive notices in ~1 s; health says so as soon as it does.
+    for (let waited = 0; transport.health()['decode-r'].connected && waited < 3000; waited += 50) await new Promise((r) => setTimeout(r, 50));
+    expect(transport.health()['decode-r']).toMatchObject({ connected: false, lastError: expect.stringContaining('disconnected') });
     const t0 = Date.now();
     const err = await transport.move({ requestId: 'z', from: 'prefill-r', to: 'decode-r', sourceBlocks: [0], destinationBlocks: [0], deadlineMs: 1000 }).catch((e) => e);
     // Either UCX already saw the peer die, or the move times out: it never hangs.
@@ -88,6 +91,27 @@ describe('KvwireRouterTransport', () => {
     expect(Date.now() - t0).toBeLessThan(2500);
     expect(transport.stats()['prefill-r->decode-r'].failures).toBe(2);
     expect(transport.health()['decode-r'].connected).toBe(false);
+    // addWorker with the worker's metadata again is how a router says it is back; a later
+    // disconnect shows again.
+  });
+
+  it('a move whose destination disconnects while it runs fails at once with ERR_REMOTE_DISCONNECT', async () => {
+    const d2 = new PeerProcess('decode-r2', {}, 'fixtures/kv-decode.cjs');
+    const { metadata } = await d2.ok('init', { name: 'decode-r2', layout: decodeLayout, transports });
+    transport.addWorker({ metadata: Buffer.from(metadata, 'base64'), layout: new KvLayout(decodeLayout) });
+    // One move first: both directions of the connection are up (a worker that never answered its
+    // router's HELLO cannot say goodbye on it).
+    await transport.move({ requestId: 'warm', from: 'prefill-r', to: 'decode-r2', sourceBlocks: [2], destinationBlocks: [0] });
+    const stalling = d2.waitEvent('stalling');
+    void d2.call('stallThenExit', { ms: 500 });
+    await stalling; // from here the destination answers nothing, then exits
+    const t0 = Date.now();
+    const err = await transport.move({ requestId: 'gone', from: 'prefill-r', to: 'decode-r2', sourceBlocks: [2, 3], destinationBlocks: [0, 1], deadlineMs: 10_000 }).catch((e) => e);
+    expect(err.code).toBe('ERR_REMOTE_DISCONNECT');
+    expect(err.message).toContain('decode-r2');
+    expect(err.message).toContain('it closed'); // its goodbye, not UCX keepalive
+    expect(Date.now() - t0).toBeLessThan(2000); // the 500 ms stall, then the goodbye: not the 11 s deadline
+    expect(transport.health()['decode-r2'].connected).toBe(false);
     expect(transport.health()['prefill-r'].connected).toBe(true);
   });
 });

@@ -83,8 +83,10 @@ export class KvLayout {
   readonly regionBytes: number;
   readonly #strides: { layer: number; kv: number; block: number };
 
-  constructor(spec: KvLayoutSpec) {
+  /** A spec, or another KvLayout (copied with its TP rank and size). */
+  constructor(spec: KvLayoutSpec | KvLayout) {
     check(spec && typeof spec === 'object', 'layout', 'must be an object');
+    if (spec instanceof KvLayout) spec = spec.spec();
     check(typeof spec.modelId === 'string' && spec.modelId.length > 0, 'modelId', 'must be a non-empty string');
     this.modelId = spec.modelId;
     this.layers = positiveInt('layers', spec.layers);

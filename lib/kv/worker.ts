@@ -1,7 +1,7 @@
 // The worker API over KvLayout: a prefill worker publishes a request's blocks (KvSender) and learns
 // when every reader is done; a decode worker pulls them into its own blocks (KvReceiver), whole or
 // layer by layer as prefill computes them. Control messages ride on kvwire notifications.
-import type { Agent, Notification } from '../agent';
+import type { Agent, Disconnect, Notification } from '../agent';
 import { check, KvwireError } from '../errors';
 import type { Peer, Region } from '../memory';
 import type { TransferStats } from '../transfer';
@@ -12,6 +12,8 @@ const PREFIX = 'kvwire.kv:';
 
 type Control =
   | { t: 'subscribe'; req: string }
+  // A pull started: the reader is working on the request until it says done or abort (or goes away).
+  | { t: 'reading'; req: string }
   | { t: 'layer'; req: string; layer: number }
   | { t: 'done'; req: string }
   | { t: 'abort'; req: string; reason: string }
@@ -40,6 +42,12 @@ function headSliceRuns(layout: KvLayout, blocks: ArrayLike<number>, layers: [num
 
 /** The region a KvSender gathers head slices into; peers read it like any region. */
 export const STAGING_REGION = 'kv-staging';
+
+/**
+ * The name a KvReceiver (and the router) looks the prefill's pool up by, unless
+ * `PullRequest.sourceRegion` names another: register or allocate the prefill pool under this name.
+ */
+export const POOL_REGION = 'kv';
 
 function encode(msg: Control): string {
   return PREFIX + JSON.stringify(msg);
@@ -73,6 +81,10 @@ export class KvPublication implements PromiseLike<string[]> {
   #settled = false;
   readonly done: string[] = [];
   readonly subscribers = new Set<string>();
+  /** Readers that started (subscribe or pull) and have neither finished nor stopped. */
+  readonly #working = new Set<string>();
+  /** Readers that stopped early, and why. */
+  readonly #stopped = new Map<string, string>();
   layersReady: number;
   #timer: NodeJS.Timeout | undefined;
 
@@ -116,22 +128,55 @@ export class KvPublication implements PromiseLike<string[]> {
   /** Ends the publication (ERR_CANCELED, or `code`) and tells every subscribed reader to stop. */
   abort(reason = 'aborted by prefill', code: 'ERR_CANCELED' | 'ERR_TIMEOUT' = 'ERR_CANCELED'): void {
     if (this.#settled) return;
-    for (const r of this.subscribers) this.sender.send(r, { t: 'abort', req: this.requestId, reason }).catch(() => {});
+    for (const r of new Set([...this.subscribers, ...this.#working]))
+      this.sender.send(r, { t: 'abort', req: this.requestId, reason }).catch(() => {});
     this.#finish(new KvwireError(code, `request '${this.requestId}': ${reason}`));
+  }
+
+  /** @internal */
+  readerStarted(from: string): void {
+    if (this.#settled || this.done.includes(from)) return;
+    this.#stopped.delete(from); // a reader may retry after its own abort
+    this.#working.add(from);
+  }
+
+  /** @internal */
+  isReader(from: string): boolean {
+    return this.#working.has(from) || this.subscribers.has(from);
   }
 
   /** @internal */
   readerDone(from: string): void {
     if (this.#settled || this.done.includes(from)) return;
+    this.#working.delete(from);
     this.done.push(from);
     if (this.done.length >= this.readers) this.#finish(null);
+    else this.#endIfStopped();
   }
 
-  /** @internal */
+  /**
+   * A reader gave up (abort, error, iterator closed, disconnect). The publication ends with
+   * ERR_CANCELED naming it as soon as no other reader is still working, so its blocks can be freed.
+   * @internal
+   */
+  readerStopped(from: string, why: string): void {
+    if (this.#settled || this.done.includes(from)) return;
+    this.#working.delete(from);
+    this.subscribers.delete(from);
+    this.#stopped.set(from, why);
+    this.#endIfStopped();
+  }
+
+  #endIfStopped(): void {
+    if (this.#settled || this.#stopped.size === 0 || this.#working.size > 0) return;
+    const who = [...this.#stopped].map(([r, why]) => `reader '${r}' ${why}`).join('; ');
+    this.#finish(new KvwireError('ERR_CANCELED', `request '${this.requestId}': ${who}`));
+  }
+
   #finish(error: KvwireError | null): void {
     this.#settled = true;
     clearTimeout(this.#timer);
-    this.sender.forget(this.requestId);
+    this.sender.forget(this.requestId, error?.message ?? `request '${this.requestId}' completed`);
     if (error) this.#reject(error);
     else this.#resolve(this.done);
   }
@@ -143,6 +188,7 @@ abstract class KvEndpoint {
     const msg = decode(n);
     if (msg) this.handle(n.from, msg);
   };
+  readonly #onDisconnect = (d: Disconnect) => this.peerLost(d.peer, d.reason);
 
   constructor(
     readonly agent: Agent,
@@ -151,14 +197,18 @@ abstract class KvEndpoint {
   ) {
     check(pool.length >= layout.regionBytes, 'pool', `has ${pool.length} bytes; the layout needs ${layout.regionBytes}`);
     agent.on('notification', this.#onNotification);
+    agent.on('disconnect', this.#onDisconnect);
   }
 
   /** Stops listening for control messages. */
   close(): void {
     this.agent.off('notification', this.#onNotification);
+    this.agent.off('disconnect', this.#onDisconnect);
   }
 
   protected abstract handle(from: string, msg: Control): void;
+  /** The connection with `peer` ended: it closed, its process exited, or UCX lost it. */
+  protected abstract peerLost(peer: string, reason: string): void;
 }
 
 export interface KvSenderOptions {
@@ -177,10 +227,20 @@ export interface KvSenderOptions {
 const EARLY_TTL_MS = 10_000;
 const EARLY_MAX = 1024;
 
+/** Keeps at most EARLY_MAX entries younger than EARLY_TTL_MS (a Map iterates oldest first). */
+function pruneOld<V extends { at: number }>(map: Map<string, V>, now: number): void {
+  for (const [id, e] of map) {
+    if (now - e.at <= EARLY_TTL_MS && map.size < EARLY_MAX) break;
+    map.delete(id);
+  }
+}
+
 /** Prefill side: publishes requests' blocks of its pool and hears when readers are done with them. */
 export class KvSender extends KvEndpoint {
   #publications = new Map<string, KvPublication>();
   #early = new Map<string, { at: number; messages: [string, Control][] }>();
+  // Requests that ended recently, and how: a reader that starts one late is told to abort at once.
+  #ended = new Map<string, { at: number; why: string }>();
   readonly #staging: Region | null;
   #staged = new Map<string, [number, number]>(); // `${reader}/${id}` -> [offset, length] in staging
 
@@ -204,6 +264,7 @@ export class KvSender extends KvEndpoint {
     check(Number.isSafeInteger(layersReady) && layersReady >= 0 && layersReady <= this.layout.layers, 'layersReady', `must be in 0..${this.layout.layers}`);
     const pub = new KvPublication(requestId, [...blocks], readers, layersReady, leaseMs, this);
     this.#publications.set(requestId, pub);
+    this.#ended.delete(requestId);
     const early = this.#early.get(requestId);
     this.#early.delete(requestId);
     if (early && performance.now() - early.at <= EARLY_TTL_MS) for (const [from, msg] of early.messages) this.handle(from, msg);
@@ -252,19 +313,25 @@ export class KvSender extends KvEndpoint {
   }
 
   /** @internal */
-  forget(requestId: string): void {
+  forget(requestId: string, why: string): void {
     this.#publications.delete(requestId);
+    const now = performance.now();
+    pruneOld(this.#ended, now);
+    this.#ended.set(requestId, { at: now, why });
   }
 
   #keepEarly(from: string, msg: Control): void {
     const now = performance.now();
-    for (const [id, e] of this.#early) {
-      if (now - e.at <= EARLY_TTL_MS && this.#early.size < EARLY_MAX) break; // oldest first: the rest are younger
-      this.#early.delete(id);
-    }
+    pruneOld(this.#early, now);
     const entry = this.#early.get(msg.req) ?? { at: now, messages: [] };
     if (entry.messages.length < 64) entry.messages.push([from, msg]);
     this.#early.set(msg.req, entry);
+  }
+
+  protected peerLost(peer: string, reason: string): void {
+    for (const key of [...this.#staged.keys()]) if (key.startsWith(`${peer}/`)) this.#staged.delete(key);
+    for (const pub of [...this.#publications.values()])
+      if (pub.isReader(peer)) pub.readerStopped(peer, `disconnected (${reason})`);
   }
 
   protected handle(from: string, msg: Control): void {
@@ -278,12 +345,21 @@ export class KvSender extends KvEndpoint {
       return;
     }
     if (!pub) {
-      if (msg.t === 'done' || msg.t === 'abort' || msg.t === 'subscribe') this.#keepEarly(from, msg);
+      const ended = this.#ended.get(msg.req);
+      if (ended && performance.now() - ended.at <= EARLY_TTL_MS) {
+        // A reader starting a request that is over: its blocks may already hold another request.
+        if (msg.t === 'reading' || msg.t === 'subscribe')
+          this.send(from, { t: 'abort', req: msg.req, reason: `the request already ended (${ended.why})` }).catch(() => {});
+        return;
+      }
+      if (msg.t === 'done' || msg.t === 'abort' || msg.t === 'subscribe' || msg.t === 'reading') this.#keepEarly(from, msg);
       return;
     }
     if (msg.t === 'done') pub.readerDone(from);
-    else if (msg.t === 'abort') pub.abort(`reader '${from}' aborted: ${msg.reason}`);
+    else if (msg.t === 'abort') pub.readerStopped(from, `aborted: ${msg.reason}`);
+    else if (msg.t === 'reading') pub.readerStarted(from);
     else if (msg.t === 'subscribe') {
+      pub.readerStarted(from);
       pub.subscribers.add(from);
       // Tell the new reader about every layer that is already in place.
       for (let layer = 0; layer < pub.layersReady; layer++) this.send(from, { t: 'layer', req: msg.req, layer }).catch(() => {});
@@ -295,6 +371,8 @@ export interface PullRequest {
   requestId: string;
   /** The prefill peers, indexed by their TP rank. */
   sources: readonly Peer[];
+  /** The name of the prefill pool region on each source (default {@link POOL_REGION}, 'kv'). */
+  sourceRegion?: string;
   /** The layout of any one prefill rank. */
   sourceLayout: KvLayout;
   sourceBlocks: readonly number[];
@@ -311,77 +389,172 @@ export interface PullResult {
 
 type Landing = { region: Region; buffer: Buffer; busy: boolean };
 
+/** One pull or stream in progress on a receiver. */
+interface ActiveRead {
+  req: string;
+  sources: Set<string>;
+  /** Layers announced by sources (streams only), in arrival order. */
+  layers: number[];
+  wake: (() => void) | null;
+  /** Why the read stops early, once it does. */
+  stopped: string | null;
+  /** True when a source told us to stop (it needs no abort back). */
+  stoppedBySource: boolean;
+  /** Cancels this read's transfers and staging waits. */
+  controller: AbortController;
+  /** The listener on the caller's AbortSignal. */
+  onAbort?: () => void;
+  /** Sources were told that this reader gave up. */
+  told?: boolean;
+}
+
 /** Decode side: pulls requests' blocks from prefill workers into its own pool blocks. */
 export class KvReceiver extends KvEndpoint {
-  #streams = new Map<string, { layers: number[]; wake: (() => void) | null; aborted: string | null }>();
-  #replies = new Map<number, (msg: Extract<Control, { t: 'staged' }>) => void>();
+  #active = new Set<ActiveRead>();
+  #replies = new Map<number, { source: string; resolve: (msg: Extract<Control, { t: 'staged' }> | null) => void }>();
   #nextId = 1;
   // Landing buffers for staged pulls, registered once and reused (registering and faulting in a
   // fresh 16 MiB buffer per pull cost more than the read itself). Peers may only read them.
   #landing: Landing[] = [];
   #closed = false;
 
-  /** Pulls every layer of the request's blocks, then tells each source it is done (they may free). */
+  /**
+   * Pulls every layer of the request's blocks, then tells each source it is done (they may free).
+   * It does not wait for layers prefill has not announced: use `stream()` for a request still being
+   * computed. If the pull fails or is aborted, each source is told at once (its publication ends
+   * ERR_CANCELED unless another reader is still working); if a source aborts the request (lease
+   * expired, prefill aborted, the request already ended) the pull rejects ERR_CANCELED saying so.
+   */
   async pull(rq: PullRequest): Promise<PullResult> {
-    const result = await this.#pullLayers(rq, [0, this.layout.layers]);
-    await Promise.all(rq.sources.map((s) => this.agent.notify(s, encode({ t: 'done', req: rq.requestId }))));
-    return result;
+    const read = this.#begin(rq);
+    try {
+      await this.#tell(rq.sources, { t: 'reading', req: rq.requestId });
+      const result = await this.#pullLayers(rq, read, [0, this.layout.layers]);
+      this.#throwIfStopped(rq, read);
+      await this.#tell(rq.sources, { t: 'done', req: rq.requestId });
+      return result;
+    } catch (err) {
+      throw this.#fail(rq, read, err);
+    } finally {
+      this.#end(rq, read);
+    }
   }
 
   /**
    * Layer streaming: subscribes to the request and pulls each layer as prefill announces it,
    * yielding the layer index once its bytes are in place. Sends 'done' after the last layer.
+   * Leaving the loop early (`break`, `return`, an exception in its body) or an error tells every
+   * source that this reader stopped.
    */
   async *stream(rq: PullRequest): AsyncGenerator<{ layer: number; bytes: number }> {
-    const state = { layers: [] as number[], wake: null as (() => void) | null, aborted: null as string | null };
-    this.#streams.set(rq.requestId, state);
-    const onAbort = () => {
-      state.aborted ??= 'aborted by this reader';
-      state.wake?.();
-    };
-    rq.signal?.addEventListener('abort', onAbort, { once: true });
+    const read = this.#begin(rq);
+    let finished = false;
     try {
-      for (const s of rq.sources) await this.agent.notify(s, encode({ t: 'subscribe', req: rq.requestId }));
+      await this.#tell(rq.sources, { t: 'subscribe', req: rq.requestId });
       const seen = new Map<number, number>(); // layer -> sources that announced it
       for (let next = 0; next < this.layout.layers; ) {
-        if (rq.signal?.aborted) onAbort();
-        while (state.layers.length === 0 && !state.aborted) await new Promise<void>((resolve) => (state.wake = resolve));
-        if (state.aborted) throw new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${state.aborted}`);
-        const layer = state.layers.shift()!;
+        while (read.layers.length === 0 && !read.stopped) await new Promise<void>((resolve) => (read.wake = resolve));
+        this.#throwIfStopped(rq, read);
+        const layer = read.layers.shift()!;
         seen.set(layer, (seen.get(layer) ?? 0) + 1);
         // A layer is ready when every source rank announced it.
         while (next < this.layout.layers && (seen.get(next) ?? 0) >= rq.sources.length) {
-          const r = await this.#pullLayers(rq, [next, next + 1]);
+          const r = await this.#pullLayers(rq, read, [next, next + 1]);
+          this.#throwIfStopped(rq, read);
           yield { layer: next, bytes: r.bytes };
           next++;
         }
       }
-      await Promise.all(rq.sources.map((s) => this.agent.notify(s, encode({ t: 'done', req: rq.requestId }))));
+      await this.#tell(rq.sources, { t: 'done', req: rq.requestId });
+      finished = true;
     } catch (err) {
-      for (const s of rq.sources) this.agent.notify(s, encode({ t: 'abort', req: rq.requestId, reason: String((err as Error).message) })).catch(() => {});
-      throw err;
+      finished = true;
+      throw this.#fail(rq, read, err);
     } finally {
-      rq.signal?.removeEventListener('abort', onAbort);
-      this.#streams.delete(rq.requestId);
+      // Still unfinished here: the consumer left the loop (break/return/throw in its body).
+      if (!finished) {
+        this.#stop(read, 'the reader stopped iterating');
+        this.#fail(rq, read, null);
+      }
+      this.#end(rq, read);
     }
   }
 
-  async #pullLayers(rq: PullRequest, layers: [number, number]): Promise<PullResult> {
+  #begin(rq: PullRequest): ActiveRead {
+    check(rq && typeof rq === 'object', 'request', 'must be an object');
+    check(typeof rq.requestId === 'string' && rq.requestId.length > 0, 'requestId', 'must be a non-empty string');
+    check(Array.isArray(rq.sources) && rq.sources.length > 0, 'sources', 'must list the prefill peers, one per TP rank');
+    if (this.#closed) throw new KvwireError('ERR_CLOSED', 'this KvReceiver is closed');
+    if (rq.signal?.aborted) throw new KvwireError('ERR_CANCELED', `request '${rq.requestId}': aborted before the pull started`);
+    const read: ActiveRead = {
+      req: rq.requestId,
+      sources: new Set(rq.sources.map((s) => s.name)),
+      layers: [],
+      wake: null,
+      stopped: null,
+      stoppedBySource: false,
+      controller: new AbortController(),
+    };
+    this.#active.add(read);
+    rq.signal?.addEventListener('abort', read.onAbort = () => this.#stop(read, 'aborted by its signal'), { once: true });
+    return read;
+  }
+
+  #end(rq: PullRequest, read: ActiveRead): void {
+    if (read.onAbort) rq.signal?.removeEventListener('abort', read.onAbort);
+    this.#active.delete(read);
+  }
+
+  /** Stops a read early: its transfers are canceled and a waiting stream wakes. */
+  #stop(read: ActiveRead, why: string, bySource = false): void {
+    if (read.stopped) return;
+    read.stopped = why;
+    read.stoppedBySource = bySource;
+    read.controller.abort();
+    const wake = read.wake;
+    read.wake = null;
+    wake?.();
+  }
+
+  #throwIfStopped(rq: PullRequest, read: ActiveRead): void {
+    if (read.stopped) throw new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${read.stopped}`);
+  }
+
+  /**
+   * The error a failed read rejects with (the reason it was stopped, when it was), after telling
+   * every source that this reader gave up — unless a source stopped it, or said so already.
+   */
+  #fail(rq: PullRequest, read: ActiveRead, err: unknown): unknown {
+    const error = read.stopped ? new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${read.stopped}`) : err;
+    if (!read.stoppedBySource && !read.told) {
+      read.told = true;
+      const reason = read.stopped ?? String((error as Error)?.message ?? error);
+      for (const s of rq.sources) this.agent.notify(s, encode({ t: 'abort', req: rq.requestId, reason })).catch(() => {});
+    }
+    return error;
+  }
+
+  async #tell(sources: readonly Peer[], msg: Control): Promise<void> {
+    await Promise.all(sources.map((s) => this.agent.notify(s, encode(msg))));
+  }
+
+  async #pullLayers(rq: PullRequest, read: ActiveRead, layers: [number, number]): Promise<PullResult> {
     check(rq.sources.length === rq.sourceLayout.tpSize, 'sources', `need one peer per prefill rank (${rq.sourceLayout.tpSize}), got ${rq.sources.length}`);
     const plans = this.layout.planPull(rq.sourceLayout, rq.sourceBlocks, rq.destinationBlocks, layers);
     // NHD blocks across TP sizes are one run per token; a source with a staging region gathers them.
     const staged = this.layout.blockLayout === 'NHD' && rq.sourceLayout.tpSize !== this.layout.tpSize;
+    const regionName = rq.sourceRegion ?? POOL_REGION;
     const stats = await Promise.all(
       plans.map(async (plan) => {
         const source = rq.sources[plan.sourceRank];
         if (staged && source.regions.some((r) => r.name === STAGING_REGION)) {
-          const s = await this.#pullStaged(rq, source, plan.sourceRank, layers);
+          const s = await this.#pullStaged(rq, read, source, plan.sourceRank, layers);
           if (s) return s;
         }
         return this.agent.read(
           this.pool.descriptors(plan.destinationOffsets, plan.lengths),
-          source.region('kv').descriptors(plan.sourceOffsets, plan.lengths),
-          { deadlineMs: rq.deadlineMs, signal: rq.signal },
+          sourcePool(source, regionName, rq.sourceRegion !== undefined).descriptors(plan.sourceOffsets, plan.lengths),
+          { deadlineMs: rq.deadlineMs, signal: read.controller.signal },
         );
       }),
     );
@@ -390,20 +563,30 @@ export class KvReceiver extends KvEndpoint {
 
   // Asks the source to gather our heads into its staging region, reads that one run, and scatters
   // it into our blocks. Returns null (the caller pulls run by run) if the source cannot stage.
-  async #pullStaged(rq: PullRequest, source: Peer, rank: number, layers: [number, number]): Promise<TransferStats | null> {
+  async #pullStaged(rq: PullRequest, read: ActiveRead, source: Peer, rank: number, layers: [number, number]): Promise<TransferStats | null> {
     const [lo, hi] = this.layout.sharedHeads(rq.sourceLayout, rank);
     const id = this.#nextId++;
-    const reply = new Promise<Extract<Control, { t: 'staged' }>>((resolve) => this.#replies.set(id, resolve));
-    await this.agent.notify(source, encode({ t: 'stage', req: rq.requestId, id, heads: [lo, hi], blocks: [...rq.sourceBlocks], layers }));
-    const staged = await reply;
-    if (staged.error || staged.offset === undefined || staged.length === undefined) return null;
+    // The reply never comes if the source goes away or the read stops: both resolve it with null.
+    const reply = new Promise<Extract<Control, { t: 'staged' }> | null>((resolve) => this.#replies.set(id, { source: source.name, resolve }));
+    const onStop = () => this.#replies.get(id)?.resolve(null);
+    read.controller.signal.addEventListener('abort', onStop, { once: true });
+    let staged: Extract<Control, { t: 'staged' }> | null;
+    try {
+      await this.agent.notify(source, encode({ t: 'stage', req: rq.requestId, id, heads: [lo, hi], blocks: [...rq.sourceBlocks], layers }));
+      staged = await reply;
+    } finally {
+      read.controller.signal.removeEventListener('abort', onStop);
+      this.#replies.delete(id);
+    }
+    this.#throwIfStopped(rq, read);
+    if (!staged || staged.error || staged.offset === undefined || staged.length === undefined) return null;
     const landing = this.#takeLanding(staged.length);
     const buffer = landing.buffer;
     try {
       const stats = await this.agent.read(
         landing.region.descriptors([0], [staged.length]),
         source.region(STAGING_REGION).descriptors([staged.offset], [staged.length]),
-        { deadlineMs: rq.deadlineMs, signal: rq.signal },
+        { deadlineMs: rq.deadlineMs, signal: read.controller.signal },
       );
       const runs = headSliceRuns(this.layout, rq.destinationBlocks, layers, lo, hi, 0);
       addon.copyRuns(this.pool.bytes, runs.offsets, buffer, runs.packed, runs.lengths);
@@ -435,26 +618,49 @@ export class KvReceiver extends KvEndpoint {
     }
   }
 
-  /** Stops listening for control messages and releases the staging landing buffers not in use. */
+  /**
+   * Stops listening for control messages and releases the staging landing buffers not in use.
+   * Pulls and streams still running reject ERR_CANCELED, and their sources are told.
+   */
   close(): void {
     this.#closed = true;
+    for (const read of [...this.#active]) this.#stop(read, 'the receiver was closed');
     for (const l of this.#landing.filter((x) => !x.busy)) this.#returnLanding(l);
     super.close();
   }
 
+  protected peerLost(peer: string, reason: string): void {
+    for (const [, r] of this.#replies) if (r.source === peer) r.resolve(null);
+    for (const read of [...this.#active]) if (read.sources.has(peer)) this.#stop(read, `source '${peer}' disconnected (${reason})`, true);
+  }
+
   protected handle(from: string, msg: Control): void {
     if (msg.t === 'staged') {
-      this.#replies.get(msg.id)?.(msg);
-      this.#replies.delete(msg.id);
+      const r = this.#replies.get(msg.id);
+      if (r && r.source === from) r.resolve(msg); // only the source asked may answer
       return;
     }
-    const state = this.#streams.get(msg.req);
-    if (!state) return;
-    if (msg.t === 'layer' && Number.isSafeInteger(msg.layer)) state.layers.push(msg.layer);
-    else if (msg.t === 'abort') state.aborted = `aborted by '${from}': ${msg.reason}`;
-    else return;
-    const wake = state.wake;
-    state.wake = null;
-    wake?.();
+    for (const read of this.#active) {
+      if (read.req !== msg.req || !read.sources.has(from)) continue;
+      if (msg.t === 'layer' && Number.isSafeInteger(msg.layer)) {
+        read.layers.push(msg.layer);
+        const wake = read.wake;
+        read.wake = null;
+        wake?.();
+      } else if (msg.t === 'abort') {
+        this.#stop(read, `aborted by '${from}': ${msg.reason}`, true);
+      }
+    }
   }
+}
+
+/** The source's pool region, with an error that says which name was looked for and why. */
+function sourcePool(source: Peer, name: string, named: boolean): ReturnType<Peer['region']> {
+  if (source.regions.some((r) => r.name === name)) return source.region(name);
+  throw new KvwireError(
+    'ERR_NOT_FOUND',
+    `peer '${source.name}' publishes no region '${name}'` +
+      (named ? '' : ` (KvReceiver pulls from the prefill pool region named '${POOL_REGION}' unless PullRequest.sourceRegion names another)`) +
+      `; it publishes: ${source.regions.map((r) => `'${r.name}'`).join(', ') || 'none'}`,
+  );
 }

@@ -2,7 +2,7 @@
 // blocks between workers, estimate what a move costs, and watch health and per-pair statistics.
 // Workers run a KvRouterEndpoint beside their KvReceiver; the router drives them over kvwire
 // notifications, and the bytes go straight from the source worker to the destination worker.
-import type { Agent, Notification } from '../agent';
+import type { Agent, Disconnect, Notification } from '../agent';
 import { check, KvwireError } from '../errors';
 import { KvLayout, type KvLayoutSpec } from '../kv/layout';
 import type { KvReceiver } from '../kv/worker';
@@ -114,14 +114,14 @@ export class KvRouterEndpoint {
 export interface WorkerInfo {
   /** The worker's kvwire metadata. */
   metadata: Uint8Array;
-  /** Its KV layout (its own TP rank and size). */
-  layout: KvLayoutSpec;
+  /** Its KV layout (its own TP rank and size): a spec with `tp`, or the worker's KvLayout. */
+  layout: KvLayoutSpec | KvLayout;
 }
 
 /** kvwire's KvTransport: the router's own agent sends commands; workers move the bytes. */
 export class KvwireRouterTransport implements KvTransport {
-  #workers = new Map<string, WorkerInfo>();
-  #pending = new Map<number, { resolve: (r: { bytes: number; transferUs: number }) => void; reject: (e: KvwireError) => void }>();
+  #workers = new Map<string, { metadata: Uint8Array; layout: KvLayoutSpec }>();
+  #pending = new Map<number, { to: string; resolve: (r: { bytes: number; transferUs: number }) => void; reject: (e: KvwireError) => void }>();
   #stats = new Map<string, PairStats>();
   #errors = new Map<string, string>();
   #next = 1;
@@ -135,19 +135,34 @@ export class KvwireRouterTransport implements KvTransport {
     else p.reject(new KvwireError(c.code as KvwireError['code'], `worker: ${c.message}`));
   };
 
+  // A worker whose connection ended is unhealthy until addWorker is called for it again; moves
+  // waiting on it as their destination fail at once.
+  readonly #onDisconnect = (d: Disconnect) => {
+    if (!this.#workers.has(d.peer)) return;
+    this.#errors.set(d.peer, `disconnected: ${d.reason}`);
+    for (const [id, p] of this.#pending)
+      if (p.to === d.peer) {
+        this.#pending.delete(id);
+        p.reject(new KvwireError('ERR_REMOTE_DISCONNECT', `destination worker '${d.peer}' disconnected (${d.reason})`));
+      }
+  };
+
   constructor(
     readonly agent: Agent,
     /** Bandwidth assumed for a pair before any move was measured, GB/s. */
     readonly defaultGbps = 1,
   ) {
     agent.on('notification', this.#onNotification);
+    agent.on('disconnect', this.#onDisconnect);
   }
 
   /** Registers (or refreshes) a worker: the router connects to it. */
   addWorker(info: WorkerInfo): string {
+    check(info && typeof info === 'object', 'info', 'must be { metadata, layout }');
+    // Validated before connecting; kept as a plain spec (with tp) because it travels in commands.
+    const layout = new KvLayout(info.layout).spec();
     const peer = this.agent.loadPeer(info.metadata);
-    new KvLayout(info.layout); // validates
-    this.#workers.set(peer.name, info);
+    this.#workers.set(peer.name, { metadata: info.metadata, layout });
     this.#errors.delete(peer.name);
     return peer.name;
   }
@@ -180,6 +195,7 @@ export class KvwireRouterTransport implements KvTransport {
         }, deadline + 1000);
         timer.unref();
         this.#pending.set(id, {
+          to: rq.to,
           resolve: (r) => (clearTimeout(timer), resolve(r)),
           reject: (e) => (clearTimeout(timer), reject(e)),
         });
@@ -233,6 +249,7 @@ export class KvwireRouterTransport implements KvTransport {
 
   async close(): Promise<void> {
     this.agent.off('notification', this.#onNotification);
+    this.agent.off('disconnect', this.#onDisconnect);
     for (const p of this.#pending.values()) p.reject(new KvwireError('ERR_CANCELED', 'router transport closed'));
     this.#pending.clear();
   }

@@ -92,7 +92,8 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   };
   struct Arrived {
     std::string from;
-    std::string message;
+    std::string message;    // a notification's bytes, or why the connection ended
+    bool disconnect = false;
   };
 
   Napi::Value Allocate(const Napi::CallbackInfo& info);
@@ -166,7 +167,10 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
     settled_.push_back({id, st, stats});
   };
   cb.notification = [this](const std::string& from, std::string message) {
-    arrived_.push_back({from, std::move(message)});
+    arrived_.push_back({from, std::move(message), false});
+  };
+  cb.disconnected = [this](const std::string& peer, const std::string& reason) {
+    arrived_.push_back({peer, reason, true});
   };
   auto agent = kvwire::Agent::create(info[0].As<Napi::String>(), bo, std::move(cb));
   if (!agent.isOk()) {
@@ -325,8 +329,11 @@ void AgentWrap::deliver() {
       for (size_t i = 0; i < batch.size() && ok; ++i) {
         napi_value name = nullptr, message = nullptr;
         void* copy = nullptr;
+        // A disconnect travels as a string (its reason), a notification as a Buffer.
         ok = napi_create_string_utf8(env, batch[i].from.data(), batch[i].from.size(), &name) == napi_ok &&
-             napi_create_buffer_copy(env, batch[i].message.size(), batch[i].message.data(), &copy, &message) == napi_ok &&
+             (batch[i].disconnect
+                  ? napi_create_string_utf8(env, batch[i].message.data(), batch[i].message.size(), &message) == napi_ok
+                  : napi_create_buffer_copy(env, batch[i].message.size(), batch[i].message.data(), &copy, &message) == napi_ok) &&
              napi_set_element(env, from, static_cast<uint32_t>(i), name) == napi_ok &&
              napi_set_element(env, messages, static_cast<uint32_t>(i), message) == napi_ok;
       }

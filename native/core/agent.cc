@@ -283,13 +283,27 @@ void Agent::failPeerTransfers(uint64_t peerKey, const Status& status) {
 }
 
 void Agent::peerFailed(uint64_t peerKey, Status status) {
+  std::string lost;
   for (auto& [name, p] : peers_)
     if (p->key == peerKey) {
       p->failed = true;
       p->failure = status;
+      lost = name;
       status = Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message());
     }
   failPeerTransfers(peerKey, status);
+  if (!lost.empty() && callbacks_.disconnected) callbacks_.disconnected(lost, status.message());
+}
+
+void Agent::connectionLost(const std::string& name, uint64_t agentId, Status status) {
+  auto it = peers_.find(name);
+  if (agentId != 0 && it != peers_.end() && it->second->md.agentId == agentId && !it->second->failed) {
+    PeerEntry& p = *it->second;
+    p.failed = true;
+    p.failure = status;
+    failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message()));
+  }
+  if (callbacks_.disconnected) callbacks_.disconnected(name, status.message());
 }
 
 Result<uint8_t*> Agent::resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,

@@ -20,6 +20,8 @@ struct AgentCallbacks {
   // Called exactly once per transfer id, on the progress thread.
   std::function<void(uint64_t id, const Status& status, const TransferStats& stats)> settled;
   std::function<void(const std::string& from, std::string message)> notification;
+  // A peer's connection ended (closed, failed, or dropped); may repeat for one peer.
+  std::function<void(const std::string& peer, const std::string& reason)> disconnected;
 };
 
 struct PeerView {
@@ -85,6 +87,7 @@ class Agent : public BackendHost {
   void transferFinished(const TransferRef& t, Status status) override;
   void notificationArrived(const std::string& from, std::string message) override;
   void peerFailed(uint64_t peerKey, Status status) override;
+  void connectionLost(const std::string& name, uint64_t agentId, Status status) override;
   Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
                                   LocalRegionRef* hold) override;
 

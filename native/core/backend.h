@@ -21,6 +21,10 @@ class BackendHost {
   virtual void notificationArrived(const std::string& from, std::string message) = 0;
   // A peer's connection failed; every transfer to it must fail.
   virtual void peerFailed(uint64_t peerKey, Status status) = 0;
+  // The connection with the agent `name` ended (it said goodbye, or our endpoint to it failed).
+  // `agentId` is the instance that said goodbye (0 when unknown); a loaded peer of that instance
+  // fails its transfers at once instead of waiting for UCX to notice.
+  virtual void connectionLost(const std::string& name, uint64_t agentId, Status status) = 0;
   // Resolve a peer's access to this agent's memory: region id, bounds and access rights are all
   // checked here, never trusted from the wire. `hold` keeps the region alive while data moves.
   virtual Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,

@@ -17,6 +17,7 @@ enum AmId : uint16_t {
   kAmNotify = 8,       // either way: a notification on its own
   kAmWritePacked = 9,  // initiator -> target: many small WRITE segments in one message
   kAmReadPacked = 10,  // target -> initiator: a run of small READ segments in one message
+  kAmBye = 11,         // either way: this agent is closing; the connection it came on is over
 };
 
 // Segments up to kPackSegmentMax bytes travel packed, up to kPackBytesMax bytes per message: one
@@ -33,6 +34,9 @@ struct HelloHeader {  // data: the sender's name, then its worker address
   uint32_t version;
   uint32_t nameLength;
   uint32_t isReply;  // 1: the target's answer on its own endpoint, so the initiator can name it too
+};
+struct ByeHeader {
+  uint64_t agentId;  // the closing instance: a loaded peer of another instance is left alone
 };
 struct WriteHeader {
   uint64_t transferId;
