@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Smoke test against a second UCX: PyPI's libucx-cu12 (UCX 1.22, built with CUDA transports).
-# Builds the addon against it into build-ucx122/ and runs the transfer and lifecycle tests and the
+# Builds the addon against it into build-ucx122/ and runs the transfer, lifecycle and early-stop tests and the
 # demo with that addon. Prints its own closing line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +11,4 @@ fi
 npx cmake-js compile --out build-ucx122 --CDUCX_HOME="$PWD/$target/libucx" >/dev/null
 export KVWIRE_ADDON="$PWD/build-ucx122/Release/kvwire.node"
 echo "kvwire: smoke-testing against UCX $(node -e 'console.log(require("./dist").ucxVersion())')"
-npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/demo.test.ts "$@"
+npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/demo.test.ts test/kv-early-stop.test.ts "$@"
