@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { isMainThread } from 'node:worker_threads';
+import { isMainThread, markAsUntransferable } from 'node:worker_threads';
 import { DescriptorList } from './descriptors';
 import { check, KvwireError } from './errors';
 import { Peer, Region, RemoteRegion, type Access, type RegionOptions } from './memory';
@@ -60,7 +60,7 @@ const SIGNATURE_MAGIC = Buffer.from('KVWH');
 const SIGNATURE_BYTES = SIGNATURE_MAGIC.length + 32;
 const ACCESS: readonly Access[] = ['read', 'write', 'readwrite'];
 const MAX_NAME_BYTES = 255;
-/** Notifications are small control messages; the native side refuses anything above 64 MiB. */
+/** Notifications are small control messages: at most 16 MiB, sent or accepted (the native side checks the same). */
 export const MAX_NOTIFY_BYTES = 16 << 20;
 
 function toBytes(field: string, value: string | Uint8Array): Uint8Array {
@@ -171,6 +171,7 @@ export class Agent extends EventEmitter {
     check(Number.isSafeInteger(bytes) && bytes > 0, 'bytes', `must be a positive integer, got ${bytes}`);
     const { name, access } = this.#regionOptions(options);
     const r = this.#open().allocate(name, bytes, access);
+    markAsUntransferable(r.bytes.buffer); // UCX owns this memory: it must not move to another thread
     const region = new Region(r.region, r.bytes);
     this.#regions.set(region.id, region);
     return region;
@@ -182,13 +183,19 @@ export class Agent extends EventEmitter {
    */
   register(memory: ArrayBufferView | ArrayBuffer | SharedArrayBuffer, options: RegionOptions): Region {
     let view: Uint8Array;
-    if (ArrayBuffer.isView(memory)) view = new Uint8Array(memory.buffer, memory.byteOffset, memory.byteLength);
-    else if (memory instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && memory instanceof SharedArrayBuffer))
-      view = new Uint8Array(memory);
-    else
+    const isBuffer = memory instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && memory instanceof SharedArrayBuffer);
+    if (!ArrayBuffer.isView(memory) && !isBuffer)
       throw new KvwireError('ERR_INVALID_PARAM', 'memory: must be a Buffer, typed array, DataView, ArrayBuffer or SharedArrayBuffer');
-    check(view.byteLength > 0, 'memory', 'must not be empty');
+    try {
+      view = ArrayBuffer.isView(memory) ? new Uint8Array(memory.buffer, memory.byteOffset, memory.byteLength) : new Uint8Array(memory);
+    } catch {
+      throw new KvwireError('ERR_INVALID_PARAM', 'memory: its ArrayBuffer is detached (transferred away)');
+    }
+    check(view.byteLength > 0, 'memory', 'must not be empty (or a detached ArrayBuffer)');
     const { name, access } = this.#regionOptions(options);
+    // A registered buffer must not move to another thread while UCX writes into it: transferring it
+    // (postMessage, structuredClone) copies it instead, from now on.
+    markAsUntransferable(view.buffer);
     const native = this.#open().register(name, view, access);
     const region = new Region(native, view);
     this.#regions.set(region.id, region);
@@ -298,6 +305,8 @@ export class Agent extends EventEmitter {
       if (options.notify !== undefined) notify = notificationBytes('notify', options.notify);
       if (this.#regions.get(local.region.id) !== local.region)
         throw new KvwireError('ERR_NOT_FOUND', `local region '${local.region.name}' is not registered with agent '${this.name}'`);
+      check(local.region.bytes.byteLength === local.region.length, 'local',
+        `region '${local.region.name}' lost its memory (its ArrayBuffer was detached); deregister it`);
       if (options.signal?.aborted) throw new KvwireError('ERR_CANCELED', 'aborted before the transfer started');
       const r = remote.region;
       id = this.#open().post(op, pathIndex, local.region.id, local.offsets, local.lengths, r.peer, r.peerAgentId, r.id,

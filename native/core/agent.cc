@@ -1,6 +1,10 @@
 #include "agent.h"
 
+#include <sys/statvfs.h>
+
 #include <chrono>
+#include <cstdio>
+#include <cstring>
 #include <random>
 
 namespace kvwire {
@@ -25,6 +29,29 @@ uint64_t randomId() {
   std::random_device rd;
   return (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ monotonicNs();
 }
+// Bytes of host memory a new allocation may take: MemAvailable, and for the shared memory UCX
+// allocates from, what /dev/shm still has. Touching pages beyond either kills the process (OOM or
+// SIGBUS), so an allocation larger than this is refused up front. 0 when unknown (no check).
+uint64_t hostAllocatable() {
+  uint64_t limit = 0;
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kb = 0;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+        limit = static_cast<uint64_t>(kb) * 1024;
+        break;
+      }
+    std::fclose(f);
+  }
+  struct statvfs vfs {};
+  if (statvfs("/dev/shm", &vfs) == 0) {
+    const uint64_t shm = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    if (limit == 0 || shm < limit) limit = shm;
+  }
+  return limit;
+}
+
 const char* accessName(uint8_t access) {
   return access == kAccessRead ? "read" : access == kAccessWrite ? "write" : "readwrite";
 }
@@ -73,6 +100,10 @@ void Agent::close() {
 Result<RegionInfo> Agent::allocate(const std::string& name, uint64_t length, uint8_t access) {
   if (closing_) return Status(Code::Closed, "agent is closed");
   if (length == 0) return Status(Code::InvalidParam, "allocate: bytes must be > 0");
+  const uint64_t room = hostAllocatable();
+  if (room != 0 && length > room)
+    return Status(Code::Unavailable, "allocate: " + std::to_string(length) + " bytes requested, but this machine can hold " +
+                                         std::to_string(room) + " more (available memory and /dev/shm)");
   auto mem = backend_->allocate(length);
   if (!mem.isOk()) return mem.status();
   auto region = std::make_shared<LocalRegion>();
@@ -180,6 +211,8 @@ Status Agent::forgetPeer(const std::string& name) {
 Result<uint64_t> Agent::post(const TransferRequest& rq) {
   const uint64_t t0 = monotonicNs();
   if (closing_) return Status(Code::Closed, "agent is closed");
+  if (rq.hasNotify && rq.notify.size() > kMaxNotifyBytes)
+    return Status(Code::InvalidParam, "notify: is " + std::to_string(rq.notify.size()) + " bytes; at most " + std::to_string(kMaxNotifyBytes));
   auto lit = regions_.find(rq.localRegion);
   if (lit == regions_.end())
     return Status(Code::NotFound, "local region " + std::to_string(rq.localRegion) + " is not registered (deregistered?)");
@@ -265,6 +298,8 @@ void Agent::endEarly(const TransferRef& t, Status status) {
 
 Status Agent::notify(const std::string& peer, const std::string& message) {
   if (closing_) return {Code::Closed, "agent is closed"};
+  if (message.size() > kMaxNotifyBytes)
+    return {Code::InvalidParam, "message: is " + std::to_string(message.size()) + " bytes; at most " + std::to_string(kMaxNotifyBytes)};
   auto it = peers_.find(peer);
   if (it == peers_.end()) return backend_->notifyConnection(peer, message);
   if (it->second->failed) return {Code::RemoteDisconnect, "peer '" + peer + "' is disconnected"};

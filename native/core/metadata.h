@@ -41,6 +41,8 @@ struct AgentMetadata {
 constexpr uint32_t kMetadataMagic = 0x4d57564b;  // "KVWM" little-endian
 constexpr uint16_t kMetadataVersion = 1;
 constexpr size_t kMaxNameBytes = 255;
+// Notifications are small control messages: one limit for what is sent and what is accepted.
+constexpr size_t kMaxNotifyBytes = 16u << 20;
 constexpr size_t kMaxBlobBytes = 1 << 20;     // worker address / rkey
 constexpr size_t kMaxRegions = 1 << 16;
 constexpr size_t kMaxMetadataBytes = 64u << 20;

@@ -935,6 +935,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       return;
     }
     case ucx::kAmNotify: {
+      if (length > kMaxNotifyBytes) return;  // the sender's kvwire refuses these: not ours
       host_->notificationArrived(connectionName(reply), text());
       return;
     }
@@ -946,7 +947,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     }
     case ucx::kAmWriteCommit: {
       ucx::CommitHeader h{};
-      if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
+      if (!readHeader(header, headerLength, &h) || reply == nullptr || length > kMaxNotifyBytes) return;
       auto key = std::make_pair(reply, h.transferId);
       InboundWrite& in = inbound_[key];
       in.expected = static_cast<int64_t>(h.segments);
