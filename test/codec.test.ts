@@ -1,6 +1,7 @@
 // Metadata codec: round trip, and rejection of every malformed variant (never a crash).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, decodeMetadata } from '../lib';
+import { reseal } from './helpers';
 
 function code(fn: () => unknown): string {
   try {
@@ -58,13 +59,15 @@ describe('metadata codec', () => {
     const mutate = (fn: (b: Buffer) => void) => {
       const b = Buffer.from(blob);
       fn(b);
-      return code(() => decodeMetadata(b));
+      return code(() => decodeMetadata(reseal(b)));
     };
+    expect(mutate(() => {})).toBe('OK');
     expect(mutate((b) => (b[0] ^= 0xff))).toBe('ERR_INVALID_PARAM');
-    expect(mutate((b) => b.writeUInt16LE(2, 4))).toBe('ERR_INVALID_PARAM');
+    expect(mutate((b) => b.writeUInt16LE(1, 4))).toBe('ERR_INVALID_PARAM');
+    expect(mutate((b) => b.writeUInt16LE(3, 4))).toBe('ERR_INVALID_PARAM');
     expect(mutate((b) => b.writeUInt16LE(1, 6))).toBe('ERR_INVALID_PARAM');
     expect(mutate((b) => b.writeUInt32LE(b.readUInt32LE(8) + 1, 8))).toBe('ERR_INVALID_PARAM');
-    expect(code(() => decodeMetadata(Buffer.concat([blob, Buffer.from([0])])))).toBe('ERR_INVALID_PARAM');
+    expect(code(() => decodeMetadata(reseal(Buffer.concat([blob, Buffer.from([0])]))))).toBe('ERR_INVALID_PARAM');
     expect(() => decodeMetadata(Buffer.from([1, 2, 3]))).toThrow(/shorter than the 12-byte header/);
   });
 
@@ -78,7 +81,7 @@ describe('metadata codec', () => {
     ]) {
       const b = Buffer.from(blob);
       b.writeUInt32LE(value, offset);
-      expect(code(() => decodeMetadata(b)), `offset ${offset} = ${value}`).toBe('ERR_INVALID_PARAM');
+      expect(code(() => decodeMetadata(reseal(b))), `offset ${offset} = ${value}`).toBe('ERR_INVALID_PARAM');
     }
     // A region with an unknown kind, access or zero length.
     const nameLen = blob[firstRegion + 4];
@@ -91,11 +94,28 @@ describe('metadata codec', () => {
     ]) {
       const b = Buffer.from(blob);
       b[at] = v;
-      expect(code(() => decodeMetadata(b))).toBe('ERR_INVALID_PARAM');
+      expect(code(() => decodeMetadata(reseal(b)))).toBe('ERR_INVALID_PARAM');
     }
     const zero = Buffer.from(blob);
     zero.writeBigUInt64LE(0n, kindAt + 3 + 4 + 8);
-    expect(code(() => decodeMetadata(zero))).toBe('ERR_INVALID_PARAM');
+    expect(code(() => decodeMetadata(reseal(zero)))).toBe('ERR_INVALID_PARAM');
+  });
+
+  it('refuses any altered byte by its checksum, before parsing anything', () => {
+    for (let at = 0; at < blob.length; at++) {
+      const b = Buffer.from(blob);
+      b[at] ^= 0x5a;
+      let message = '';
+      try {
+        decodeMetadata(b);
+      } catch (e) {
+        expect((e as KvwireError).code).toBe('ERR_INVALID_PARAM');
+        message = (e as Error).message;
+      }
+      // The header fields are checked first; every other byte is caught by the checksum.
+      if (at >= 12) expect(message, `byte ${at}`).toContain('checksum mismatch');
+      else expect(message, `byte ${at}`).not.toBe('');
+    }
   });
 
   it('never crashes on random corruption: each variant decodes or fails with ERR_INVALID_PARAM', () => {
@@ -106,7 +126,7 @@ describe('metadata codec', () => {
       const b = Buffer.from(blob);
       const flips = 1 + (next() % 4);
       for (let f = 0; f < flips; f++) b[next() % b.length] = next() & 0xff;
-      const c = code(() => decodeMetadata(b));
+      const c = code(() => decodeMetadata(reseal(b))); // resealed: the parser itself must hold
       seen.add(c);
       expect(['OK', 'ERR_INVALID_PARAM']).toContain(c);
     }

@@ -145,3 +145,19 @@ export function place(seed: number, lengths: number[], size: number): number[] {
   }
   return offsets;
 }
+
+/** FNV-1a (64-bit) of `bytes`: the checksum that trails a metadata blob (native/core/metadata.cc). */
+export function metadataChecksum(bytes: Uint8Array): bigint {
+  let h = 0xcbf29ce484222325n;
+  for (const b of bytes) h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  return h;
+}
+
+/**
+ * Rewrites the trailing checksum of an (altered) unsigned metadata blob, as a careless encoder or
+ * an attacker who knows the format would: the decoder's own checks must then catch what is wrong.
+ */
+export function reseal(blob: Buffer): Buffer {
+  if (blob.length >= 8) blob.writeBigUInt64LE(metadataChecksum(blob.subarray(0, blob.length - 8)), blob.length - 8);
+  return blob;
+}

@@ -21,7 +21,9 @@ namespace {
 //           regionCount u32, regions[regionCount]
 //   region: id u32, name str8, kind u8, access u8, flags u8 (bit0 backendAllocated),
 //           deviceId u32, base u64, length u64, rkey blob32
+//   trailer: checksum u64 = metadataChecksum(header + body)
 constexpr size_t kHeaderBytes = 12;
+constexpr size_t kTrailerBytes = 8;
 
 class Writer {
  public:
@@ -75,6 +77,7 @@ class Reader {
     return true;
   }
   size_t remaining() const { return n_ - pos_; }
+  void skip(size_t k) { pos_ += k; }
   const std::string& error() const { return error_; }
 
  private:
@@ -138,7 +141,14 @@ Result<std::vector<uint8_t>> encodeMetadata(const AgentMetadata& md) {
   auto& out = w.bytes();
   uint32_t body = static_cast<uint32_t>(out.size() - kHeaderBytes);
   for (int i = 0; i < 4; ++i) out[8 + i] = static_cast<uint8_t>(body >> (8 * i));
+  w.u64(metadataChecksum(out.data(), out.size()));
   return std::move(out);
+}
+
+uint64_t metadataChecksum(const uint8_t* data, size_t size) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < size; ++i) h = (h ^ data[i]) * 0x100000001b3ull;
+  return h;
 }
 
 Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
@@ -158,9 +168,16 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
     return invalid("unsupported version " + std::to_string(version) + " (this build reads version " +
                    std::to_string(kMetadataVersion) + ")");
   if (flags != 0) return invalid("unknown flags 0x" + std::to_string(flags));
-  if (body != size - kHeaderBytes)
+  if (size < kHeaderBytes + kTrailerBytes || body != size - kHeaderBytes - kTrailerBytes)
     return invalid("body length field says " + std::to_string(body) + " bytes but " +
-                   std::to_string(size - kHeaderBytes) + " follow the header");
+                   std::to_string(size < kHeaderBytes + kTrailerBytes ? 0 : size - kHeaderBytes - kTrailerBytes) +
+                   " follow the header (before the 8-byte checksum)");
+  uint64_t sum = 0;
+  for (int i = 0; i < 8; ++i) sum |= static_cast<uint64_t>(data[size - kTrailerBytes + i]) << (8 * i);
+  if (sum != metadataChecksum(data, size - kTrailerBytes))
+    return invalid("checksum mismatch (the blob was altered or damaged on the way)");
+  r = Reader(data, size - kTrailerBytes);
+  r.skip(kHeaderBytes);
 
   AgentMetadata md;
   uint32_t count = 0;

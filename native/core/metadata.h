@@ -39,15 +39,19 @@ struct AgentMetadata {
 
 // Format limits, enforced on both encode and decode.
 constexpr uint32_t kMetadataMagic = 0x4d57564b;  // "KVWM" little-endian
-constexpr uint16_t kMetadataVersion = 1;
+// Version 2: a checksum trails the body, so a corrupted blob is refused before any of its bytes
+// (the worker address and keys UCX parses, and can crash on) reach UCX.
+constexpr uint16_t kMetadataVersion = 2;
 constexpr size_t kMaxNameBytes = 255;
 // Notifications are small control messages: one limit for what is sent and what is accepted.
 constexpr size_t kMaxNotifyBytes = 16u << 20;
-constexpr size_t kMaxBlobBytes = 1 << 20;     // worker address / rkey
+constexpr size_t kMaxBlobBytes = 64u << 10;   // worker address / rkey (UCX's are well under 4 KiB)
 constexpr size_t kMaxRegions = 1 << 16;
 constexpr size_t kMaxMetadataBytes = 64u << 20;
 
 Result<std::vector<uint8_t>> encodeMetadata(const AgentMetadata& md);
 Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size);
+// The checksum that trails a version-2 blob: FNV-1a (64-bit) of every byte before it.
+uint64_t metadataChecksum(const uint8_t* data, size_t size);
 
 }  // namespace kvwire

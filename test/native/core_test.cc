@@ -69,6 +69,37 @@ TEST(Metadata, RandomCorruptionNeverCrashes) {
   }
 }
 
+// The parser itself, past the checksum: corrupt, then reseal as a careless encoder would.
+TEST(Metadata, ResealedCorruptionIsParsedStrictly) {
+  auto blob = encodeMetadata(sample()).value();
+  std::mt19937 rng(7);
+  int refused = 0;
+  for (int i = 0; i < 20000; ++i) {
+    auto copy = blob;
+    for (int f = 0; f < 3; ++f) copy[rng() % (copy.size() - 8)] = static_cast<uint8_t>(rng());
+    const uint64_t sum = metadataChecksum(copy.data(), copy.size() - 8);
+    for (int k = 0; k < 8; ++k) copy[copy.size() - 8 + k] = static_cast<uint8_t>(sum >> (8 * k));
+    auto md = decodeMetadata(copy.data(), copy.size());
+    if (!md.isOk()) {
+      EXPECT_EQ(md.status().code(), Code::InvalidParam);
+      EXPECT_EQ(md.status().message().find("checksum mismatch"), std::string::npos);
+      ++refused;
+    }
+  }
+  EXPECT_GT(refused, 0);
+}
+
+TEST(Metadata, EveryAlteredBodyByteFailsTheChecksum) {
+  auto blob = encodeMetadata(sample()).value();
+  for (size_t at = 12; at < blob.size(); ++at) {
+    auto copy = blob;
+    copy[at] ^= 0x01;
+    auto md = decodeMetadata(copy.data(), copy.size());
+    ASSERT_FALSE(md.isOk()) << "byte " << at;
+    EXPECT_NE(md.status().message().find("checksum mismatch"), std::string::npos) << md.status().message();
+  }
+}
+
 TEST(Plan, CoalescesOnlyRunsAdjacentOnBothSides) {
   std::vector<uint8_t> mem(4096);
   const uint64_t lo[] = {0, 64, 128, 1000, 1064};
