@@ -42,18 +42,27 @@ export interface Disconnect {
 }
 
 // Agents still open when the process exits say goodbye to their peers (synchronously, bounded to
-// ~20 ms), so a peer on shared memory learns at once instead of after UCX's ~1 s keepalive.
-const openAgents = new Set<() => void>();
+// ~20 ms each), so a peer on shared memory learns at once instead of after UCX's ~1 s keepalive.
+// Held weakly: an agent nobody references any more is not kept alive by this. In a worker_thread
+// the agent's own teardown (when the thread's environment goes) says goodbye instead.
+const openAgents = new Set<WeakRef<Agent>>();
+const closeForExit = new WeakMap<Agent, () => void>();
 let exitHooked = false;
-// In a worker_thread the agent's own teardown (when the thread's environment goes) says goodbye.
-function closeOnExit(closeNow: () => void): void {
-  if (!isMainThread) return;
-  openAgents.add(closeNow);
-  if (exitHooked) return;
-  exitHooked = true;
-  process.on('exit', () => {
-    for (const close of [...openAgents]) close();
-  });
+function closeOnExit(agent: Agent, closeNow: () => void): WeakRef<Agent> | null {
+  if (!isMainThread) return null;
+  const ref = new WeakRef(agent);
+  openAgents.add(ref);
+  closeForExit.set(agent, closeNow);
+  if (!exitHooked) {
+    exitHooked = true;
+    process.on('exit', () => {
+      for (const r of [...openAgents]) {
+        const a = r.deref();
+        if (a) closeForExit.get(a)?.();
+      }
+    });
+  }
+  return ref;
 }
 
 const SIGNATURE_MAGIC = Buffer.from('KVWH');
@@ -91,13 +100,7 @@ export class Agent extends EventEmitter {
   #queue: Notification[] = [];
   #iterating = 0;
   #closing: Promise<void> = Promise.resolve();
-  readonly #closeOnExit = () => {
-    try {
-      this.#native?.close().catch(() => {});
-    } catch {
-      // exiting anyway: UCX keepalive will tell the peers
-    }
-  };
+  #exitRef: WeakRef<Agent> | null = null;
 
   private constructor(options: AgentOptions) {
     super();
@@ -114,7 +117,15 @@ export class Agent extends EventEmitter {
       (rows, errors) => this.#onSettled(rows, errors),
       (from, messages) => this.#onNotifications(from, messages),
     );
-    closeOnExit(this.#closeOnExit);
+    this.#exitRef = closeOnExit(this, () => {
+      const native = this.#native;
+      this.#native = null;
+      try {
+        native?.close().catch(() => {});
+      } catch {
+        // exiting anyway: UCX keepalive will tell the peers
+      }
+    });
   }
 
   /** Creates an agent with its UCX context and worker. */
@@ -429,9 +440,10 @@ export class Agent extends EventEmitter {
   async close(): Promise<void> {
     const native = this.#native;
     if (!native) return this.#closing;
-    this.#closing = native.close();
+    // Closed before UCX finishes: handlers that run while it does see a closed agent.
     this.#native = null;
-    openAgents.delete(this.#closeOnExit);
+    if (this.#exitRef) openAgents.delete(this.#exitRef);
+    this.#closing = native.close();
     for (const t of this.#transfers.values()) t.settle(new KvwireError('ERR_CANCELED', 'agent closed'));
     this.#transfers.clear();
     for (const r of this.#regions.values()) r.markDeregistered();

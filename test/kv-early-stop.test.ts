@@ -183,6 +183,34 @@ for (const transports of ['shm,self', 'tcp']) {
       });
     }
 
+    it('stream(): its signal aborted while the loop body still runs tells the prefill at once, not when the body returns', async () => {
+      const { id, settled } = await publish();
+      const ac = new AbortController();
+      let abortedAt = 0;
+      const e = await rejection((async () => {
+        for await (const _ of receiver.stream({ requestId: id, ...base(), signal: ac.signal })) {
+          void _;
+          ac.abort();
+          abortedAt = now();
+          await new Promise((r) => setTimeout(r, 1000)); // the body is busy for a second
+        }
+      })());
+      expect(e.code).toBe('ERR_CANCELED');
+      const s = await settled;
+      expect(s).toMatchObject({ ok: false, code: 'ERR_CANCELED' });
+      expect(s.at - abortedAt).toBeLessThan(SETTLE_MS);
+    });
+
+    it('pull() with a signal aborted before it starts still tells the prefill', async () => {
+      const { id, settled } = await publish();
+      const ac = new AbortController();
+      ac.abort();
+      const e = await rejection(receiver.pull({ requestId: id, ...base(), signal: ac.signal }));
+      const stoppedAt = now();
+      expect(e.code).toBe('ERR_CANCELED');
+      await expectFreed(settled, stoppedAt, 'reader', 'aborted before the pull started');
+    });
+
     it('two readers: one aborts while the other still reads; the publication waits for it, then names the one that stopped', async () => {
       const b = await Agent.create({ name: 'reader-b', ucx: { transports } });
       try {
@@ -234,3 +262,97 @@ for (const transports of ['shm,self', 'tcp']) {
     });
   });
 }
+
+describe('early stops across several prefill ranks, restarts and silent sources', () => {
+  const transports = 'shm,self';
+  const tp2 = [0, 1].map((rank): KvLayoutSpec => ({ ...shape, blocks: 16, tp: { rank, size: 2 } }));
+
+  it('a stream from two prefill ranks that one rank aborts tells the other rank at once', async () => {
+    const ranks = [0, 1].map((r) => new PeerProcess(`prefill-tp-${r}`, {}, 'fixtures/kv-sender.cjs'));
+    const agent = await Agent.create({ name: 'reader-tp', ucx: { transports } });
+    try {
+      const mds = await Promise.all(ranks.map((w, r) => w.ok('init', { name: w.name, layout: tp2[r], transports, fill: true })));
+      const layout = new KvLayout({ ...shape, blocks: 8 });
+      const receiver = new KvReceiver(agent, layout, agent.register(Buffer.alloc(layout.regionBytes), { name: 'kv' }));
+      const sources = mds.map((m) => agent.loadPeer(Buffer.from(m.metadata, 'base64')));
+      const settled = ranks.map((w) => w.waitEvent('settled', LEASE, (m) => m.req === 'tp'));
+      for (const w of ranks) await w.ok('publish', { req: 'tp', blocks: [1, 2], readers: 1, leaseMs: LEASE, layersReady: 0 });
+      const streaming = (async () => {
+        for await (const _ of receiver.stream({ requestId: 'tp', sources, sourceLayout: new KvLayout(tp2[0]), sourceBlocks: [1, 2], destinationBlocks: [3, 4] })) void _;
+      })().then(() => null, (e) => e);
+      await new Promise((r) => setTimeout(r, 50));
+      const abortedAt = now();
+      await ranks[0].ok('abort', { req: 'tp', reason: 'rank 0 gave up' });
+      expect(await streaming).toMatchObject({ code: 'ERR_CANCELED', message: expect.stringContaining('rank 0 gave up') });
+      const other = await settled[1];
+      expect(other).toMatchObject({ ok: false, code: 'ERR_CANCELED' });
+      expect(other.message).toContain("reader 'reader-tp' aborted");
+      expect(other.at - abortedAt).toBeLessThan(SETTLE_MS + 50); // includes the IPC round trip of the abort command
+      expect(await settled[0]).toMatchObject({ ok: false, code: 'ERR_CANCELED' });
+    } finally {
+      await agent.close();
+      for (const w of ranks) await w.close();
+    }
+  });
+
+  it('a staged pull whose source never answers ends at its deadline (ERR_TIMEOUT), not never', async () => {
+    const nhd = { ...shape, blockLayout: 'NHD' as const };
+    const spec: KvLayoutSpec = { ...nhd, blocks: 16 };
+    const prefill = new PeerProcess('prefill-silent', {}, 'fixtures/kv-sender.cjs');
+    const agent = await Agent.create({ name: 'reader-staged', ucx: { transports } });
+    try {
+      const { metadata } = await prefill.ok('init', { name: prefill.name, layout: spec, transports, fill: true, stagingBytes: 1 << 20 });
+      await prefill.ok('publish', { req: 'silent', blocks: [1], readers: 1, leaseMs: LEASE });
+      await prefill.ok('closeSender'); // its agent is up, its KvSender answers nothing any more
+      const layout = new KvLayout({ ...nhd, blocks: 8, tp: { rank: 0, size: 2 } });
+      const receiver = new KvReceiver(agent, layout, agent.register(Buffer.alloc(layout.regionBytes), { name: 'kv' }));
+      const source = agent.loadPeer(Buffer.from(metadata, 'base64'));
+      const started = Date.now();
+      const e = await receiver.pull({ requestId: 'silent', sources: [source], sourceLayout: new KvLayout(spec), sourceBlocks: [1], destinationBlocks: [0], deadlineMs: 300 })
+        .then(() => null, (err) => err);
+      expect(e).toMatchObject({ code: 'ERR_TIMEOUT', message: expect.stringContaining('did not answer the staging request in 300 ms') });
+      expect(Date.now() - started).toBeLessThan(2000);
+    } finally {
+      await agent.close();
+      await prefill.close();
+    }
+  });
+
+  it("a reader killed and restarted under the same name: the old instance's late disconnect does not cancel the new one's publication", async () => {
+    const prefill = new PeerProcess('prefill-restart', {}, 'fixtures/kv-sender.cjs');
+    const readers: PeerProcess[] = [];
+    try {
+      const { metadata } = await prefill.ok('init', { name: prefill.name, layout: prefillSpec, transports, fill: true });
+      const layout = new KvLayout({ ...shape, blocks: 8 });
+      const streamArgs = { sourceLayout: prefillSpec, sourceBlocks: [1, 2], destinationBlocks: [3, 4] };
+      const first = new PeerProcess('decode-x', {}, 'fixtures/kv-reader.cjs');
+      readers.push(first);
+      await first.ok('init', { name: 'decode-x', layout: layout.spec(), transports, source: metadata });
+      const oldSettled = prefill.waitEvent('settled', LEASE, (m) => m.req === 'old');
+      await prefill.ok('publish', { req: 'old', blocks: [1, 2], readers: 1, leaseMs: LEASE, layersReady: 0 });
+      await first.ok('stream', { req: 'old', ...streamArgs });
+      await new Promise((r) => setTimeout(r, 50));
+      first.kill(); // on shared memory the prefill hears of it only through keepalive, ~1 s later
+      const second = new PeerProcess('decode-x', {}, 'fixtures/kv-reader.cjs');
+      readers.push(second);
+      await second.ok('init', { name: 'decode-x', layout: layout.spec(), transports, source: metadata });
+      const newSettled = prefill.waitEvent('settled', LEASE, (m) => m.req === 'new');
+      await prefill.ok('publish', { req: 'new', blocks: [1, 2], readers: 1, leaseMs: LEASE, layersReady: 0 });
+      const streamed = second.waitEvent('streamed', LEASE, (m) => m.req === 'new');
+      await second.ok('stream', { req: 'new', ...streamArgs });
+      // The old instance's publication ends when its death is seen; the new one must not.
+      expect(await oldSettled).toMatchObject({ ok: false, code: 'ERR_CANCELED' });
+      await new Promise((r) => setTimeout(r, 1500));
+      let early: any = null;
+      void newSettled.then((s) => (early = s));
+      await new Promise((r) => setTimeout(r, 10));
+      expect(early).toBeNull();
+      for (let layer = 0; layer < shape.layers; layer++) await prefill.ok('layer', { req: 'new', layer });
+      expect(await streamed).toMatchObject({ ok: true });
+      expect(await newSettled).toMatchObject({ ok: true, readers: ['decode-x'] });
+    } finally {
+      for (const r of readers) r.kill();
+      await prefill.close();
+    }
+  });
+});

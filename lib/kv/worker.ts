@@ -136,7 +136,7 @@ export class KvPublication implements PromiseLike<string[]> {
   /** @internal */
   readerStarted(from: string): void {
     if (this.#settled || this.done.includes(from)) return;
-    this.#stopped.delete(from); // a reader may retry after its own abort
+    this.#stopped.delete(from); // a reader may start again after its own abort while the publication is open
     this.#working.add(from);
   }
 
@@ -189,6 +189,7 @@ abstract class KvEndpoint {
     if (msg) this.handle(n.from, msg);
   };
   readonly #onDisconnect = (d: Disconnect) => this.peerLost(d.peer, d.reason);
+  readonly #onAgentClose = () => this.close();
 
   constructor(
     readonly agent: Agent,
@@ -198,12 +199,14 @@ abstract class KvEndpoint {
     check(pool.length >= layout.regionBytes, 'pool', `has ${pool.length} bytes; the layout needs ${layout.regionBytes}`);
     agent.on('notification', this.#onNotification);
     agent.on('disconnect', this.#onDisconnect);
+    agent.on('close', this.#onAgentClose); // its reads and publications end with the agent
   }
 
   /** Stops listening for control messages. */
   close(): void {
     this.agent.off('notification', this.#onNotification);
     this.agent.off('disconnect', this.#onDisconnect);
+    this.agent.off('close', this.#onAgentClose);
   }
 
   protected abstract handle(from: string, msg: Control): void;
@@ -330,6 +333,10 @@ export class KvSender extends KvEndpoint {
 
   protected peerLost(peer: string, reason: string): void {
     for (const key of [...this.#staged.keys()]) if (key.startsWith(`${peer}/`)) this.#staged.delete(key);
+    for (const [id, e] of [...this.#early]) {
+      e.messages = e.messages.filter(([from]) => from !== peer); // a gone reader's early 'reading' must not hold a publication
+      if (e.messages.length === 0) this.#early.delete(id);
+    }
     for (const pub of [...this.#publications.values()])
       if (pub.isReader(peer)) pub.readerStopped(peer, `disconnected (${reason})`);
   }
@@ -389,23 +396,23 @@ export interface PullResult {
 
 type Landing = { region: Region; buffer: Buffer; busy: boolean };
 
+/** How long a staged pull without a deadline waits for the source to gather its run. */
+const STAGE_REPLY_MS = 30_000;
+
 /** One pull or stream in progress on a receiver. */
 interface ActiveRead {
   req: string;
-  sources: Set<string>;
+  sources: readonly Peer[];
+  sourceNames: Set<string>;
   /** Layers announced by sources (streams only), in arrival order. */
   layers: number[];
   wake: (() => void) | null;
-  /** Why the read stops early, once it does. */
+  /** Why the read stops early, once it does (every source but the one that caused it is told). */
   stopped: string | null;
-  /** True when a source told us to stop (it needs no abort back). */
-  stoppedBySource: boolean;
   /** Cancels this read's transfers and staging waits. */
   controller: AbortController;
   /** The listener on the caller's AbortSignal. */
   onAbort?: () => void;
-  /** Sources were told that this reader gave up. */
-  told?: boolean;
 }
 
 /** Decode side: pulls requests' blocks from prefill workers into its own pool blocks. */
@@ -472,10 +479,7 @@ export class KvReceiver extends KvEndpoint {
       throw this.#fail(rq, read, err);
     } finally {
       // Still unfinished here: the consumer left the loop (break/return/throw in its body).
-      if (!finished) {
-        this.#stop(read, 'the reader stopped iterating');
-        this.#fail(rq, read, null);
-      }
+      if (!finished) this.#stop(read, 'the reader stopped iterating', null);
       this.#end(rq, read);
     }
   }
@@ -484,19 +488,23 @@ export class KvReceiver extends KvEndpoint {
     check(rq && typeof rq === 'object', 'request', 'must be an object');
     check(typeof rq.requestId === 'string' && rq.requestId.length > 0, 'requestId', 'must be a non-empty string');
     check(Array.isArray(rq.sources) && rq.sources.length > 0, 'sources', 'must list the prefill peers, one per TP rank');
-    if (this.#closed) throw new KvwireError('ERR_CLOSED', 'this KvReceiver is closed');
-    if (rq.signal?.aborted) throw new KvwireError('ERR_CANCELED', `request '${rq.requestId}': aborted before the pull started`);
+    const refused = this.#closed ? 'this KvReceiver is closed' : rq.signal?.aborted ? 'aborted before the pull started' : null;
+    if (refused) {
+      // The prefill may be holding the blocks for this reader: tell it at once (best effort).
+      this.#abortSources(rq.requestId, rq.sources, refused, null);
+      throw new KvwireError(this.#closed ? 'ERR_CLOSED' : 'ERR_CANCELED', `request '${rq.requestId}': ${refused}`);
+    }
     const read: ActiveRead = {
       req: rq.requestId,
-      sources: new Set(rq.sources.map((s) => s.name)),
+      sources: [...rq.sources],
+      sourceNames: new Set(rq.sources.map((s) => s.name)),
       layers: [],
       wake: null,
       stopped: null,
-      stoppedBySource: false,
       controller: new AbortController(),
     };
     this.#active.add(read);
-    rq.signal?.addEventListener('abort', read.onAbort = () => this.#stop(read, 'aborted by its signal'), { once: true });
+    rq.signal?.addEventListener('abort', read.onAbort = () => this.#stop(read, 'aborted by its signal', null), { once: true });
     return read;
   }
 
@@ -505,12 +513,19 @@ export class KvReceiver extends KvEndpoint {
     this.#active.delete(read);
   }
 
-  /** Stops a read early: its transfers are canceled and a waiting stream wakes. */
-  #stop(read: ActiveRead, why: string, bySource = false): void {
+  #abortSources(req: string, sources: readonly Peer[], reason: string, except: string | null): void {
+    for (const s of sources) if (s.name !== except) this.agent.notify(s, encode({ t: 'abort', req, reason })).catch(() => {});
+  }
+
+  /**
+   * Stops a read early, once: its transfers are canceled, a waiting stream wakes, and every source
+   * except `bySource` (the one that stopped it, if any) is told at once that this reader gave up.
+   */
+  #stop(read: ActiveRead, why: string, bySource: string | null): void {
     if (read.stopped) return;
     read.stopped = why;
-    read.stoppedBySource = bySource;
     read.controller.abort();
+    this.#abortSources(read.req, read.sources, why, bySource);
     const wake = read.wake;
     read.wake = null;
     wake?.();
@@ -520,18 +535,11 @@ export class KvReceiver extends KvEndpoint {
     if (read.stopped) throw new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${read.stopped}`);
   }
 
-  /**
-   * The error a failed read rejects with (the reason it was stopped, when it was), after telling
-   * every source that this reader gave up — unless a source stopped it, or said so already.
-   */
+  /** The error a failed read rejects with: why it was stopped, if it was; else `err`, after stopping it. */
   #fail(rq: PullRequest, read: ActiveRead, err: unknown): unknown {
-    const error = read.stopped ? new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${read.stopped}`) : err;
-    if (!read.stoppedBySource && !read.told) {
-      read.told = true;
-      const reason = read.stopped ?? String((error as Error)?.message ?? error);
-      for (const s of rq.sources) this.agent.notify(s, encode({ t: 'abort', req: rq.requestId, reason })).catch(() => {});
-    }
-    return error;
+    if (read.stopped) return new KvwireError('ERR_CANCELED', `request '${rq.requestId}': ${read.stopped}`);
+    this.#stop(read, String((err as Error)?.message ?? err), null);
+    return err;
   }
 
   async #tell(sources: readonly Peer[], msg: Control): Promise<void> {
@@ -566,19 +574,25 @@ export class KvReceiver extends KvEndpoint {
   async #pullStaged(rq: PullRequest, read: ActiveRead, source: Peer, rank: number, layers: [number, number]): Promise<TransferStats | null> {
     const [lo, hi] = this.layout.sharedHeads(rq.sourceLayout, rank);
     const id = this.#nextId++;
-    // The reply never comes if the source goes away or the read stops: both resolve it with null.
+    // The reply may never come (the source went away, or will not answer): the read stopping, the
+    // source disconnecting and the pull's deadline (30 s without one) each end the wait.
+    const waitMs = rq.deadlineMs ?? STAGE_REPLY_MS;
+    let timedOut = false;
     const reply = new Promise<Extract<Control, { t: 'staged' }> | null>((resolve) => this.#replies.set(id, { source: source.name, resolve }));
     const onStop = () => this.#replies.get(id)?.resolve(null);
+    const timer = setTimeout(() => ((timedOut = true), onStop()), waitMs);
     read.controller.signal.addEventListener('abort', onStop, { once: true });
     let staged: Extract<Control, { t: 'staged' }> | null;
     try {
       await this.agent.notify(source, encode({ t: 'stage', req: rq.requestId, id, heads: [lo, hi], blocks: [...rq.sourceBlocks], layers }));
       staged = await reply;
     } finally {
+      clearTimeout(timer);
       read.controller.signal.removeEventListener('abort', onStop);
       this.#replies.delete(id);
     }
     this.#throwIfStopped(rq, read);
+    if (timedOut) throw new KvwireError('ERR_TIMEOUT', `request '${rq.requestId}': source '${source.name}' did not answer the staging request in ${waitMs} ms`);
     if (!staged || staged.error || staged.offset === undefined || staged.length === undefined) return null;
     const landing = this.#takeLanding(staged.length);
     const buffer = landing.buffer;
@@ -624,14 +638,15 @@ export class KvReceiver extends KvEndpoint {
    */
   close(): void {
     this.#closed = true;
-    for (const read of [...this.#active]) this.#stop(read, 'the receiver was closed');
+    for (const read of [...this.#active]) this.#stop(read, 'the receiver was closed', null);
     for (const l of this.#landing.filter((x) => !x.busy)) this.#returnLanding(l);
     super.close();
   }
 
   protected peerLost(peer: string, reason: string): void {
     for (const [, r] of this.#replies) if (r.source === peer) r.resolve(null);
-    for (const read of [...this.#active]) if (read.sources.has(peer)) this.#stop(read, `source '${peer}' disconnected (${reason})`, true);
+    for (const read of [...this.#active])
+      if (read.sourceNames.has(peer)) this.#stop(read, `source '${peer}' disconnected (${reason})`, peer);
   }
 
   protected handle(from: string, msg: Control): void {
@@ -641,14 +656,14 @@ export class KvReceiver extends KvEndpoint {
       return;
     }
     for (const read of this.#active) {
-      if (read.req !== msg.req || !read.sources.has(from)) continue;
+      if (read.req !== msg.req || !read.sourceNames.has(from)) continue;
       if (msg.t === 'layer' && Number.isSafeInteger(msg.layer)) {
         read.layers.push(msg.layer);
         const wake = read.wake;
         read.wake = null;
         wake?.();
       } else if (msg.t === 'abort') {
-        this.#stop(read, `aborted by '${from}': ${msg.reason}`, true);
+        this.#stop(read, `aborted by '${from}': ${msg.reason}`, from);
       }
     }
   }

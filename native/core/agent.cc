@@ -67,6 +67,7 @@ Result<std::unique_ptr<Agent>> Agent::create(const std::string& name, const Back
   std::unique_ptr<Agent> agent(new Agent(name, std::move(callbacks)));
   BackendOptions opts = options;
   opts.agentName = name;
+  opts.agentId = agent->agentId_;
   auto backend = createUcxBackend(opts, agent.get());
   if (!backend.isOk()) return backend.status();
   agent->backend_ = std::move(backend.value());
@@ -332,11 +333,17 @@ void Agent::peerFailed(uint64_t peerKey, Status status) {
 
 void Agent::connectionLost(const std::string& name, uint64_t agentId, Status status) {
   auto it = peers_.find(name);
-  if (agentId != 0 && it != peers_.end() && it->second->md.agentId == agentId && !it->second->failed) {
+  if (it != peers_.end()) {
     PeerEntry& p = *it->second;
-    p.failed = true;
-    p.failure = status;
-    failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message()));
+    // Without an instance we cannot tell whether this was the loaded peer: its own endpoint reports
+    // its own failure (peerFailed). With one, a loaded peer of that instance fails now; a loaded
+    // newer instance is left alone, but the old one's end is still reported.
+    if (agentId == 0) return;
+    if (p.md.agentId == agentId && !p.failed) {
+      p.failed = true;
+      p.failure = status;
+      failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message()));
+    }
   }
   if (callbacks_.disconnected) callbacks_.disconnected(name, status.message());
 }

@@ -45,6 +45,7 @@ struct BackendOptions {
   std::string transports;   // UCX_TLS
   std::string devices;      // UCX_NET_DEVICES
   std::string agentName;
+  uint64_t agentId = 0;     // this instance, as the metadata publishes it
 };
 
 class Backend {

@@ -193,8 +193,10 @@ class UcxBackendImpl : public Backend {
   // Replies go over an endpoint we create ourselves, so we can close it and hear when it fails.
   struct Connection {
     std::string name;
+    uint64_t agentId = 0;
     ucp_ep_h ep = nullptr;
   };
+  std::vector<ucp_ep_h> endpointsToClose_;  // closed after progress returns, never inside a UCX callback
   std::unordered_map<ucp_ep_h, Connection> connections_;
   std::unordered_map<ucp_ep_h, ucp_ep_h> connectionByOwnEp_;  // our ep -> reply ep
   std::string connectionName(ucp_ep_h reply) const {
@@ -207,13 +209,16 @@ class UcxBackendImpl : public Backend {
   }
   void connectionFailed(ucp_ep_h ownEp);
   // Forgets the connection whose messages arrive on `reply`: its half-received WRITEs and our
-  // endpoint to it. Returns the name it had said HELLO with (empty if none).
-  std::string dropConnection(ucp_ep_h reply);
+  // endpoint to it. Returns the name and agent id it had said HELLO with (empty name if none).
+  std::pair<std::string, uint64_t> dropConnection(ucp_ep_h reply);
+  // Whether an agent of this name (maybe a newer instance) still has a connection we serve: the
+  // end of an older one must not read as this name going away.
+  bool connectedTo(const std::string& name) const;
   // Tells every peer and connection that this agent is closing, and gives the messages up to
   // `budgetNs` to leave (a peer then fails our transfers at once instead of after UCX keepalive).
   void sayGoodbye(uint64_t budgetNs);
   int byesPending_ = 0;
-  std::vector<std::pair<ucp_ep_h, uint64_t>> goodbyes_;  // (reply ep, agent id) of BYEs, handled after progress
+  std::vector<ucp_ep_h> goodbyes_;  // reply eps that said BYE, handled after progress
   std::unordered_map<ucp_ep_h, UcxPeer*> peersByEp_;
   std::vector<std::pair<uint64_t, ucs_status_t>> failedPeers_;        // reported after progress returns
   std::vector<ucp_ep_h> failedConnections_;                            // target-side, handled likewise
@@ -237,6 +242,7 @@ class UcxBackendImpl : public Backend {
 
 Status UcxBackendImpl::init(const BackendOptions& options) {
   agentName_ = options.agentName;
+  agentId_ = options.agentId;
   // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
   const std::string& tls = options.transports;
   const bool sharedMemory = tls.empty() || tls.find("shm") != std::string::npos || tls.find("all") != std::string::npos ||
@@ -336,6 +342,7 @@ void UcxBackendImpl::shutdown() {
   shuttingDown_ = true;  // peers destroyed from now on force-close their endpoints
   for (auto& [reply, conn] : connections_)
     if (conn.ep) closeEndpoint(conn.ep, true);
+  for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
   connections_.clear();
   connectionByOwnEp_.clear();
   active_.clear();
@@ -443,7 +450,7 @@ Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata
 void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply) {
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
-  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size()), isReply ? 1u : 0u};
+  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size()), isReply ? 1u : 0u, agentId_};
   std::memcpy(op->header, &h, sizeof h);
   op->headerLength = sizeof h;
   op->payload = agentName_;
@@ -913,11 +920,24 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
   switch (id) {
     case ucx::kAmHello: {
       ucx::HelloHeader h{};
-      if (!readHeader(header, headerLength, &h) || reply == nullptr || h.nameLength > kMaxNameBytes ||
-          h.nameLength >= length || connections_.count(reply))
+      if (!readHeader(header, headerLength, &h) || reply == nullptr || h.version != ucx::kWireVersion ||
+          h.nameLength > kMaxNameBytes || h.nameLength >= length || connections_.count(reply))
         return;
+      const std::string name(reinterpret_cast<const char*>(data), h.nameLength);
+      // A new instance of a known name: the old instance's connections are over (it was restarted,
+      // and its death may not have been noticed yet). Said now, in order, before any message of the
+      // new instance is handled, so nothing of the new one is mistaken for the old one's.
+      std::vector<std::pair<ucp_ep_h, uint64_t>> replaced;
+      for (auto& [r, c] : connections_)
+        if (c.name == name && c.agentId != h.agentId) replaced.emplace_back(r, c.agentId);
+      for (auto& [r, oldId] : replaced) {
+        const bool served = connections_[r].ep != nullptr;
+        dropConnection(r);
+        if (served) host_->connectionLost(name, oldId, Status(Code::RemoteDisconnect, "replaced by a new instance"));
+      }
       Connection& conn = connections_[reply];
-      conn.name.assign(reinterpret_cast<const char*>(data), h.nameLength);
+      conn.name = name;
+      conn.agentId = h.agentId;
       if (h.isReply) return;  // the target named itself on the connection we opened: nothing to open
       ucp_ep_params_t ep{};
       ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
@@ -942,7 +962,10 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmBye: {
       ucx::ByeHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr || shuttingDown_) return;
-      goodbyes_.emplace_back(reply, h.agentId);  // endpoints are closed outside UCX's callbacks
+      auto it = connections_.find(reply);
+      // Only the instance that said HELLO on this connection can say goodbye on it.
+      if (it == connections_.end() || it->second.agentId != h.agentId) return;
+      goodbyes_.push_back(reply);  // endpoints are closed outside UCX's callbacks
       return;
     }
     case ucx::kAmWriteCommit: {
@@ -1181,23 +1204,31 @@ void UcxBackendImpl::finishRead(const TransferRef& t) {
 void UcxBackendImpl::connectionFailed(ucp_ep_h own) {
   auto it = connectionByOwnEp_.find(own);
   if (it == connectionByOwnEp_.end()) return;
-  const std::string name = dropConnection(it->second);
-  if (!name.empty()) host_->connectionLost(name, 0, Status(Code::RemoteDisconnect, "connection failed"));
+  const auto [name, agentId] = dropConnection(it->second);
+  if (!name.empty() && !connectedTo(name))
+    host_->connectionLost(name, agentId, Status(Code::RemoteDisconnect, "connection failed"));
 }
 
-std::string UcxBackendImpl::dropConnection(ucp_ep_h reply) {
+bool UcxBackendImpl::connectedTo(const std::string& name) const {
+  for (auto& [reply, conn] : connections_)
+    if (conn.ep != nullptr && conn.name == name) return true;
+  return false;
+}
+
+std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) {
   auto it = connections_.find(reply);
   if (it == connections_.end()) return {};
   std::string name = std::move(it->second.name);
+  const uint64_t agentId = it->second.agentId;
   ucp_ep_h own = it->second.ep;
   connections_.erase(it);
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
   if (own) {
     connectionByOwnEp_.erase(own);
-    closeEndpoint(own, true);
+    endpointsToClose_.push_back(own);
   }
-  return name;
+  return {name, agentId};
 }
 
 bool UcxBackendImpl::progress() {
@@ -1231,9 +1262,10 @@ bool UcxBackendImpl::progress() {
     any = true;
   }
   for (ucp_ep_h own : std::exchange(failedConnections_, {})) connectionFailed(own);
-  for (auto& [reply, agentId] : std::exchange(goodbyes_, {})) {
-    const std::string name = dropConnection(reply);
-    if (!name.empty()) host_->connectionLost(name, agentId, Status(Code::RemoteDisconnect, "it closed"));
+  for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
+  for (ucp_ep_h reply : std::exchange(goodbyes_, {})) {
+    const auto [name, known] = dropConnection(reply);
+    if (!name.empty() && !connectedTo(name)) host_->connectionLost(name, known, Status(Code::RemoteDisconnect, "it closed"));
     any = true;
   }
   for (size_t i = 0; i < closing_.size();) {

@@ -27,13 +27,14 @@ enum AmId : uint16_t {
 constexpr uint32_t kPackSegmentMax = 1u << 10;
 constexpr size_t kPackBytesMax = 8u << 10;
 
-constexpr uint32_t kWireVersion = 1;
+constexpr uint32_t kWireVersion = 2;
 
 #pragma pack(push, 1)
 struct HelloHeader {  // data: the sender's name, then its worker address
   uint32_t version;
   uint32_t nameLength;
   uint32_t isReply;  // 1: the target's answer on its own endpoint, so the initiator can name it too
+  uint64_t agentId;  // the sender's instance: a HELLO from a new instance of a name ends the old one's connections
 };
 struct ByeHeader {
   uint64_t agentId;  // the closing instance: a loaded peer of another instance is left alone
