@@ -55,6 +55,9 @@ struct TransferStats {
 
 struct TransferState {
   uint64_t id = 0;
+  // What the wire calls this transfer: random per transfer, so a third party cannot guess it, and
+  // replies naming it are accepted only from the connection it was posted on.
+  uint64_t wireId = 0;
   Op op = Op::Write;
   Path path = Path::Auto;
   uint64_t peerKey = 0;

@@ -2,6 +2,8 @@
 
 #include <ucp/api/ucp.h>
 
+#include <sys/random.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -73,6 +75,7 @@ class UcxPeer : public BackendPeer {
   UcxBackendImpl* backend_;
   uint64_t key_;
   std::string name_;
+  uint64_t agentId_ = 0;
   ucp_ep_h ep_ = nullptr;
   bool failed_ = false;
   std::unordered_map<uint32_t, RemoteRegionRef> regions_;
@@ -187,7 +190,19 @@ class UcxBackendImpl : public Backend {
   uint64_t agentId_ = 0;
   std::string agentName_;
   std::unordered_map<void*, RequestContext*> requests_;  // UCX requests in flight; each is freed in its callback
-  std::unordered_map<uint64_t, TransferRef> active_;                 // initiator transfers awaiting the wire
+  // Initiator transfers awaiting the wire, by wire id, with the connection their replies must come on.
+  struct ActiveTransfer {
+    TransferRef t;
+    ucp_ep_h ep = nullptr;  // the endpoint it was posted on
+    std::string peer;       // the peer instance it was posted to
+    uint64_t peerAgentId = 0;
+  };
+  std::unordered_map<uint64_t, ActiveTransfer> active_;
+  void activate(UcxPeer& peer, const TransferRef& t) { active_[t->wireId] = {t, peer.ep_, peer.name_, peer.agentId_}; }
+  // The transfer `wireId` names, if it is active and `reply` is the connection it was posted on
+  // (its own endpoint, or the one the peer instance answers on); anything else is dropped, counted.
+  TransferRef replyTarget(uint64_t wireId, ucp_ep_h reply);
+  uint64_t droppedReplies_ = 0;
   std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
   // Target side: one entry per initiator that said HELLO, keyed by the reply ep its messages carry.
   // Replies go over an endpoint we create ourselves, so we can close it and hear when it fails.
@@ -430,6 +445,7 @@ Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata
   if (md.backend != "ucx")
     return Status(Code::Mismatch, "peer '" + md.name + "' uses backend '" + md.backend + "', this agent speaks 'ucx'");
   auto peer = std::make_unique<UcxPeer>(this, peerKey, md.name);
+  peer->agentId_ = md.agentId;
   ucp_ep_params_t ep{};
   ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                   UCP_EP_PARAM_FIELD_ERR_HANDLER;
@@ -637,8 +653,25 @@ void UcxBackendImpl::notifyAfter(const TransferRef& t) {
     }
 }
 
+TransferRef UcxBackendImpl::replyTarget(uint64_t wireId, ucp_ep_h reply) {
+  auto it = active_.find(wireId);
+  if (it == active_.end()) {
+    ++droppedReplies_;  // settled already, or an id nobody was given: 64 random bits are not guessed
+    return nullptr;
+  }
+  const ActiveTransfer& a = it->second;
+  // Replies travel without UCX's reply endpoint (measured: with it, replies on tcp vanished after
+  // endpoint churn), so the unguessable id is what binds them. A reply that does name a connection
+  // must name one of this peer instance.
+  if (reply == nullptr || reply == a.ep) return a.t;
+  auto c = connections_.find(reply);
+  if (c == connections_.end() || (c->second.name == a.peer && c->second.agentId == a.peerAgentId)) return a.t;
+  ++droppedReplies_;
+  return nullptr;
+}
+
 void UcxBackendImpl::endTransfer(const TransferRef& t, const Status& st) {
-  active_.erase(t->id);
+  active_.erase(t->wireId);
   if (t->ending) {
     settleIfQuiet(t);  // it settles with its end status once nothing lands any more
     return;
@@ -664,6 +697,9 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
   auto& peer = static_cast<UcxPeer&>(base);
   if (peer.failed_ || peer.ep_ == nullptr)
     return {Code::RemoteDisconnect, "peer '" + peer.name_ + "' is disconnected"};
+  while (t->wireId == 0 || active_.count(t->wireId))
+    if (getrandom(&t->wireId, sizeof t->wireId, 0) != sizeof t->wireId)
+      return {Code::Backend, "getrandom failed: no unguessable transfer id"};
   auto it = peer.regions_.find(t->remoteRegionId);
   if (it == peer.regions_.end())
     return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
@@ -748,7 +784,7 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
 }
 
 Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
-  active_[t->id] = t;
+  activate(peer, t);
   if (t->op == kvwire::Op::Write) {
     uint64_t messages = 0;
     std::string entries, bytes;  // the pack being built
@@ -757,7 +793,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       auto op = std::make_unique<RequestContext>();
       op->kind = RequestContext::kWriteData;
       op->transfer = t;
-      ucx::PackedWriteHeader h{t->id, t->remoteRegionId, static_cast<uint32_t>(entries.size() / sizeof(ucx::PackedEntry))};
+      ucx::PackedWriteHeader h{t->wireId, t->remoteRegionId, static_cast<uint32_t>(entries.size() / sizeof(ucx::PackedEntry))};
       std::memcpy(op->header, &h, sizeof h);
       op->headerLength = sizeof h;
       op->payload = std::move(entries);
@@ -781,7 +817,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       op->kind = RequestContext::kWriteData;
       op->transfer = t;
       op->hold = t->local;
-      ucx::WriteHeader h{t->id, t->remoteRegionId, s.firstIndex, s.remoteOffset, s.length};
+      ucx::WriteHeader h{t->wireId, t->remoteRegionId, s.firstIndex, s.remoteOffset, s.length};
       std::memcpy(op->header, &h, sizeof h);
       op->headerLength = sizeof h;
       ++messages;
@@ -791,7 +827,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
     op->transfer = t;
-    ucx::CommitHeader h{t->id, messages, t->hasNotify ? 1u : 0u};
+    ucx::CommitHeader h{t->wireId, messages, t->hasNotify ? 1u : 0u};
     std::memcpy(op->header, &h, sizeof h);
     op->headerLength = sizeof h;
     op->payload = t->notify;
@@ -803,7 +839,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
   op->transfer = t;
-  ucx::ReadRequestHeader h{t->id, t->remoteRegionId, static_cast<uint32_t>(t->segments.size())};
+  ucx::ReadRequestHeader h{t->wireId, t->remoteRegionId, static_cast<uint32_t>(t->segments.size())};
   std::memcpy(op->header, &h, sizeof h);
   op->headerLength = sizeof h;
   op->payload.resize(t->segments.size() * sizeof(ucx::ReadSegment));
@@ -827,7 +863,7 @@ Status UcxBackendImpl::postRma(UcxPeer& peer, const TransferRef& t, const Remote
     if (UCS_PTR_IS_ERR(req)) return fromUcs(t->op == kvwire::Op::Write ? "ucp_put_nbx" : "ucp_get_nbx", UCS_PTR_STATUS(req));
     if (req != nullptr) ucp_request_free(req);  // completion is observed through the flush below
   }
-  active_[t->id] = t;
+  activate(peer, t);
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kFlush;
   op->backend = this;
@@ -870,7 +906,7 @@ Status UcxBackendImpl::notifyConnection(const std::string& name, const std::stri
 bool UcxBackendImpl::abandon(const TransferRef& t) {
   // Messages that arrive for this transfer from now on are dropped. Receives already started and
   // background copies still write into memory, so the transfer settles only after them.
-  active_.erase(t->id);
+  active_.erase(t->wireId);
   return t->landingReceives == 0 && copyJobs_.count(t->id) == 0;
 }
 
@@ -983,9 +1019,8 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmReadDone: {
       ucx::StatusHeader h{};
       if (!readHeader(header, headerLength, &h)) return;
-      auto it = active_.find(h.transferId);
-      if (it == active_.end()) return;  // settled already
-      TransferRef t = it->second;
+      TransferRef t = replyTarget(h.transferId, reply);
+      if (!t) return;  // settled already, or not from the connection it was posted on
       if (h.code != 0) {
         // The code comes off the wire: anything this build does not know is reported as ERR_BACKEND.
         const Code code = h.code <= static_cast<uint32_t>(Code::Closed) ? static_cast<Code>(h.code) : Code::Backend;
@@ -1033,9 +1068,8 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmReadPacked: {
       ucx::PackedReadHeader h{};
       if (!readHeader(header, headerLength, &h)) return;
-      auto it = active_.find(h.transferId);
-      if (it == active_.end()) return;  // settled already: drop
-      TransferRef t = it->second;
+      TransferRef t = replyTarget(h.transferId, reply);
+      if (!t) return;  // settled already, or not from the connection it was posted on: drop
       // Destinations and lengths come from our own plan; the message must match it exactly.
       uint64_t expected = 0;
       const bool inRange = h.firstSegment <= t->segments.size() && h.count <= t->segments.size() - h.firstSegment;
@@ -1164,9 +1198,9 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
                                             const ucp_am_recv_param_t* param) {
   ucx::ReadDataHeader h{};
   if (!readHeader(header, headerLength, &h)) return refuse(param, UCS_ERR_INVALID_PARAM);
-  auto it = active_.find(h.transferId);
-  if (it == active_.end()) return refuse(param, UCS_ERR_CANCELED);  // settled already: drop the data
-  TransferRef t = it->second;
+  ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
+  TransferRef t = replyTarget(h.transferId, reply);
+  if (!t) return refuse(param, UCS_ERR_CANCELED);  // settled already, or a third party's: drop the data
   // The destination comes from our own plan, never from the wire.
   if (h.segment >= t->segments.size() || t->segments[h.segment].length != length) {
     endTransfer(t, Status(Code::Backend, "peer sent a read segment that does not match the request"));
