@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Smoke test against a second UCX: PyPI's libucx-cu12 (UCX 1.22, built with CUDA transports).
-# Builds the addon against it into build-ucx122/ and runs the transfer, lifecycle and early-stop tests and the
-# demo with that addon. Prints its own closing line.
+# Builds the addon (and the hostile-peer tool) against it into build-ucx122/ and runs the transfer,
+# lifecycle, early-stop, hostile-peer and metadata-fuzz tests and the demo with that addon. Prints its own closing line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=.ci-cache/libucx-cu12
 if [ ! -f "$target/libucx/include/ucp/api/ucp.h" ]; then
   python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$target" 'libucx-cu12>=1.22,<1.23'
 fi
-npx cmake-js compile --out build-ucx122 --CDUCX_HOME="$PWD/$target/libucx" >/dev/null
+npx cmake-js configure --out build-ucx122 --CDUCX_HOME="$PWD/$target/libucx" --CDKVWIRE_HOSTILE=ON >/dev/null
+npx cmake-js build --out build-ucx122 >/dev/null
 export KVWIRE_ADDON="$PWD/build-ucx122/Release/kvwire.node"
 echo "kvwire: smoke-testing against UCX $(node -e 'console.log(require("./dist").ucxVersion())')"
-npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/demo.test.ts test/kv-early-stop.test.ts "$@"
+npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/demo.test.ts test/kv-early-stop.test.ts test/hostile.test.ts test/metadata-fuzz.test.ts "$@"
