@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -450,6 +451,26 @@ Result<std::unique_ptr<BackendMemory>> UcxBackendImpl::registerMemory(uint8_t* p
 // ---------------------------------------------------------------------------------------------
 // Peers
 
+// Bytes from `p` to the end of the shared mapping that contains it (0 if `p` lies in none), from
+// /proc/self/maps: what the kernel has mapped here, whatever a peer claims.
+uint64_t sharedMappingBytesFrom(const void* p) {
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (maps == nullptr) return 0;
+  char line[4096];
+  uint64_t bytes = 0;
+  while (std::fgets(line, sizeof line, maps)) {
+    unsigned long long start = 0, end = 0;
+    char perms[8] = {};
+    if (std::sscanf(line, "%llx-%llx %7s", &start, &end, perms) != 3) continue;
+    if (at < start || at >= end) continue;
+    if (perms[3] == 's') bytes = end - at;
+    break;
+  }
+  std::fclose(maps);
+  return bytes;
+}
+
 Result<RemoteRegionRef> UcxBackendImpl::unpackRegion(UcxPeer& peer, const RegionInfo& info) {
   auto rr = std::make_shared<RemoteRegion>();
   rr->info = info;
@@ -460,7 +481,16 @@ Result<RemoteRegionRef> UcxBackendImpl::unpackRegion(UcxPeer& peer, const Region
                                           "' has a key this UCX cannot unpack: " + ucs_status_string(st));
   rr->rkey.reset(rkey);
   void* mapped = nullptr;
-  if (info.backendAllocated && ucp_rkey_ptr(rkey, info.base, &mapped) == UCS_OK) rr->mapped = static_cast<uint8_t*>(mapped);
+  if (info.backendAllocated && ucp_rkey_ptr(rkey, info.base, &mapped) == UCS_OK) {
+    // ucp_rkey_ptr does no bounds check: the peer's claimed length must fit the shared mapping this
+    // process actually holds at that address, or a copy would run past it.
+    const uint64_t have = sharedMappingBytesFrom(mapped);
+    if (have < info.length)
+      return Status(Code::InvalidParam, "region '" + info.name + "' of peer '" + peer.name_ + "' claims " +
+                                            std::to_string(info.length) + " bytes, but only " + std::to_string(have) +
+                                            " are mapped at its address in this process");
+    rr->mapped = static_cast<uint8_t*>(mapped);
+  }
   return rr;
 }
 
