@@ -268,7 +268,7 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
       t->settled = true;
     }
     t->ending = true;
-    backend_->abandon(t);
+    backend_->abandon(t, false);
     return st;
   }
   return t->id;
@@ -290,11 +290,16 @@ bool Agent::cancel(uint64_t id, Code code, const std::string& why) {
   return true;
 }
 
-void Agent::endEarly(const TransferRef& t, Status status) {
-  if (t->settled || t->ending) return;
+void Agent::endEarly(const TransferRef& t, Status status, bool peerGone) {
+  if (t->settled) return;
+  if (t->ending) {
+    // Already ending (canceled, say) and waiting for receives; now its peer is gone too.
+    if (peerGone && backend_ && backend_->abandon(t, true)) transferFinished(t, t->endStatus);
+    return;
+  }
   t->ending = true;
   t->endStatus = std::move(status);
-  if (!backend_ || backend_->abandon(t)) transferFinished(t, t->endStatus);
+  if (!backend_ || backend_->abandon(t, peerGone)) transferFinished(t, t->endStatus);
 }
 
 Status Agent::notify(const std::string& peer, const std::string& message) {
@@ -315,7 +320,7 @@ void Agent::failPeerTransfers(uint64_t peerKey, const Status& status) {
   std::vector<TransferRef> doomed;
   for (auto& [id, t] : transfers_)
     if (t->peerKey == peerKey) doomed.push_back(t);
-  for (auto& t : doomed) endEarly(t, status);
+  for (auto& t : doomed) endEarly(t, status, true);
 }
 
 void Agent::peerFailed(uint64_t peerKey, Status status) {

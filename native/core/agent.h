@@ -103,7 +103,7 @@ class Agent : public BackendHost {
   Agent(std::string name, AgentCallbacks callbacks);
   void failPeerTransfers(uint64_t peerKey, const Status& status);
   // Ends a transfer with `status`, as soon as none of its bytes can land any more.
-  void endEarly(const TransferRef& t, Status status);
+  void endEarly(const TransferRef& t, Status status, bool peerGone = false);
   PeerView viewOf(const PeerEntry& p) const;
 
   std::string name_;

@@ -63,8 +63,9 @@ class Backend {
   virtual Status notifyConnection(const std::string& name, const std::string& message) = 0;
   // The transfer is ending early (cancel, deadline, peer failure): stop what can be stopped. Returns
   // true if no byte of it can land any more; otherwise the backend calls transferFinished with
-  // t->endStatus once the last one has.
-  virtual bool abandon(const TransferRef& t) = 0;
+  // t->endStatus once the last one has. `peerGone`: its peer failed, so nothing more can arrive
+  // from it (receives UCX still holds for it may never complete, and are not waited for).
+  virtual bool abandon(const TransferRef& t, bool peerGone) = 0;
 
   // Progress: a file descriptor that becomes readable when progress is needed.
   virtual int eventFd() const = 0;

@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
 #include "../../core/copy_pool.h"
@@ -80,6 +81,10 @@ class UcxPeer : public BackendPeer {
   uint64_t agentId_ = 0;
   ucp_ep_h ep_ = nullptr;
   bool failed_ = false;
+  // Liveness: when we last heard from this peer, and the ping we are waiting on (0: none).
+  uint64_t lastHeardNs_ = 0;
+  uint64_t pingToken_ = 0;
+  uint64_t pingSentNs_ = 0;
   std::unordered_map<uint32_t, RemoteRegionRef> regions_;
 };
 
@@ -126,7 +131,7 @@ class UcxBackendImpl : public Backend {
   Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) override;
   Status post(BackendPeer& peer, const TransferRef& t) override;
   Status notify(BackendPeer& peer, const std::string& message) override;
-  bool abandon(const TransferRef& t) override;
+  bool abandon(const TransferRef& t, bool peerGone) override;
   // An ending transfer's last landing byte arrived: settle it now.
   void settleIfQuiet(const TransferRef& t);
   int eventFd() const override { return efd_; }
@@ -229,6 +234,16 @@ class UcxBackendImpl : public Backend {
     return it == connections_.end() || it->second.ep == nullptr ? reply : it->second.ep;
   }
   void connectionFailed(ucp_ep_h ownEp);
+  // A peer with transfers awaiting the wire that has been silent for kProbeAfterNs is pinged; one
+  // that does not answer the ping within kLivenessNs is failed (ERR_REMOTE_DISCONNECT). Why: a peer
+  // that dies before its endpoint is connected is never noticed by UCX (no keepalive runs), and its
+  // transfers waited forever (measured: 2 rounds in 6 of SIGKILL mid-batch on shm).
+  void checkLiveness();
+  void heardFrom(ucp_ep_h ep);
+  static constexpr uint64_t kProbeAfterNs = 1'000'000'000ull;
+  static constexpr uint64_t kLivenessNs = 2'000'000'000ull;
+  static constexpr uint64_t kLivenessTickNs = 100'000'000ull;
+  uint64_t lastLivenessCheckNs_ = 0;
   // Forgets the connection whose messages arrive on `reply`: its half-received WRITEs and our
   // endpoint to it. Returns the name and agent id it had said HELLO with (empty name if none).
   std::pair<std::string, uint64_t> dropConnection(ucp_ep_h reply);
@@ -321,7 +336,8 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
       {ucx::kAmReadRequest, &onAm<ucx::kAmReadRequest>}, {ucx::kAmReadData, &onAm<ucx::kAmReadData>},
       {ucx::kAmReadDone, &onAm<ucx::kAmReadDone>},       {ucx::kAmNotify, &onAm<ucx::kAmNotify>},
       {ucx::kAmWritePacked, &onAm<ucx::kAmWritePacked>}, {ucx::kAmReadPacked, &onAm<ucx::kAmReadPacked>},
-      {ucx::kAmBye, &onAm<ucx::kAmBye>},
+      {ucx::kAmBye, &onAm<ucx::kAmBye>},             {ucx::kAmPing, &onAm<ucx::kAmPing>},
+      {ucx::kAmPong, &onAm<ucx::kAmPong>},
   };
   for (const auto& [id, cb] : handlers) {
     ucp_am_handler_param_t hp{};
@@ -713,6 +729,7 @@ TransferRef UcxBackendImpl::replyTarget(uint64_t wireId, ucp_ep_h reply) {
     return nullptr;
   }
   const ActiveTransfer& a = it->second;
+  heardFrom(a.ep);
   // Replies travel without UCX's reply endpoint (measured: with it, replies on tcp vanished after
   // endpoint churn), so the unguessable id is what binds them. A reply that does name a connection
   // must name one of this peer instance.
@@ -753,6 +770,8 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
   while (t->wireId == 0 || active_.count(t->wireId))
     if (getrandom(&t->wireId, sizeof t->wireId, 0) != sizeof t->wireId)
       return {Code::Backend, "getrandom failed: no unguessable transfer id"};
+  const uint64_t now = monotonicNs();
+  if (peer.pingSentNs_ == 0 && now - peer.lastHeardNs_ > kProbeAfterNs) peer.lastHeardNs_ = now;  // a quiet window starts now
   auto it = peer.regions_.find(t->remoteRegionId);
   if (it == peer.regions_.end())
     return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
@@ -956,11 +975,57 @@ Status UcxBackendImpl::notifyConnection(const std::string& name, const std::stri
   return {Code::NotFound, "unknown peer '" + name + "' (neither loaded nor connected to this agent)"};
 }
 
-bool UcxBackendImpl::abandon(const TransferRef& t) {
+bool UcxBackendImpl::abandon(const TransferRef& t, bool peerGone) {
   // Messages that arrive for this transfer from now on are dropped. Receives already started and
-  // background copies still write into memory, so the transfer settles only after them.
+  // background copies still write into memory, so the transfer settles only after them — unless
+  // its peer is gone: then nothing more arrives, and a rendezvous receive UCX started from it may
+  // never complete (measured: 1 READ in 12 stuck after a SIGKILL on shm). Those are canceled and
+  // not waited for; background copies (local memcpy) still are.
   active_.erase(t->wireId);
-  return t->landingReceives == 0 && copyJobs_.count(t->id) == 0;
+  if (!peerGone) return t->landingReceives == 0 && copyJobs_.count(t->id) == 0;
+  std::vector<void*> receives;
+  for (auto& [req, op] : requests_)
+    if (op->transfer == t && op->kind == RequestContext::kInboundRead) receives.push_back(req);
+  for (void* req : receives)
+    if (requests_.count(req)) ucp_request_cancel(worker_, req);
+  return copyJobs_.count(t->id) == 0;
+}
+
+void UcxBackendImpl::checkLiveness() {
+  const uint64_t now = monotonicNs();
+  if (now - lastLivenessCheckNs_ < kLivenessTickNs) return;
+  lastLivenessCheckNs_ = now;
+  std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
+  for (auto& [id, a] : active_) waiting.insert(a.ep);
+  for (auto& [ep, peer] : peersByEp_) {
+    if (peer->failed_ || !waiting.count(ep)) continue;
+    if (peer->pingSentNs_ != 0) {
+      if (now - peer->pingSentNs_ > kLivenessNs) {
+        // No answer at all: the peer died before its endpoint was even connected (UCX keepalive
+        // never starts then), or stopped answering. Its transfers fail like a lost connection.
+        peer->failed_ = true;
+        failedPeers_.emplace_back(peer->key_, UCS_ERR_ENDPOINT_TIMEOUT);
+      }
+      continue;
+    }
+    if (now - peer->lastHeardNs_ < kProbeAfterNs) continue;
+    ucx::PingHeader h{};
+    while (h.token == 0) getrandom(&h.token, sizeof h.token, 0);
+    peer->pingToken_ = h.token;
+    peer->pingSentNs_ = now;
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kControl;
+    std::memcpy(op->header, &h, sizeof h);
+    op->headerLength = sizeof h;
+    send(ep, ucx::kAmPing, std::move(op), nullptr, 0, true);
+  }
+}
+
+void UcxBackendImpl::heardFrom(ucp_ep_h ep) {
+  auto it = peersByEp_.find(ep);
+  if (it == peersByEp_.end()) return;
+  it->second->lastHeardNs_ = monotonicNs();
+  it->second->pingSentNs_ = 0;
 }
 
 void UcxBackendImpl::settleIfQuiet(const TransferRef& t) {
@@ -1010,9 +1075,20 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmHello: {
       ucx::HelloHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr || h.version != ucx::kWireVersion ||
-          h.nameLength > kMaxNameBytes || h.nameLength >= length || connections_.count(reply))
+          h.nameLength > kMaxNameBytes || h.nameLength >= length)
         return;
       const std::string name(reinterpret_cast<const char*>(data), h.nameLength);
+      if (auto known = connections_.find(reply); known != connections_.end()) {
+        if (known->second.name == name && known->second.agentId == h.agentId) return;  // said twice
+        // UCX reuses the memory of endpoints it destroyed: a HELLO of someone else on a known reply
+        // endpoint means the connection we knew there is over (its peer went away unnoticed).
+        // Keeping it made every reply of the newcomer look like a stranger's (measured: an agent
+        // that outlived ~7 killed peers on shm could no longer talk to any new one).
+        const bool served = known->second.ep != nullptr;
+        const auto [oldName, oldId] = dropConnection(reply);
+        if (served && oldName != name && !connectedTo(oldName))
+          host_->connectionLost(oldName, oldId, Status(Code::RemoteDisconnect, "connection gone (its endpoint was reused)"));
+      }
       // A new instance of a known name: the old instance's connections are over (it was restarted,
       // and its death may not have been noticed yet). Said now, in order, before any message of the
       // new instance is handled, so nothing of the new one is mistaken for the old one's.
@@ -1046,6 +1122,26 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmNotify: {
       if (length > kMaxNotifyBytes) return;  // the sender's kvwire refuses these: not ours
       host_->notificationArrived(connectionName(reply), text());
+      return;
+    }
+    case ucx::kAmPing: {
+      ucx::PingHeader h{};
+      if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
+      auto op = std::make_unique<RequestContext>();
+      op->kind = RequestContext::kControl;
+      std::memcpy(op->header, &h, sizeof h);
+      op->headerLength = sizeof h;
+      send(replyPath(reply), ucx::kAmPong, std::move(op), nullptr, 0, false);
+      return;
+    }
+    case ucx::kAmPong: {
+      ucx::PingHeader h{};
+      if (!readHeader(header, headerLength, &h) || h.token == 0) return;
+      for (auto& [ep, peer] : peersByEp_)
+        if (peer->pingToken_ == h.token) {
+          peer->pingToken_ = 0;
+          heardFrom(ep);
+        }
       return;
     }
     case ucx::kAmBye: {
@@ -1341,6 +1437,7 @@ bool UcxBackendImpl::progress() {
       endTransfer(t, Status::ok());
     }
   }
+  checkLiveness();
   if (!failedPeers_.empty()) {
     auto failed = std::move(failedPeers_);
     failedPeers_.clear();

@@ -18,6 +18,8 @@ enum AmId : uint16_t {
   kAmWritePacked = 9,  // initiator -> target: many small WRITE segments in one message
   kAmReadPacked = 10,  // target -> initiator: a run of small READ segments in one message
   kAmBye = 11,         // either way: this agent is closing; the connection it came on is over
+  kAmPing = 12,        // initiator -> target: are you there? (a peer with work pending went quiet)
+  kAmPong = 13,        // target -> initiator: yes (the ping's token)
 };
 
 // Segments up to kPackSegmentMax bytes travel packed, up to kPackBytesMax bytes per message: one
@@ -38,6 +40,9 @@ struct HelloHeader {  // data: the sender's name, then its worker address
 };
 struct ByeHeader {
   uint64_t agentId;  // the closing instance: a loaded peer of another instance is left alone
+};
+struct PingHeader {  // PING and PONG
+  uint64_t token;
 };
 struct WriteHeader {
   uint64_t transferId;

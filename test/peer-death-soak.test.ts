@@ -1,0 +1,71 @@
+// Peers die mid-batch, again and again: a target process is SIGKILLed while READs and WRITEs to it
+// are in flight (rendezvous receives under way included). Every transfer must settle — resolved,
+// or rejected with ERR_REMOTE_DISCONNECT — within a bound, on shared memory as on tcp; none may stay
+// pending, and closing the agent afterwards must not leak its UCX worker.
+import { fork, type ChildProcess } from 'node:child_process';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { Agent, KvwireError } from '../lib';
+
+const ROUNDS = Number(process.env.KVWIRE_SOAK_ROUNDS ?? 50);
+const SETTLE_BOUND_MS = 5_000; // UCX keepalive (~1 s on shm), or kvwire's liveness probe (~3 s); tcp in ms
+
+function startTarget(name: string, transports: string): Promise<{ child: ChildProcess; metadata: Buffer }> {
+  const child = fork(path.join(__dirname, 'fixtures', 'peer.cjs'), [], { stdio: ['ignore', 'ignore', 'ignore', 'ipc'] });
+  return new Promise((resolve, reject) => {
+    child.once('message', (m: any) => (m.ok ? resolve({ child, metadata: Buffer.from(m.metadata, 'base64') }) : reject(new Error(JSON.stringify(m)))));
+    child.send({ id: 1, cmd: 'init', name, transports, memory: 'registered', size: 16 << 20 });
+  });
+}
+
+for (const transports of ['shm,self', 'tcp']) {
+  describe(`peer death mid-batch (${transports})`, () => {
+    it(`${ROUNDS} SIGKILLs with READs and WRITEs in flight: every transfer settles within ${SETTLE_BOUND_MS} ms`, async () => {
+      const agent = await Agent.create({ name: `soak-${transports}`, ucx: { transports } });
+      const local = agent.register(Buffer.alloc(16 << 20), { name: 'l' });
+      let pendingLeft = 0;
+      let slowest = 0;
+      let silentRounds = 0; // rounds in which not one transfer to the new, live peer completed
+      const codes = new Map<string, number>();
+      try {
+        for (let round = 0; round < ROUNDS; round++) {
+          const { child, metadata } = await startTarget(`dying-${round}`, transports);
+          const peer = agent.loadPeer(metadata);
+          const remote = peer.region('kv');
+          // A mixed batch: large (rendezvous) and small (eager, packed) blocks, both directions.
+          const transfers = Array.from({ length: 12 }, (_, i) => {
+            const size = i % 3 === 0 ? 64 << 10 : 1 << 20;
+            const l = local.descriptors([i * (1 << 20)], [size]);
+            const r = remote.descriptors([i * (1 << 20)], [size]);
+            return i % 2 ? agent.read(l, r) : agent.write(l, r);
+          });
+          await new Promise((res) => setTimeout(res, round % 4)); // kill at different points of the batch
+          const killedAt = Date.now();
+          child.kill('SIGKILL');
+          const outcomes = await Promise.all(
+            transfers.map((t) =>
+              Promise.race([
+                t.then(() => 'ok', (e: KvwireError) => e.code),
+                new Promise<string>((res) => setTimeout(() => res('PENDING'), SETTLE_BOUND_MS + 1000).unref()),
+              ]),
+            ),
+          );
+          slowest = Math.max(slowest, Date.now() - killedAt);
+          for (const c of outcomes) codes.set(c, (codes.get(c) ?? 0) + 1);
+          pendingLeft += outcomes.filter((c) => c === 'PENDING').length;
+          if (!outcomes.includes('ok')) silentRounds++;
+          agent.forgetPeer(peer);
+        }
+      } finally {
+        await agent.close();
+      }
+      const summary = JSON.stringify(Object.fromEntries(codes));
+      expect(pendingLeft, summary).toBe(0);
+      expect([...codes.keys()].filter((c) => c !== 'ok' && c !== 'ERR_REMOTE_DISCONNECT'), summary).toEqual([]);
+      expect(slowest, summary).toBeLessThan(SETTLE_BOUND_MS);
+      // Reported, not asserted (a known problem, see README): after several peer deaths on shared
+      // memory the agent often cannot complete anything with a new peer either.
+      console.log(`${transports}: ${ROUNDS} kills, outcomes ${summary}, slowest settle ${slowest} ms after the kill, ${silentRounds} rounds without one completed transfer`);
+    }, 600_000);
+  });
+}
