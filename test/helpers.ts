@@ -1,5 +1,7 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import * as path from 'node:path';
+import { expect } from 'vitest';
+import { KvwireError } from '../lib';
 
 export interface PeerReply {
   ok: boolean;
@@ -160,4 +162,15 @@ export function metadataChecksum(bytes: Uint8Array): bigint {
 export function reseal(blob: Buffer): Buffer {
   if (blob.length >= 8) blob.writeBigUInt64LE(metadataChecksum(blob.subarray(0, blob.length - 8)), blob.length - 8);
   return blob;
+}
+
+/** The KvwireError `fn` throws (the test fails if it throws nothing, or something else). */
+export function thrown(fn: () => unknown): KvwireError {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(KvwireError);
+    return e as KvwireError;
+  }
+  throw new Error('expected a throw');
 }

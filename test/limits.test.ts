@@ -6,16 +6,8 @@ import { MessageChannel } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
 import { MAX_NOTIFY_BYTES } from '../lib/agent';
+import { thrown } from './helpers';
 
-function thrown(fn: () => unknown): KvwireError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(KvwireError);
-    return e as KvwireError;
-  }
-  throw new Error('expected a throw');
-}
 
 describe('bounded resources', () => {
   let a: Agent;

@@ -2,6 +2,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
 import { addon } from '../lib/native';
+import { thrown } from './helpers';
 
 async function rejection(p: PromiseLike<unknown>): Promise<KvwireError> {
   try {
@@ -13,15 +14,6 @@ async function rejection(p: PromiseLike<unknown>): Promise<KvwireError> {
   throw new Error('expected a rejection');
 }
 
-function thrown(fn: () => unknown): KvwireError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(KvwireError);
-    return e as KvwireError;
-  }
-  throw new Error('expected a throw');
-}
 
 describe('validation', () => {
   let a: Agent;
