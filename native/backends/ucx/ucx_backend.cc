@@ -979,15 +979,12 @@ bool UcxBackendImpl::abandon(const TransferRef& t, bool peerGone) {
   // Messages that arrive for this transfer from now on are dropped. Receives already started and
   // background copies still write into memory, so the transfer settles only after them — unless
   // its peer is gone: then nothing more arrives, and a rendezvous receive UCX started from it may
-  // never complete (measured: 1 READ in 12 stuck after a SIGKILL on shm). Those are canceled and
-  // not waited for; background copies (local memcpy) still are.
+  // never complete (measured: 1 READ in 12 stuck after a SIGKILL on shm). Those are not waited
+  // for (their completion, if it comes, finds the transfer settled); background copies (local
+  // memcpy) still are. They are not canceled either: ucp_request_cancel on such a receive over tcp
+  // made UCX 1.13 complete it twice and abort (uct_iface.h: comp->count > 0) in the soak test.
   active_.erase(t->wireId);
   if (!peerGone) return t->landingReceives == 0 && copyJobs_.count(t->id) == 0;
-  std::vector<void*> receives;
-  for (auto& [req, op] : requests_)
-    if (op->transfer == t && op->kind == RequestContext::kInboundRead) receives.push_back(req);
-  for (void* req : receives)
-    if (requests_.count(req)) ucp_request_cancel(worker_, req);
   return copyJobs_.count(t->id) == 0;
 }
 
