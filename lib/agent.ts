@@ -71,6 +71,9 @@ const ACCESS: readonly Access[] = ['read', 'write', 'readwrite'];
 const MAX_NAME_BYTES = 255;
 /** Notifications are small control messages: at most 16 MiB, sent or accepted (the native side checks the same). */
 export const MAX_NOTIFY_BYTES = 16 << 20;
+/** At most this many notifications (and bytes of them) wait for a `notifications()` iterator. */
+export const MAX_QUEUED_NOTIFICATIONS = 65_536;
+export const MAX_QUEUED_NOTIFICATION_BYTES = 256 << 20;
 
 function toBytes(field: string, value: string | Uint8Array): Uint8Array {
   if (typeof value === 'string') return Buffer.from(value, 'utf8');
@@ -98,6 +101,8 @@ export class Agent extends EventEmitter {
   #peers = new Map<string, Peer>();
   #waiters: ((n: IteratorResult<Notification>) => void)[] = [];
   #queue: Notification[] = [];
+  #queuedBytes = 0;
+  #dropped = 0;
   #iterating = 0;
   #closing: Promise<void> = Promise.resolve();
   #exitRef: WeakRef<Agent> | null = null;
@@ -382,9 +387,26 @@ export class Agent extends EventEmitter {
       if (this.#iterating > 0) {
         const w = this.#waiters.shift();
         if (w) w({ value: n, done: false });
-        else this.#queue.push(n);
+        else this.#enqueue(n);
       }
     }
+  }
+
+  // An iterator nobody reads must not grow the process without bound: beyond MAX_QUEUED_* the
+  // oldest waiting notifications are dropped (counted in `droppedNotifications`, warned once).
+  #enqueue(n: Notification): void {
+    this.#queue.push(n);
+    this.#queuedBytes += n.message.length;
+    while (this.#queue.length > MAX_QUEUED_NOTIFICATIONS || this.#queuedBytes > MAX_QUEUED_NOTIFICATION_BYTES) {
+      this.#queuedBytes -= this.#queue.shift()!.message.length;
+      if (this.#dropped++ === 0)
+        process.emitWarning(`kvwire: agent '${this.name}' dropped notifications its iterator did not read (more than ${MAX_QUEUED_NOTIFICATIONS} or ${MAX_QUEUED_NOTIFICATION_BYTES >> 20} MiB waiting)`);
+    }
+  }
+
+  /** Notifications dropped because `notifications()` was not read fast enough (oldest first). */
+  get droppedNotifications(): number {
+    return this.#dropped;
   }
 
   /** Sends a notification on its own. Resolves once it is handed to the transport. */
@@ -402,7 +424,10 @@ export class Agent extends EventEmitter {
       if (!done) {
         done = true;
         this.#iterating--;
-        if (this.#iterating === 0) this.#queue = [];
+        if (this.#iterating === 0) {
+          this.#queue = [];
+          this.#queuedBytes = 0;
+        }
       }
       return { value: undefined, done: true };
     };
@@ -410,7 +435,10 @@ export class Agent extends EventEmitter {
       next: () => {
         if (done) return Promise.resolve({ value: undefined, done: true });
         const n = this.#queue.shift();
-        if (n) return Promise.resolve({ value: n, done: false });
+        if (n) {
+          this.#queuedBytes -= n.message.length;
+          return Promise.resolve({ value: n, done: false });
+        }
         if (this.closed) return Promise.resolve(finish());
         return new Promise((resolve) => this.#waiters.push(resolve));
       },

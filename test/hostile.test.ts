@@ -67,6 +67,36 @@ describe('hostile peer', () => {
     });
   }
 
+  it('a peer that opens 200,000 WRITEs it never finishes and asks for reads it never takes: bounded state, still serving', async () => {
+    const transports = 'shm,self';
+    const target = new PeerProcess('flood-target', {}, 'fixtures/hostile-target.cjs');
+    cleanup.push(() => target.close());
+    const { metadata } = await target.ok('init', { name: 'flood-target', transports });
+    const before = (await target.ok('check')).rss;
+    // The flooder holds its connection open (not progressing) while the target is measured.
+    const child = execFile(tool, [metadataFile(metadata), 'flood', '100000', '4000'], {
+      env: { ...process.env, ...toolEnv, UCX_TLS: transports, UCX_MM_ERROR_HANDLING: 'y', UCX_WARN_UNUSED_ENV_VARS: 'n' },
+    });
+    const exited = new Promise((resolve) => child.on('exit', resolve));
+    await new Promise<void>((resolve, reject) => {
+      child.stdout!.on('data', (d) => String(d).includes('flooded') && resolve());
+      child.on('exit', (code) => reject(new Error(`flooder exited with ${code} before flooding`)));
+    });
+    await new Promise((r) => setTimeout(r, 300)); // the target has handled what arrived
+    const during = await target.ok('check');
+    // 100,000 segments + 100,000 commits for fresh ids, 6,250 reads of 64 KiB: without per-connection
+    // bounds each open WRITE stayed in the target's tables until the connection ended.
+    expect(during.rss - before, `RSS grew by ${((during.rss - before) / 2 ** 20).toFixed(1)} MiB`).toBeLessThan(24 << 20);
+    console.log(`flood: target RSS grew ${((during.rss - before) / 2 ** 20).toFixed(1)} MiB`);
+    const legit = await Agent.create({ name: 'legit-flood', ucx: { transports } });
+    cleanup.push(() => legit.close());
+    const peer = legit.loadPeer(Buffer.from(metadata, 'base64'));
+    const mine = legit.register(Buffer.alloc(4096, 0x44), { name: 'mine' });
+    await legit.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([8192], [4096]));
+    expect(during.guards).toBe(true);
+    await exited;
+  });
+
   it('forged READ_DONE / ACK / read data for 5,000 sequential and 5,000 random ids do not complete a pending READ', async () => {
     const transports = 'shm,self';
     const target = new PeerProcess('forge-target', {}, 'fixtures/peer.cjs');

@@ -125,6 +125,9 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   Napi::FunctionReference onNotification_;
   std::vector<Settled> settled_;
   std::vector<Arrived> arrived_;
+  size_t arrivedBytes_ = 0;
+  uint64_t droppedArrived_ = 0;
+  static constexpr size_t kMaxArrivedBytes = 256u << 20;
   bool pollMode_ = false;
   bool userRef_ = true;
   bool delivering_ = false;
@@ -167,6 +170,12 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
     settled_.push_back({id, st, stats});
   };
   cb.notification = [this](const std::string& from, std::string message) {
+    // Handed to JS after each progress step; bounded in case one step brings a flood.
+    if (arrivedBytes_ + message.size() > kMaxArrivedBytes) {
+      ++droppedArrived_;
+      return;
+    }
+    arrivedBytes_ += message.size();
     arrived_.push_back({from, std::move(message), false});
   };
   cb.disconnected = [this](const std::string& peer, const std::string& reason) {
@@ -323,6 +332,7 @@ void AgentWrap::deliver() {
     if (ok && !arrived_.empty()) {
       std::vector<Arrived> batch;
       batch.swap(arrived_);
+      arrivedBytes_ = 0;
       napi_value from = nullptr, messages = nullptr;
       ok = napi_create_array_with_length(env, batch.size(), &from) == napi_ok &&
            napi_create_array_with_length(env, batch.size(), &messages) == napi_ok;

@@ -4,6 +4,7 @@
 //
 //   kvwire_hostile_peer <metadata file> malformed [seed]   every message type, wrong sizes and fields
 //   kvwire_hostile_peer <metadata file> forge <count>      ACK / READ_DONE / READ data for guessed ids
+//   kvwire_hostile_peer <metadata file> flood <count> <ms> WRITEs never committed, reads never taken
 //
 // The metadata file holds the target's raw (unsigned) metadata blob; only its worker address is used.
 // Prints one line: "sent N messages".
@@ -18,6 +19,7 @@
 #include <iterator>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "backends/ucx/wire.h"
@@ -209,6 +211,30 @@ void forge(uint64_t count) {
   drain();
 }
 
+// Opens WRITEs it never finishes (segments and commits for fresh random ids) and asks for reads it
+// never takes, then stays connected without progressing for `holdMs`, so the target's state for
+// this connection can be measured at its largest. Prints "flooded" when it starts holding.
+void flood(uint64_t count, int holdMs) {
+  hello();
+  std::mt19937_64 rng(count);
+  std::vector<uint8_t> block(64, 0xAB);
+  for (uint64_t i = 0; i < count; ++i) {
+    WriteHeader w{rng() | 1, 1, 0, 0, 64};  // region 1 of the target, a valid range: only never committed
+    send(kAmWrite, w, block);
+    CommitHeader c{rng() | 1, 1000, 0};      // a commit waiting for 1,000 segments that never come
+    send(kAmWriteCommit, c, {});
+    if (i % 16 == 0) {
+      ReadSegment seg{0, 64 << 10, 0};
+      ReadRequestHeader rq{rng() | 1, 1, 1};
+      send(kAmReadRequest, &rq, sizeof rq, &seg, sizeof seg);
+    }
+  }
+  drain();
+  std::printf("flooded\n");
+  std::fflush(stdout);
+  std::this_thread::sleep_for(std::chrono::milliseconds(holdMs));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -253,6 +279,8 @@ int main(int argc, char** argv) {
     malformed(argc > 3 ? static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)) : 1);
   else if (scenario == "forge")
     forge(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1000);
+  else if (scenario == "flood")
+    flood(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100000, argc > 4 ? std::atoi(argv[4]) : 3000);
   else
     die("unknown scenario");
   // Stay connected a moment so the target handles everything while this connection is up.

@@ -98,6 +98,7 @@ struct RequestContext {
   LocalRegionRef hold;                  // memory that must stay mapped while UCX uses it
   RemoteRegionRef remote;               // rkey an RMA transfer uses
   std::pair<ucp_ep_h, uint64_t> inbound{nullptr, 0};  // target side WRITE key
+  ucp_ep_h servedOn = nullptr;          // kReadDataSend: the connection a read is served on
   uint32_t segment = 0;
   alignas(8) uint8_t header[48];
   size_t headerLength = 0;
@@ -215,6 +216,16 @@ class UcxBackendImpl : public Backend {
   TransferRef replyTarget(uint64_t wireId, ucp_ep_h reply);
   uint64_t droppedReplies_ = 0;
   std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
+  // What one connection may hold at this agent (a peer that never commits its WRITEs, or never takes
+  // the data of its READs, must not grow this process without bound).
+  static constexpr size_t kMaxOpenWritesPerConnection = 4096;
+  static constexpr size_t kMaxReadSendsPerConnection = 65536;
+  std::unordered_map<ucp_ep_h, size_t> openWrites_;     // by reply ep
+  std::unordered_map<ucp_ep_h, size_t> readSends_;      // by the ep reads are served on
+  uint64_t refusedForBounds_ = 0;
+  // The WRITE `key` names, opened if the connection has room for another one (else nullptr).
+  InboundWrite* openInbound(const std::pair<ucp_ep_h, uint64_t>& key);
+  void closeInbound(std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite>::iterator it);
   // Target side: one entry per initiator that said HELLO, keyed by the reply ep its messages carry.
   // Replies go over an endpoint we create ourselves, so we can close it and hear when it fails.
   struct Connection {
@@ -402,6 +413,7 @@ void UcxBackendImpl::shutdown() {
   connectionByOwnEp_.clear();
   active_.clear();
   inbound_.clear();
+  openWrites_.clear();
   for (auto& [req, op] : std::unordered_map<void*, RequestContext*>(requests_)) ucp_request_cancel(worker_, req);
 }
 
@@ -421,6 +433,7 @@ UcxBackendImpl::~UcxBackendImpl() {
     worker_ = nullptr;
   }
   inbound_.clear();
+  openWrites_.clear();
   if (worker_) ucp_worker_destroy(worker_);
   // ctx_ is released last, after every UcxMemory that shares it.
 }
@@ -666,8 +679,11 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     case RequestContext::kNotify:
       if (st != UCS_OK && op->transfer) endTransfer(op->transfer, fromUcs("sending to the peer", st));
       break;
-    case RequestContext::kReadDataSend:
-      break;  // the initiator learns of a failure from its own side
+    case RequestContext::kReadDataSend: {
+      auto it = readSends_.find(op->servedOn);  // the initiator learns of a failure from its own side
+      if (it != readSends_.end() && --it->second == 0) readSends_.erase(it);
+      break;
+    }
     case RequestContext::kBye:
       --byesPending_;
       break;
@@ -1154,7 +1170,12 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       ucx::CommitHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr || length > kMaxNotifyBytes) return;
       auto key = std::make_pair(reply, h.transferId);
-      InboundWrite& in = inbound_[key];
+      InboundWrite* open = openInbound(key);
+      if (open == nullptr) {
+        sendStatus(replyPath(reply), ucx::kAmAck, h.transferId, Status(Code::Unavailable, "too many WRITEs in progress on this connection"));
+        return;
+      }
+      InboundWrite& in = *open;
       in.expected = static_cast<int64_t>(h.segments);
       in.hasNotify = h.hasNotify != 0;
       in.notify = text();
@@ -1185,7 +1206,9 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       ucx::PackedWriteHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
       auto key = std::make_pair(reply, h.transferId);
-      InboundWrite& in = inbound_[key];
+      InboundWrite* open = openInbound(key);
+      if (open == nullptr) return;  // dropped: its commit is answered with the reason
+      InboundWrite& in = *open;
       const size_t table = static_cast<size_t>(h.count) * sizeof(ucx::PackedEntry);
       const uint8_t* bytes = data + table;
       size_t left = table <= length ? length - table : 0;
@@ -1253,7 +1276,9 @@ ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength
   ucx::WriteHeader h{};
   if (!readHeader(header, headerLength, &h) || reply == nullptr) return refuse(param, UCS_ERR_INVALID_PARAM);
   auto key = std::make_pair(reply, h.transferId);
-  InboundWrite& in = inbound_[key];
+  InboundWrite* open = openInbound(key);
+  if (open == nullptr) return refuse(param, UCS_ERR_NO_RESOURCE);  // its commit is answered with the reason
+  InboundWrite& in = *open;
   LocalRegionRef hold;
   Result<uint8_t*> dst = h.length == length
                              ? host_->resolveInbound(h.regionId, h.offset, h.length, kAccessWrite, &hold)
@@ -1281,6 +1306,24 @@ ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength
   return UCS_INPROGRESS;
 }
 
+InboundWrite* UcxBackendImpl::openInbound(const std::pair<ucp_ep_h, uint64_t>& key) {
+  auto it = inbound_.find(key);
+  if (it != inbound_.end()) return &it->second;
+  size_t& open = openWrites_[key.first];
+  if (open >= kMaxOpenWritesPerConnection) {
+    ++refusedForBounds_;
+    return nullptr;
+  }
+  ++open;
+  return &inbound_[key];
+}
+
+void UcxBackendImpl::closeInbound(std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite>::iterator it) {
+  auto open = openWrites_.find(it->first.first);
+  if (open != openWrites_.end() && --open->second == 0) openWrites_.erase(open);
+  inbound_.erase(it);
+}
+
 void UcxBackendImpl::maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key) {
   auto it = inbound_.find(key);
   if (it == inbound_.end()) return;
@@ -1290,7 +1333,7 @@ void UcxBackendImpl::maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key) {
   Status st = in.error;
   bool deliver = st.isOk() && in.hasNotify;
   std::string message = std::move(in.notify);
-  inbound_.erase(it);
+  closeInbound(it);
   sendStatus(replyPath(key.first), ucx::kAmAck, key.second, st);
   if (deliver) {
     host_->notificationArrived(connectionName(key.first), std::move(message));
@@ -1312,10 +1355,31 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
     }
     sources[i] = {src.value(), s.length};
   }
+  // Messages this read sends: runs of small segments go packed, up to kPackBytesMax each.
+  size_t messages = 0;
+  for (uint32_t i = 0; i < h.segments;) {
+    ++messages;
+    if (sources[i].second > ucx::kPackSegmentMax) {
+      ++i;
+      continue;
+    }
+    for (size_t packed = 0; i < h.segments && sources[i].second <= ucx::kPackSegmentMax &&
+                            packed + sources[i].second <= ucx::kPackBytesMax;
+         ++i)
+      packed += sources[i].second;
+  }
+  auto sending = readSends_.find(reply);
+  if (sending != readSends_.end() && sending->second + messages > kMaxReadSendsPerConnection) {
+    ++refusedForBounds_;
+    sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::Unavailable, "too many reads in flight on this connection"));
+    return;
+  }
   for (uint32_t i = 0; i < h.segments;) {
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kReadDataSend;
     op->hold = hold;
+    op->servedOn = reply;
+    ++readSends_[reply];
     if (sources[i].second <= ucx::kPackSegmentMax) {
       // A run of small segments goes back as one message.
       const uint32_t first = i;
@@ -1404,6 +1468,7 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) 
   connections_.erase(it);
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
+  openWrites_.erase(reply);
   if (own) {
     connectionByOwnEp_.erase(own);
     endpointsToClose_.push_back(own);
@@ -1413,7 +1478,9 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) 
 
 bool UcxBackendImpl::progress() {
   bool any = false;
-  while (ucp_worker_progress(worker_) != 0) any = true;
+  // Bounded: a peer that floods us must not keep this loop (and the JS thread) busy forever; the
+  // caller comes back at once when anything happened.
+  for (int round = 0; round < 4096 && ucp_worker_progress(worker_) != 0; ++round) any = true;
   if (!copyJobs_.empty()) {
     std::vector<uint64_t> copied;
     {
