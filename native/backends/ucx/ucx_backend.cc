@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -223,6 +224,8 @@ class UcxBackendImpl : public Backend {
   std::unordered_map<ucp_ep_h, size_t> openWrites_;     // by reply ep
   std::unordered_map<ucp_ep_h, size_t> readSends_;      // by the ep reads are served on
   uint64_t refusedForBounds_ = 0;
+  // WRITEs whose data was refused for the bound: their commit is answered ERR_UNAVAILABLE (bounded).
+  std::set<std::pair<ucp_ep_h, uint64_t>> refusedWrites_;
   // The WRITE `key` names, opened if the connection has room for another one (else nullptr).
   InboundWrite* openInbound(const std::pair<ucp_ep_h, uint64_t>& key);
   void closeInbound(std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite>::iterator it);
@@ -678,6 +681,11 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
     case RequestContext::kWriteData:
     case RequestContext::kNotify:
       if (st != UCS_OK && op->transfer) endTransfer(op->transfer, fromUcs("sending to the peer", st));
+      else if (op->transfer) {
+        // Data of a long transfer leaving counts as the peer being there (it is pulling it).
+        auto it = active_.find(op->transfer->wireId);
+        if (it != active_.end()) heardFrom(it->second.ep);
+      }
       break;
     case RequestContext::kReadDataSend: {
       auto it = readSends_.find(op->servedOn);  // the initiator learns of a failure from its own side
@@ -1058,6 +1066,8 @@ ucs_status_t refuse(const ucp_am_recv_param_t* param, ucs_status_t why) {
 ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
                                       const ucp_am_recv_param_t* param) {
   ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
+  // A closing agent serves nothing new (a late HELLO would open an endpoint nobody closes).
+  if (shuttingDown_) return refuse(param, UCS_ERR_CANCELED);
   if (id == ucx::kAmWrite) return handleWrite(header, headerLength, data, length, param, reply);
   if (id == ucx::kAmReadData) return handleReadData(header, headerLength, data, length, param);
   if (headerLength > sizeof(RequestContext::header)) return refuse(param, UCS_ERR_INVALID_PARAM);
@@ -1099,7 +1109,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
         // that outlived ~7 killed peers on shm could no longer talk to any new one).
         const bool served = known->second.ep != nullptr;
         const auto [oldName, oldId] = dropConnection(reply);
-        if (served && oldName != name && !connectedTo(oldName))
+        if (served && (oldName != name || oldId != h.agentId) && !connectedTo(oldName))
           host_->connectionLost(oldName, oldId, Status(Code::RemoteDisconnect, "connection gone (its endpoint was reused)"));
       }
       // A new instance of a known name: the old instance's connections are over (it was restarted,
@@ -1170,8 +1180,10 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       ucx::CommitHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr || length > kMaxNotifyBytes) return;
       auto key = std::make_pair(reply, h.transferId);
-      InboundWrite* open = openInbound(key);
+      // Some of this WRITE's data was refused for the bound: answer now, or it would wait forever.
+      InboundWrite* open = refusedWrites_.erase(key) ? nullptr : openInbound(key);
       if (open == nullptr) {
+        refusedWrites_.erase(key);
         sendStatus(replyPath(reply), ucx::kAmAck, h.transferId, Status(Code::Unavailable, "too many WRITEs in progress on this connection"));
         return;
       }
@@ -1312,6 +1324,8 @@ InboundWrite* UcxBackendImpl::openInbound(const std::pair<ucp_ep_h, uint64_t>& k
   size_t& open = openWrites_[key.first];
   if (open >= kMaxOpenWritesPerConnection) {
     ++refusedForBounds_;
+    if (refusedWrites_.size() >= kMaxOpenWritesPerConnection) refusedWrites_.erase(refusedWrites_.begin());
+    refusedWrites_.insert(key);
     return nullptr;
   }
   ++open;
@@ -1369,7 +1383,7 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
       packed += sources[i].second;
   }
   auto sending = readSends_.find(reply);
-  if (sending != readSends_.end() && sending->second + messages > kMaxReadSendsPerConnection) {
+  if ((sending == readSends_.end() ? 0 : sending->second) + messages > kMaxReadSendsPerConnection) {
     ++refusedForBounds_;
     sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::Unavailable, "too many reads in flight on this connection"));
     return;
@@ -1469,6 +1483,7 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) 
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
   openWrites_.erase(reply);
+  for (auto r = refusedWrites_.lower_bound({reply, 0}); r != refusedWrites_.end() && r->first == reply;) r = refusedWrites_.erase(r);
   if (own) {
     connectionByOwnEp_.erase(own);
     endpointsToClose_.push_back(own);
