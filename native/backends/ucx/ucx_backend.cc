@@ -268,7 +268,7 @@ class UcxBackendImpl : public Backend {
   // `budgetNs` to leave (a peer then fails our transfers at once instead of after UCX keepalive).
   void sayGoodbye(uint64_t budgetNs);
   int byesPending_ = 0;
-  std::vector<ucp_ep_h> goodbyes_;  // reply eps that said BYE, handled after progress
+  std::vector<std::pair<ucp_ep_h, uint64_t>> goodbyes_;  // (reply ep, agent id) that said BYE, handled after progress
   std::unordered_map<ucp_ep_h, UcxPeer*> peersByEp_;
   std::vector<std::pair<uint64_t, ucs_status_t>> failedPeers_;        // reported after progress returns
   std::vector<ucp_ep_h> failedConnections_;                            // target-side, handled likewise
@@ -491,13 +491,26 @@ uint64_t sharedMappingBytesFrom(const void* p) {
   if (maps == nullptr) return 0;
   char line[4096];
   uint64_t bytes = 0;
+  unsigned long long reach = 0, inode = 0, offset = 0;  // the run of mappings of one object we are in
   while (std::fgets(line, sizeof line, maps)) {
-    unsigned long long start = 0, end = 0;
-    char perms[8] = {};
-    if (std::sscanf(line, "%llx-%llx %7s", &start, &end, perms) != 3) continue;
+    unsigned long long start = 0, end = 0, off = 0, ino = 0;
+    char perms[8] = {}, dev[32] = {};
+    if (std::sscanf(line, "%llx-%llx %7s %llx %31s %llu", &start, &end, perms, &off, dev, &ino) != 6) continue;
+    if (reach != 0) {
+      // The kernel may split one shared object into adjacent mappings (e.g. after madvise): a
+      // mapping that continues the same object at the next offset extends the run.
+      if (start != reach || ino != inode || off != offset || perms[3] != 's') break;
+      bytes += end - start;
+      reach = end;
+      offset += end - start;
+      continue;
+    }
     if (at < start || at >= end) continue;
-    if (perms[3] == 's') bytes = end - at;
-    break;
+    if (perms[3] != 's') break;
+    bytes = end - at;
+    reach = end;
+    inode = ino;
+    offset = off + (end - start);
   }
   std::fclose(maps);
   return bytes;
@@ -1173,7 +1186,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       auto it = connections_.find(reply);
       // Only the instance that said HELLO on this connection can say goodbye on it.
       if (it == connections_.end() || it->second.agentId != h.agentId) return;
-      goodbyes_.push_back(reply);  // endpoints are closed outside UCX's callbacks
+      goodbyes_.emplace_back(reply, h.agentId);  // endpoints are closed outside UCX's callbacks
       return;
     }
     case ucx::kAmWriteCommit: {
@@ -1526,7 +1539,10 @@ bool UcxBackendImpl::progress() {
   }
   for (ucp_ep_h own : std::exchange(failedConnections_, {})) connectionFailed(own);
   for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
-  for (ucp_ep_h reply : std::exchange(goodbyes_, {})) {
+  for (auto& [reply, agentId] : std::exchange(goodbyes_, {})) {
+    // UCX may have reused the endpoint for a newcomer since: only the instance that said BYE goes.
+    auto it = connections_.find(reply);
+    if (it == connections_.end() || it->second.agentId != agentId) continue;
     const auto [name, known] = dropConnection(reply);
     if (!name.empty() && !connectedTo(name)) host_->connectionLost(name, known, Status(Code::RemoteDisconnect, "it closed"));
     any = true;
