@@ -126,7 +126,6 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   std::vector<Settled> settled_;
   std::vector<Arrived> arrived_;
   size_t arrivedBytes_ = 0;
-  uint64_t droppedArrived_ = 0;
   static constexpr size_t kMaxArrivedBytes = 256u << 20;
   bool pollMode_ = false;
   bool userRef_ = true;
@@ -171,10 +170,7 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
   };
   cb.notification = [this](const std::string& from, std::string message) {
     // Handed to JS after each progress step; bounded in case one step brings a flood.
-    if (arrivedBytes_ + message.size() > kMaxArrivedBytes) {
-      ++droppedArrived_;
-      return;
-    }
+    if (arrivedBytes_ + message.size() > kMaxArrivedBytes) return;
     arrivedBytes_ += message.size();
     arrived_.push_back({from, std::move(message), false});
   };

@@ -179,7 +179,6 @@ class UcxBackendImpl : public Backend {
   static constexpr uint16_t kAmIdBlock = 16;
   static ucs_status_t dropAm(void* arg, const void* header, size_t headerLength, void* data, size_t length,
                              const ucp_am_recv_param_t* param);
-  uint64_t droppedMessages_ = 0;  // messages of ids kvwire does not speak
   template <AmId id>
   static ucs_status_t onAm(void* arg, const void* header, size_t headerLength, void* data, size_t length,
                            const ucp_am_recv_param_t* param) {
@@ -213,9 +212,8 @@ class UcxBackendImpl : public Backend {
   std::unordered_map<uint64_t, ActiveTransfer> active_;
   void activate(UcxPeer& peer, const TransferRef& t) { active_[t->wireId] = {t, peer.ep_, peer.name_, peer.agentId_}; }
   // The transfer `wireId` names, if it is active and `reply` is the connection it was posted on
-  // (its own endpoint, or the one the peer instance answers on); anything else is dropped, counted.
+  // (its own endpoint, or the one the peer instance answers on); anything else is dropped.
   TransferRef replyTarget(uint64_t wireId, ucp_ep_h reply);
-  uint64_t droppedReplies_ = 0;
   std::map<std::pair<ucp_ep_h, uint64_t>, InboundWrite> inbound_;    // target-side WRITEs
   // What one connection may hold at this agent (a peer that never commits its WRITEs, or never takes
   // the data of its READs, must not grow this process without bound).
@@ -223,7 +221,6 @@ class UcxBackendImpl : public Backend {
   static constexpr size_t kMaxReadSendsPerConnection = 65536;
   std::unordered_map<ucp_ep_h, size_t> openWrites_;     // by reply ep
   std::unordered_map<ucp_ep_h, size_t> readSends_;      // by the ep reads are served on
-  uint64_t refusedForBounds_ = 0;
   // WRITEs whose data was refused for the bound: their commit is answered ERR_UNAVAILABLE (bounded).
   std::set<std::pair<ucp_ep_h, uint64_t>> refusedWrites_;
   // The WRITE `key` names, opened if the connection has room for another one (else nullptr).
@@ -378,8 +375,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   return Status::ok();
 }
 
-ucs_status_t UcxBackendImpl::dropAm(void* arg, const void*, size_t, void*, size_t, const ucp_am_recv_param_t*) {
-  ++static_cast<UcxBackendImpl*>(arg)->droppedMessages_;
+ucs_status_t UcxBackendImpl::dropAm(void*, const void*, size_t, void*, size_t, const ucp_am_recv_param_t*) {
   return UCS_OK;
 }
 
@@ -761,10 +757,7 @@ void UcxBackendImpl::notifyAfter(const TransferRef& t) {
 
 TransferRef UcxBackendImpl::replyTarget(uint64_t wireId, ucp_ep_h reply) {
   auto it = active_.find(wireId);
-  if (it == active_.end()) {
-    ++droppedReplies_;  // settled already, or an id nobody was given: 64 random bits are not guessed
-    return nullptr;
-  }
+  if (it == active_.end()) return nullptr;  // settled already, or an id nobody was given: 64 random bits are not guessed
   const ActiveTransfer& a = it->second;
   heardFrom(a.ep);
   // Replies travel without UCX's reply endpoint (measured: with it, replies on tcp vanished after
@@ -773,7 +766,6 @@ TransferRef UcxBackendImpl::replyTarget(uint64_t wireId, ucp_ep_h reply) {
   if (reply == nullptr || reply == a.ep) return a.t;
   auto c = connections_.find(reply);
   if (c == connections_.end() || (c->second.name == a.peer && c->second.agentId == a.peerAgentId)) return a.t;
-  ++droppedReplies_;
   return nullptr;
 }
 
@@ -1336,7 +1328,6 @@ InboundWrite* UcxBackendImpl::openInbound(const std::pair<ucp_ep_h, uint64_t>& k
   if (it != inbound_.end()) return &it->second;
   size_t& open = openWrites_[key.first];
   if (open >= kMaxOpenWritesPerConnection) {
-    ++refusedForBounds_;
     if (refusedWrites_.size() >= kMaxOpenWritesPerConnection) refusedWrites_.erase(refusedWrites_.begin());
     refusedWrites_.insert(key);
     return nullptr;
@@ -1397,7 +1388,6 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
   }
   auto sending = readSends_.find(reply);
   if ((sending == readSends_.end() ? 0 : sending->second) + messages > kMaxReadSendsPerConnection) {
-    ++refusedForBounds_;
     sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::Unavailable, "too many reads in flight on this connection"));
     return;
   }
