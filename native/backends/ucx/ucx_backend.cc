@@ -103,6 +103,12 @@ struct RequestContext {
   uint32_t segment = 0;
   alignas(8) uint8_t header[48];
   size_t headerLength = 0;
+  template <typename H>
+  void setHeader(const H& h) {  // a wire header (wire.h), sent ahead of the payload
+    static_assert(sizeof(H) <= sizeof(header), "wire header too large");
+    std::memcpy(header, &h, sizeof h);
+    headerLength = sizeof h;
+  }
   std::string payload;                  // bytes that must outlive the send (or a received request list)
   ucp_ep_h reply = nullptr;             // the connection a received control message came on
   AmId amId = ucx::kAmHello;            // kControlRecv: which message is being received
@@ -261,6 +267,8 @@ class UcxBackendImpl : public Backend {
   // Whether an agent of this name (maybe a newer instance) still has a connection we serve: the
   // end of an older one must not read as this name going away.
   bool connectedTo(const std::string& name) const;
+  // Reports that the connection with `name` ended, unless it still has another one we serve.
+  void reportLost(const std::string& name, uint64_t agentId, const char* why);
   // Tells every peer and connection that this agent is closing, and gives the messages up to
   // `budgetNs` to leave (a peer then fails our transfers at once instead of after UCX keepalive).
   void sayGoodbye(uint64_t budgetNs);
@@ -389,8 +397,7 @@ void UcxBackendImpl::sayGoodbye(uint64_t budgetNs) {
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kBye;
     ucx::ByeHeader h{agentId_};
-    std::memcpy(op->header, &h, sizeof h);
-    op->headerLength = sizeof h;
+    op->setHeader(h);
     ++byesPending_;
     send(ep, ucx::kAmBye, std::move(op), nullptr, 0, true);
   }
@@ -561,8 +568,7 @@ void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply) {
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
   ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size()), isReply ? 1u : 0u, agentId_};
-  std::memcpy(op->header, &h, sizeof h);
-  op->headerLength = sizeof h;
+  op->setHeader(h);
   op->payload = agentName_;
   op->payload.append(reinterpret_cast<const char*>(address_.data()), address_.size());
   const std::string& hello = op->payload;
@@ -782,8 +788,7 @@ void UcxBackendImpl::sendStatus(ucp_ep_h ep, AmId id, uint64_t transferId, const
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
   ucx::StatusHeader h{transferId, static_cast<uint32_t>(st.code()), st.index()};
-  std::memcpy(op->header, &h, sizeof h);
-  op->headerLength = sizeof h;
+  op->setHeader(h);
   op->payload = st.message();
   const std::string& msg = op->payload;
   send(ep, id, std::move(op), msg.data(), msg.size(), false);
@@ -895,8 +900,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       op->kind = RequestContext::kWriteData;
       op->transfer = t;
       ucx::PackedWriteHeader h{t->wireId, t->remoteRegionId, static_cast<uint32_t>(entries.size() / sizeof(ucx::PackedEntry))};
-      std::memcpy(op->header, &h, sizeof h);
-      op->headerLength = sizeof h;
+      op->setHeader(h);
       op->payload = std::move(entries);
       op->payload += bytes;
       entries.clear();
@@ -919,8 +923,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       op->transfer = t;
       op->hold = t->local;
       ucx::WriteHeader h{t->wireId, t->remoteRegionId, s.firstIndex, s.remoteOffset, s.length};
-      std::memcpy(op->header, &h, sizeof h);
-      op->headerLength = sizeof h;
+      op->setHeader(h);
       ++messages;
       if (!send(peer.ep_, ucx::kAmWrite, std::move(op), s.local, s.length, true)) return Status::ok();
     }
@@ -929,8 +932,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
     op->kind = RequestContext::kControl;
     op->transfer = t;
     ucx::CommitHeader h{t->wireId, messages, t->hasNotify ? 1u : 0u};
-    std::memcpy(op->header, &h, sizeof h);
-    op->headerLength = sizeof h;
+    op->setHeader(h);
     op->payload = t->notify;
     const std::string& msg = op->payload;
     send(peer.ep_, ucx::kAmWriteCommit, std::move(op), msg.data(), msg.size(), true);
@@ -941,8 +943,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
   op->kind = RequestContext::kControl;
   op->transfer = t;
   ucx::ReadRequestHeader h{t->wireId, t->remoteRegionId, static_cast<uint32_t>(t->segments.size())};
-  std::memcpy(op->header, &h, sizeof h);
-  op->headerLength = sizeof h;
+  op->setHeader(h);
   op->payload.resize(t->segments.size() * sizeof(ucx::ReadSegment));
   auto* out = reinterpret_cast<uint8_t*>(op->payload.data());
   for (size_t i = 0; i < t->segments.size(); ++i) {
@@ -1041,8 +1042,7 @@ void UcxBackendImpl::checkLiveness() {
     peer->pingSentNs_ = now;
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
-    std::memcpy(op->header, &h, sizeof h);
-    op->headerLength = sizeof h;
+    op->setHeader(h);
     send(ep, ucx::kAmPing, std::move(op), nullptr, 0, true);
   }
 }
@@ -1114,8 +1114,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
         // that outlived ~7 killed peers on shm could no longer talk to any new one).
         const bool served = known->second.ep != nullptr;
         const auto [oldName, oldId] = dropConnection(reply);
-        if (served && (oldName != name || oldId != h.agentId) && !connectedTo(oldName))
-          host_->connectionLost(oldName, oldId, Status(Code::RemoteDisconnect, "connection gone (its endpoint was reused)"));
+        if (served && (oldName != name || oldId != h.agentId)) reportLost(oldName, oldId, "connection gone (its endpoint was reused)");
       }
       // A new instance of a known name: the old instance's connections are over (it was restarted,
       // and its death may not have been noticed yet). Said now, in order, before any message of the
@@ -1157,8 +1156,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       if (!readHeader(header, headerLength, &h) || reply == nullptr) return;
       auto op = std::make_unique<RequestContext>();
       op->kind = RequestContext::kControl;
-      std::memcpy(op->header, &h, sizeof h);
-      op->headerLength = sizeof h;
+      op->setHeader(h);
       send(replyPath(reply), ucx::kAmPong, std::move(op), nullptr, 0, false);
       return;
     }
@@ -1406,15 +1404,13 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
         ++i;
       }
       ucx::PackedReadHeader ph{h.transferId, first, i - first};
-      std::memcpy(op->header, &ph, sizeof ph);
-      op->headerLength = sizeof ph;
+      op->setHeader(ph);
       const std::string& payload = op->payload;
       if (!send(reply, ucx::kAmReadPacked, std::move(op), payload.data(), payload.size(), false)) return;
       continue;
     }
     ucx::ReadDataHeader rh{h.transferId, i};
-    std::memcpy(op->header, &rh, sizeof rh);
-    op->headerLength = sizeof rh;
+    op->setHeader(rh);
     if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false)) return;
     ++i;
   }
@@ -1466,8 +1462,11 @@ void UcxBackendImpl::connectionFailed(ucp_ep_h own) {
   auto it = connectionByOwnEp_.find(own);
   if (it == connectionByOwnEp_.end()) return;
   const auto [name, agentId] = dropConnection(it->second);
-  if (!name.empty() && !connectedTo(name))
-    host_->connectionLost(name, agentId, Status(Code::RemoteDisconnect, "connection failed"));
+  reportLost(name, agentId, "connection failed");
+}
+
+void UcxBackendImpl::reportLost(const std::string& name, uint64_t agentId, const char* why) {
+  if (!name.empty() && !connectedTo(name)) host_->connectionLost(name, agentId, Status(Code::RemoteDisconnect, why));
 }
 
 bool UcxBackendImpl::connectedTo(const std::string& name) const {
@@ -1528,15 +1527,15 @@ bool UcxBackendImpl::progress() {
     any = true;
   }
   for (ucp_ep_h own : std::exchange(failedConnections_, {})) connectionFailed(own);
-  for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
   for (auto& [reply, agentId] : std::exchange(goodbyes_, {})) {
     // UCX may have reused the endpoint for a newcomer since: only the instance that said BYE goes.
     auto it = connections_.find(reply);
     if (it == connections_.end() || it->second.agentId != agentId) continue;
     const auto [name, known] = dropConnection(reply);
-    if (!name.empty() && !connectedTo(name)) host_->connectionLost(name, known, Status(Code::RemoteDisconnect, "it closed"));
+    reportLost(name, known, "it closed");
     any = true;
   }
+  for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
   for (size_t i = 0; i < closing_.size();) {
     if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
       ucp_request_free(closing_[i]);
