@@ -46,19 +46,21 @@ export interface Disconnect {
 // Held weakly: an agent nobody references any more is not kept alive by this. In a worker_thread
 // the agent's own teardown (when the thread's environment goes) says goodbye instead.
 const openAgents = new Set<WeakRef<Agent>>();
-const closeForExit = new WeakMap<Agent, () => void>();
 let exitHooked = false;
-function closeOnExit(agent: Agent, closeNow: () => void): WeakRef<Agent> | null {
+function closeOnExit(agent: Agent): WeakRef<Agent> | null {
   if (!isMainThread) return null;
   const ref = new WeakRef(agent);
   openAgents.add(ref);
-  closeForExit.set(agent, closeNow);
   if (!exitHooked) {
     exitHooked = true;
+    // close() says goodbye synchronously before its first await; what it awaits never runs here.
     process.on('exit', () => {
       for (const r of [...openAgents]) {
-        const a = r.deref();
-        if (a) closeForExit.get(a)?.();
+        try {
+          r.deref()?.close().catch(() => {});
+        } catch {
+          // exiting anyway: UCX keepalive will tell the peers
+        }
       }
     });
   }
@@ -122,15 +124,7 @@ export class Agent extends EventEmitter {
       (rows, errors) => this.#onSettled(rows, errors),
       (from, messages) => this.#onNotifications(from, messages),
     );
-    this.#exitRef = closeOnExit(this, () => {
-      const native = this.#native;
-      this.#native = null;
-      try {
-        native?.close().catch(() => {});
-      } catch {
-        // exiting anyway: UCX keepalive will tell the peers
-      }
-    });
+    this.#exitRef = closeOnExit(this);
   }
 
   /** Creates an agent with its UCX context and worker. */
