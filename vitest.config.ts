@@ -8,5 +8,9 @@ export default defineConfig({
     // Each file starts its own UCX processes; two at a time suits a 2-core machine.
     maxWorkers: 2,
     pool: 'forks',
+    // Most tests run agents without a secret on purpose; the warning that says so is tested on its own
+    // (test/security.test.ts) and silenced elsewhere, in the test processes and the peers they start.
+    poolOptions: { forks: { execArgv: ['--disable-warning=KVWIRE_NO_SECRET'] } },
+    env: { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --disable-warning=KVWIRE_NO_SECRET`.trim() },
   },
 });

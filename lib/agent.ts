@@ -20,10 +20,22 @@ export interface AgentOptions {
   /** UCX settings: `transports` becomes UCX_TLS (e.g. 'shm,self' or 'tcp'), `devices` UCX_NET_DEVICES. */
   ucx?: { transports?: string; devices?: string };
   /**
-   * Shared secret: when set, `metadata()` is HMAC-SHA256 signed and `loadPeer` refuses metadata
-   * that is unsigned or signed with another secret (ERR_NOT_ALLOWED).
+   * Shared secret (1..4096 bytes) of every agent allowed to talk to this one. When set,
+   * `metadata()` is HMAC-SHA256 signed and `loadPeer` refuses metadata that is unsigned or signed
+   * with another secret (ERR_NOT_ALLOWED); and every connection completes a mutual HMAC
+   * challenge-response before anything on it is served: a process without the secret can neither
+   * read nor write this agent's regions nor send it notifications, and `from` is a proven name.
+   * Without a secret, any process that can reach this agent's UCX worker is trusted.
    */
   secret?: string | Uint8Array;
+}
+
+/** What an agent's trust boundary refused (cumulative; see README, Security and reliability). */
+export interface SecurityCounters {
+  /** Messages dropped because their connection had not completed the authenticated handshake. */
+  droppedUnauthenticated: number;
+  /** Handshake proofs that did not verify (a peer without this agent's secret). */
+  failedHandshakes: number;
 }
 
 /** A notification from a peer; `from` comes from the connection, not from the message. */
@@ -66,6 +78,19 @@ function closeOnExit(agent: Agent): WeakRef<Agent> | null {
   }
   return ref;
 }
+
+const MAX_SECRET_BYTES = 4096;
+
+// Whether UCX may listen beyond loopback with these settings: a network transport (or UCX's
+// default, all of them) on devices other than 'lo'.
+function reachableBeyondLoopback(ucx: AgentOptions['ucx']): boolean {
+  const tls = (ucx?.transports ?? process.env.UCX_TLS ?? 'all').toLowerCase();
+  const network = tls.startsWith('^') || tls.split(',').some((t) => /^(all|tcp|ib|rc.*|ud.*|dc.*|rdmacm|sockcm)$/.test(t.trim()));
+  if (!network) return false;
+  const devices = (ucx?.devices ?? process.env.UCX_NET_DEVICES ?? 'all').split(',').map((d) => d.trim());
+  return !devices.every((d) => d === 'lo');
+}
+let warnedNoSecret = false;
 
 const SIGNATURE_MAGIC = Buffer.from('KVWH');
 const SIGNATURE_BYTES = SIGNATURE_MAGIC.length + 32;
@@ -118,6 +143,7 @@ export class Agent extends EventEmitter {
       {
         transports: options.ucx?.transports,
         devices: options.ucx?.devices,
+        secret: this.#secret ?? undefined,
         progress: options.progress ?? 'event',
         spinWindowUs: options.spinWindowUs,
       },
@@ -125,6 +151,15 @@ export class Agent extends EventEmitter {
       (from, messages) => this.#onNotifications(from, messages),
     );
     this.#exitRef = closeOnExit(this);
+    if (!this.#secret && !warnedNoSecret && reachableBeyondLoopback(options.ucx)) {
+      warnedNoSecret = true;
+      process.emitWarning(
+        `kvwire: agent '${options.name}' may be reachable beyond loopback (UCX transports '${options.ucx?.transports ?? process.env.UCX_TLS ?? 'all'}') ` +
+          'without a secret: any process that can reach it may read and write its exported regions and send it notifications. ' +
+          "Give every agent the same `secret` (README: Security and reliability). Warned once per process.",
+        { code: 'KVWIRE_NO_SECRET' },
+      );
+    }
   }
 
   /** Creates an agent with its UCX context and worker. */
@@ -142,6 +177,10 @@ export class Agent extends EventEmitter {
       'spinWindowUs',
       'must be a non-negative number',
     );
+    if (options.secret !== undefined) {
+      const secret = toBytes('secret', options.secret);
+      check(secret.byteLength > 0 && secret.byteLength <= MAX_SECRET_BYTES, 'secret', `must be 1..${MAX_SECRET_BYTES} bytes, got ${secret.byteLength}`);
+    }
     if (options.ucx !== undefined) {
       check(typeof options.ucx === 'object' && options.ucx !== null, 'ucx', 'must be an object');
       for (const key of ['transports', 'devices'] as const)
@@ -396,6 +435,11 @@ export class Agent extends EventEmitter {
       if (this.#dropped++ === 0)
         process.emitWarning(`kvwire: agent '${this.name}' dropped notifications its iterator did not read (more than ${MAX_QUEUED_NOTIFICATIONS} or ${MAX_QUEUED_NOTIFICATION_BYTES >> 20} MiB waiting)`);
     }
+  }
+
+  /** What this agent's trust boundary refused so far (zeros once closed). */
+  get security(): SecurityCounters {
+    return this.#native?.securityCounters() ?? { droppedUnauthenticated: 0, failedHandshakes: 0 };
   }
 
   /** Notifications dropped because `notifications()` was not read fast enough (oldest first). */

@@ -23,6 +23,7 @@ export interface NativePeer {
 export interface NativeAgentOptions {
   transports?: string;
   devices?: string;
+  secret?: Buffer;
   progress?: 'event' | 'poll';
   spinWindowUs?: number;
 }
@@ -54,6 +55,7 @@ export interface NativeAgent {
   notify(peer: string, message: Uint8Array): void;
   close(): Promise<void>;
   setRef(ref: boolean): void;
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number };
 }
 
 interface Addon {

@@ -7,7 +7,7 @@ import { KvReceiver } from '../kv/worker';
 import { countWrongBytes } from './kv-content';
 
 type Msg =
-  | { cmd: 'init'; name: string; layout: KvLayoutSpec; prefillLayout: KvLayoutSpec; prefills: string[]; transports: string }
+  | { cmd: 'init'; name: string; layout: KvLayoutSpec; prefillLayout: KvLayoutSpec; prefills: string[]; transports: string; secret: string }
   | { cmd: 'pull'; req: string; sourceBlocks: number[]; destinationBlocks: number[] }
   | { cmd: 'exit' };
 
@@ -26,7 +26,7 @@ process.on('message', async (m: Msg) => {
     layout = new KvLayout(m.layout);
     prefillLayout = new KvLayout(m.prefillLayout);
     layout.assertCompatible(prefillLayout);
-    agent = await Agent.create({ name: m.name, ucx: { transports: m.transports } });
+    agent = await Agent.create({ name: m.name, secret: Buffer.from(m.secret, 'base64'), ucx: { transports: m.transports } });
     const region = agent.allocate(layout.regionBytes, { name: 'kv' });
     pool = region.bytes;
     receiver = new KvReceiver(agent, layout, region);

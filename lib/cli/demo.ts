@@ -3,6 +3,7 @@
 // publishes the request's blocks and every rank of one decode worker pulls its head slice into its
 // own free blocks over UCX, verifies every byte, and says done, after which prefill frees them.
 import { fork, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import type { KvLayoutSpec } from '../kv/layout';
 import { percentile } from './stats';
@@ -66,6 +67,8 @@ function progress(done: number, total: number, json: boolean): void {
 
 export async function runDemo(opts: DemoOptions): Promise<number> {
   const transports = opts.transport === 'tcp' ? 'tcp' : 'shm,self';
+  // Every agent of this run shares one fresh secret: connections are authenticated (README: Security).
+  const secret = randomBytes(32).toString('base64');
   const [P, D] = opts.tp;
   const spec = (blocks: number, rank: number, size: number): KvLayoutSpec => ({ ...DEMO_SHAPE, blocks, tp: { rank, size } });
   const prefills = Array.from({ length: P }, (_, r) => new Worker('prefill-worker.js', `prefill-${r}`));
@@ -75,7 +78,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
   const all = [...prefills, ...decoders.flat()];
   try {
     const ready = prefills.map((w) => w.expect('ready'));
-    prefills.forEach((w, r) => w.send({ cmd: 'init', name: w.name, layout: spec(PREFILL_BLOCKS, r, P), transports }));
+    prefills.forEach((w, r) => w.send({ cmd: 'init', name: w.name, layout: spec(PREFILL_BLOCKS, r, P), transports, secret }));
     const metadata = (await Promise.all(ready)).map((m) => {
       if (!m.metadata) throw new Error(m.error ?? 'prefill failed to start');
       return m.metadata as string;
@@ -83,7 +86,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const decodeReady = decoders.flat().map((w) => w.expect('ready'));
     decoders.forEach((group) =>
       group.forEach((w, r) =>
-        w.send({ cmd: 'init', name: w.name, layout: spec(DECODE_BLOCKS, r, D), prefillLayout: spec(PREFILL_BLOCKS, 0, P), prefills: metadata, transports }),
+        w.send({ cmd: 'init', name: w.name, layout: spec(DECODE_BLOCKS, r, D), prefillLayout: spec(PREFILL_BLOCKS, 0, P), prefills: metadata, transports, secret }),
       ),
     );
     for (const m of await Promise.all(decodeReady)) if (m.error) throw new Error(m.error);

@@ -6,7 +6,7 @@ import { KvSender } from '../kv/worker';
 import { fillPool } from './kv-content';
 
 type Msg =
-  | { cmd: 'init'; name: string; layout: KvLayoutSpec; transports: string }
+  | { cmd: 'init'; name: string; layout: KvLayoutSpec; transports: string; secret: string }
   | { cmd: 'publish'; req: string; blocks: number[]; readers: number }
   | { cmd: 'exit' };
 
@@ -19,7 +19,7 @@ process.on('disconnect', () => process.exit(0));
 process.on('message', async (m: Msg) => {
   if (m.cmd === 'init') {
     const layout = new KvLayout(m.layout);
-    agent = await Agent.create({ name: m.name, ucx: { transports: m.transports } });
+    agent = await Agent.create({ name: m.name, secret: Buffer.from(m.secret, 'base64'), ucx: { transports: m.transports } });
     const pool = agent.allocate(layout.regionBytes, { name: 'kv', access: 'read' });
     fillPool(layout, pool.bytes);
     sender = new KvSender(agent, layout, pool);

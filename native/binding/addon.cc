@@ -107,6 +107,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   Napi::Value Notify(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value SetRef(const Napi::CallbackInfo& info);
+  Napi::Value SecurityCounters(const Napi::CallbackInfo& info);
 
   bool ensureOpen(Napi::Env env);
   Napi::Object regionObject(Napi::Env env, const kvwire::RegionInfo& r);
@@ -144,10 +145,11 @@ Napi::Function AgentWrap::Init(Napi::Env env) {
                       InstanceMethod("metadata", &AgentWrap::Metadata), InstanceMethod("loadPeer", &AgentWrap::LoadPeer),
                       InstanceMethod("forgetPeer", &AgentWrap::ForgetPeer), InstanceMethod("post", &AgentWrap::Post),
                       InstanceMethod("cancel", &AgentWrap::Cancel), InstanceMethod("notify", &AgentWrap::Notify),
-                      InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef)});
+                      InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef),
+                      InstanceMethod("securityCounters", &AgentWrap::SecurityCounters)});
 }
 
-// new NativeAgent(name, { transports, devices, progress, spinWindowUs }, onSettled, onNotification)
+// new NativeAgent(name, { transports, devices, secret, progress, spinWindowUs }, onSettled, onNotification)
 AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWrap>(info) {
   Napi::Env env = info.Env();
   if (info.Length() < 4 || !info[0].IsString() || !info[1].IsObject() || !info[2].IsFunction() || !info[3].IsFunction()) {
@@ -158,6 +160,10 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
   kvwire::BackendOptions bo;
   if (opts.Get("transports").IsString()) bo.transports = opts.Get("transports").As<Napi::String>();
   if (opts.Get("devices").IsString()) bo.devices = opts.Get("devices").As<Napi::String>();
+  if (opts.Get("secret").IsBuffer()) {
+    auto secret = opts.Get("secret").As<Napi::Buffer<uint8_t>>();
+    bo.secret.assign(reinterpret_cast<const char*>(secret.Data()), secret.Length());
+  }
   pollMode_ = opts.Get("progress").IsString() && opts.Get("progress").As<Napi::String>().Utf8Value() == "poll";
   if (opts.Get("spinWindowUs").IsNumber())
     spinWindowNs_ = static_cast<uint64_t>(opts.Get("spinWindowUs").As<Napi::Number>().DoubleValue() * 1000);
@@ -529,6 +535,16 @@ Napi::Value AgentWrap::Notify(const Napi::CallbackInfo& info) {
   if (!st) throwStatus(env, st);
   schedule();
   return env.Undefined();
+}
+
+// securityCounters() -> { droppedUnauthenticated, failedHandshakes } (zeros once closed)
+Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const kvwire::SecurityCounters c = agent_ ? agent_->securityCounters() : kvwire::SecurityCounters{};
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("droppedUnauthenticated", Napi::Number::New(env, static_cast<double>(c.droppedUnauthenticated)));
+  out.Set("failedHandshakes", Napi::Number::New(env, static_cast<double>(c.failedHandshakes)));
+  return out;
 }
 
 Napi::Value AgentWrap::SetRef(const Napi::CallbackInfo& info) {

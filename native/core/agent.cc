@@ -224,7 +224,7 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
   if (peer.md.agentId != rq.peerAgentId)
     return Status(Code::Mismatch, "the remote descriptor list was built for an earlier instance of peer '" + rq.peer +
                                       "'; rebuild it from the reloaded peer");
-  if (peer.failed) return Status(Code::RemoteDisconnect, "peer '" + rq.peer + "' is disconnected: " + peer.failure.message());
+  if (peer.failed) return failedPeerStatus(rq.peer, peer.failure);
   auto rit = peer.regionIndex.find(rq.remoteRegion);
   if (rit == peer.regionIndex.end())
     return Status(Code::NotFound, "peer '" + rq.peer + "' no longer publishes region " + std::to_string(rq.remoteRegion) +
@@ -308,12 +308,20 @@ Status Agent::notify(const std::string& peer, const std::string& message) {
     return {Code::InvalidParam, "message: is " + std::to_string(message.size()) + " bytes; at most " + std::to_string(kMaxNotifyBytes)};
   auto it = peers_.find(peer);
   if (it == peers_.end()) return backend_->notifyConnection(peer, message);
-  if (it->second->failed) return {Code::RemoteDisconnect, "peer '" + peer + "' is disconnected"};
+  if (it->second->failed) return failedPeerStatus(peer, it->second->failure);
   return backend_->notify(*it->second->conn, message);
 }
 
 void Agent::notificationArrived(const std::string& from, std::string message) {
   if (callbacks_.notification) callbacks_.notification(from, std::move(message));
+}
+
+// What a transfer to a failed peer settles with: its connection ended (ERR_REMOTE_DISCONNECT), or it
+// never proved it holds this agent's secret (ERR_NOT_ALLOWED).
+Status Agent::failedPeerStatus(const std::string& name, const Status& failure) {
+  if (failure.code() == Code::RemoteDisconnect || failure.isOk())
+    return Status(Code::RemoteDisconnect, "peer '" + name + "' is disconnected: " + failure.message());
+  return Status(failure.code(), "peer '" + name + "': " + failure.message());
 }
 
 void Agent::failPeerTransfers(uint64_t peerKey, const Status& status) {
@@ -330,7 +338,7 @@ void Agent::peerFailed(uint64_t peerKey, Status status) {
       p->failed = true;
       p->failure = status;
       lost = name;
-      status = Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message());
+      status = failedPeerStatus(name, status);
     }
   failPeerTransfers(peerKey, status);
   if (!lost.empty() && callbacks_.disconnected) callbacks_.disconnected(lost, status.message());

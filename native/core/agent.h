@@ -73,6 +73,7 @@ class Agent : public BackendHost {
   bool progress();
   bool arm();
   bool busy() const;
+  SecurityCounters securityCounters() const { return backend_ ? backend_->securityCounters() : SecurityCounters{}; }
   size_t inFlight() const { return transfers_.size(); }
   // Closing in two steps, so the caller can keep progressing (on its event loop) while UCX
   // finishes what it owns: beginClose settles every transfer with ERR_CANCELED, drops peers and
@@ -102,6 +103,7 @@ class Agent : public BackendHost {
   };
   Agent(std::string name, AgentCallbacks callbacks);
   void failPeerTransfers(uint64_t peerKey, const Status& status);
+  static Status failedPeerStatus(const std::string& name, const Status& failure);
   // Ends a transfer with `status`, as soon as none of its bytes can land any more.
   void endEarly(const TransferRef& t, Status status, bool peerGone = false);
   PeerView viewOf(const PeerEntry& p) const;

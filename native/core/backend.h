@@ -46,6 +46,14 @@ struct BackendOptions {
   std::string devices;      // UCX_NET_DEVICES
   std::string agentName;
   uint64_t agentId = 0;     // this instance, as the metadata publishes it
+  // With a secret, a connection is served only after a mutual HMAC challenge-response (wire.h).
+  std::string secret;
+};
+
+// What the trust boundary refused (cumulative).
+struct SecurityCounters {
+  uint64_t droppedUnauthenticated = 0;  // messages on a connection that had not authenticated
+  uint64_t failedHandshakes = 0;        // handshake proofs that did not verify
 };
 
 class Backend {
@@ -72,6 +80,7 @@ class Backend {
   virtual bool progress() = 0;     // true if anything happened
   virtual bool arm() = 0;          // true if armed (safe to sleep on the fd); false if events are pending
   virtual bool busy() const = 0;   // operations in flight that need progress to finish
+  virtual SecurityCounters securityCounters() const = 0;
   // Force-closes every connection and cancels what can be canceled; progress then drains the rest.
   virtual void shutdown() = 0;
 };

@@ -5,8 +5,11 @@
 //   kvwire_hostile_peer <metadata file> malformed [seed]   every message type, wrong sizes and fields
 //   kvwire_hostile_peer <metadata file> forge <count>      ACK / READ_DONE / READ data for guessed ids
 //   kvwire_hostile_peer <metadata file> flood <count> <ms> WRITEs never committed, reads never taken
+//   kvwire_hostile_peer <metadata file> unauth <rounds>    at a target with a secret: HELLOs with garbage
+//                                                          addresses, wrong proofs, then every data-plane
+//                                                          message, on a connection that never authenticated
 //
-// The metadata file holds the target's raw (unsigned) metadata blob; only its worker address is used.
+// The metadata file holds the target's metadata blob (signed or not); only its worker address is used.
 // Prints one line: "sent N messages".
 #include <ucp/api/ucp.h>
 
@@ -103,7 +106,7 @@ void drain() {
 }
 
 void hello() {
-  HelloHeader h{kWireVersion, 7, 0, 0x686f7374696c65ull};
+  HelloHeader h{kWireVersion, 7, 0, 0x686f7374696c65ull, {}, 0};
   std::vector<uint8_t> data{'h', 'o', 's', 't', 'i', 'l', 'e'};
   data.insert(data.end(), ownAddress.begin(), ownAddress.end());
   send(kAmHello, h, data);
@@ -120,7 +123,7 @@ void malformed(uint32_t seed) {
   // 1. Every message id (and unknown ones) with headers of the wrong size and junk data. HELLO is
   //    left out here: its address bytes reach ucp_ep_create (see below).
   const uint16_t ids[] = {0, 255, 256, 1000, 32768, 65534, kAmWrite, kAmWriteCommit, kAmAck, kAmReadRequest, kAmReadData, kAmReadDone,
-                          kAmNotify, kAmWritePacked, kAmReadPacked, kAmBye, 12, 99, 65535};
+                          kAmNotify, kAmWritePacked, kAmReadPacked, kAmBye, kAmPing, kAmPong, kAmChallenge, kAmAuth, 99, 65535};
   const size_t headerSizes[] = {0, 1, 7, 8, 11, 12, 15, 16, 19, 20, 23, 24, 31, 32, 33, 47, 48, 49, 64, 200};
   const size_t dataSizes[] = {0, 1, 17, 1024, 4096, 9000, 65536};
   // HOSTILE_MAX_ID: the highest message id sent (UCX 1.13 itself crashes on ids >= 32768, before
@@ -146,11 +149,11 @@ void malformed(uint32_t seed) {
     auto d = bytes(rng() % 300);
     if (h.size() == sizeof(HelloHeader)) h[0] ^= 0xff;  // never kWireVersion by accident
     send(kAmHello, h.data(), h.size(), d.data(), d.size());
-    HelloHeader bad{kWireVersion + 1 + static_cast<uint32_t>(rng() % 5), 3, 0, rng()};
+    HelloHeader bad{kWireVersion + 1 + static_cast<uint32_t>(rng() % 5), 3, 0, rng(), {}, 0};
     send(kAmHello, bad, bytes(200));
-    HelloHeader longName{kWireVersion, static_cast<uint32_t>(256 + rng() % 100000), 0, rng()};
+    HelloHeader longName{kWireVersion, static_cast<uint32_t>(256 + rng() % 100000), 0, rng(), {}, 0};
     send(kAmHello, longName, bytes(rng() % 300));
-    HelloHeader noAddress{kWireVersion, 16, 0, rng()};
+    HelloHeader noAddress{kWireVersion, 16, 0, rng(), {}, 0};
     send(kAmHello, noAddress, bytes(16));
   }
   // 2. Right sizes, lying fields: region ids, offsets and lengths that do not fit, overflowing
@@ -211,6 +214,58 @@ void forge(uint64_t count) {
   drain();
 }
 
+// Against a target with a secret, which this tool does not have. Each round: a HELLO that claims a
+// secret and a legitimate peer's name, with a garbage worker address (a target that parsed it before
+// the proof would abort inside UCX's address parser); AUTH with a guessed proof, of the wrong size,
+// and before any HELLO; then every data-plane message, well formed and aimed at region 1: a WRITE of
+// 0xEE bytes with its commit and a notification, a packed WRITE, a READ request, a notification, a
+// PING and a BYE. The target must serve none of it.
+void unauthenticated(uint64_t rounds) {
+  std::mt19937_64 rng(rounds);
+  auto bytes = [&](size_t n) {
+    std::vector<uint8_t> b(n);
+    for (auto& x : b) x = static_cast<uint8_t>(rng());
+    return b;
+  };
+  std::vector<uint8_t> block(4096, 0xEE);
+  const std::string claimed = "legit";
+  for (uint64_t r = 0; r < rounds; ++r) {
+    AuthHeader early{};
+    for (auto& x : early.targetNonce) x = static_cast<uint8_t>(rng());
+    send(kAmAuth, early, bytes(kMacBytes));
+    HelloHeader h{kWireVersion, static_cast<uint32_t>(claimed.size()), 0, rng(), {}, 1};
+    for (auto& x : h.nonce) x = static_cast<uint8_t>(rng());
+    std::vector<uint8_t> data(claimed.begin(), claimed.end());
+    auto garbage = bytes(1 + rng() % 512);
+    data.insert(data.end(), garbage.begin(), garbage.end());
+    send(kAmHello, h, data);
+    AuthHeader a{};
+    for (auto& x : a.targetNonce) x = static_cast<uint8_t>(rng());
+    send(kAmAuth, a, bytes(kMacBytes));
+    send(kAmAuth, a, bytes(rng() % 64));
+    const uint64_t id = rng() | 1;
+    WriteHeader w{id, 1, 0, 0, block.size()};
+    send(kAmWrite, w, block);
+    PackedEntry e{8192, 64, 0};
+    PackedWriteHeader pw{id, 1, 1};
+    std::vector<uint8_t> packed(reinterpret_cast<uint8_t*>(&e), reinterpret_cast<uint8_t*>(&e) + sizeof e);
+    packed.insert(packed.end(), 64, 0xEE);
+    send(kAmWritePacked, pw, packed);
+    const std::string note = "forged";
+    CommitHeader c{id, 2, 1};
+    send(kAmWriteCommit, c, std::vector<uint8_t>(note.begin(), note.end()));
+    ReadSegment seg{0, 4096, 0};
+    ReadRequestHeader rq{rng() | 1, 1, 1};
+    send(kAmReadRequest, &rq, sizeof rq, &seg, sizeof seg);
+    send(kAmNotify, nullptr, 0, note.data(), note.size());
+    PingHeader ping{rng() | 1};
+    send(kAmPing, ping, {});
+    ByeHeader bye{h.agentId};
+    send(kAmBye, bye, {});
+  }
+  drain();
+}
+
 // Opens WRITEs it never finishes (segments and commits for fresh random ids) and asks for reads it
 // never takes, then stays connected without progressing for `holdMs`, so the target's state for
 // this connection can be measured at its largest. Prints "flooded" when it starts holding.
@@ -238,7 +293,7 @@ void flood(uint64_t count, int holdMs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 3) die("usage: kvwire_hostile_peer <metadata file> malformed [seed] | forge <count>");
+  if (argc < 3) die("usage: kvwire_hostile_peer <metadata file> malformed [seed] | forge <count> | flood <count> <ms> | unauth <rounds>");
   std::ifstream in(argv[1], std::ios::binary);
   std::vector<uint8_t> md((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const std::vector<uint8_t> address = workerAddressOf(md);
@@ -279,6 +334,8 @@ int main(int argc, char** argv) {
     malformed(argc > 3 ? static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)) : 1);
   else if (scenario == "forge")
     forge(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1000);
+  else if (scenario == "unauth")
+    unauthenticated(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100);
   else if (scenario == "flood")
     flood(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100000, argc > 4 ? std::atoi(argv[4]) : 3000);
   else

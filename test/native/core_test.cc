@@ -5,6 +5,7 @@
 #include <random>
 
 #include "core/descriptors.h"
+#include "core/hmac.h"
 #include "core/metadata.h"
 
 namespace kvwire {
@@ -163,4 +164,27 @@ TEST(CopyRuns, GathersAndRefusesABadListWithoutCopyingAnything) {
   st = kvwire::copyRuns(dst.data(), dst.size(), dstOffsets, src.data(), src.size(), huge, lengths, 3);
   EXPECT_FALSE(st);
   EXPECT_EQ(st.index(), 0);
+}
+
+// HMAC-SHA256 against digests Node's crypto computed (createHmac('sha256', key).update(message)):
+// empty key and message, RFC-style text, a key longer than the block, and messages whose padding
+// falls on each side of a block boundary.
+TEST(Hmac, MatchesNodeCrypto) {
+  auto hex = [](const kvwire::Digest& d) {
+    static const char* digits = "0123456789abcdef";
+    std::string out;
+    for (uint8_t b : d) out += std::string{digits[b >> 4], digits[b & 15]};
+    return out;
+  };
+  EXPECT_EQ(hex(kvwire::hmacSha256("", "")), "b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad");
+  EXPECT_EQ(hex(kvwire::hmacSha256("key", "The quick brown fox jumps over the lazy dog")),
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8");
+  EXPECT_EQ(hex(kvwire::hmacSha256(std::string(100, 'k'), std::string(1000, 'x'))),
+            "3e7454caad47b54cbf21e89cd1bcf7e95f1f2c395cb2f8fa29b3a79fd46a998c");
+  EXPECT_EQ(hex(kvwire::hmacSha256("s3cret", std::string(55, 'a'))), "8f8e98b0486915740d92ed0406b03760b24b5c42187083c9c3675f17c6fedd06");
+  EXPECT_EQ(hex(kvwire::hmacSha256("s3cret", std::string(56, 'a'))), "43ba763a16d9b18ab9b367540ff1190be5bc51852b0435815db495488ba2378a");
+  EXPECT_EQ(hex(kvwire::hmacSha256("s3cret", std::string(64, 'a'))), "d774b85efbec57b2c5ebdc540c03e8177349fbcafe929b3574ddf72d739679e5");
+  const auto a = kvwire::hmacSha256("s3cret", "x"), b = kvwire::hmacSha256("s3cret", "y");
+  EXPECT_TRUE(kvwire::digestsEqual(a.data(), a.data()));
+  EXPECT_FALSE(kvwire::digestsEqual(a.data(), b.data()));
 }

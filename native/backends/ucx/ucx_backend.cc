@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "../../core/copy_pool.h"
+#include "../../core/hmac.h"
 #include "wire.h"
 
 namespace kvwire {
@@ -87,6 +88,19 @@ class UcxPeer : public BackendPeer {
   uint64_t pingToken_ = 0;
   uint64_t pingSentNs_ = 0;
   std::unordered_map<uint32_t, RemoteRegionRef> regions_;
+  // The authenticated handshake (with a secret): our nonce and the target's, whether we sent our
+  // proof, and whether the target has answered that it serves us. Until then transfers and
+  // notifications wait here (in order); one that waits longer than kHandshakeNs fails the peer.
+  uint8_t nonce_[ucx::kNonceBytes] = {};
+  uint8_t targetNonce_[ucx::kNonceBytes] = {};
+  bool proved_ = false;
+  bool authenticated_ = true;
+  uint64_t waitingSinceNs_ = 0;
+  struct Waiting {
+    TransferRef t;     // a transfer, or (null) a notification
+    std::string note;
+  };
+  std::vector<Waiting> waiting_;
 };
 
 // Everything a UCX request carries back to its completion callback.
@@ -148,11 +162,13 @@ class UcxBackendImpl : public Backend {
   bool busy() const override {
     return !requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty();
   }
+  SecurityCounters securityCounters() const override { return counters_; }
   void shutdown() override;
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
   void closeEndpoint(ucp_ep_h ep, bool force);
-  void sendHello(ucp_ep_h ep, bool isReply);
+  // HELLO: name and worker address (initiator), or name and bind MAC (a target's reply).
+  void sendHello(ucp_ep_h ep, bool isReply, const uint8_t* nonce, const std::string& extra);
   Status notifyConnection(const std::string& name, const std::string& message) override;
   void forgetPeer(UcxPeer* peer) { peersByEp_.erase(peer->ep_); }
   bool shuttingDown() const { return shuttingDown_; }
@@ -177,6 +193,38 @@ class UcxBackendImpl : public Backend {
   Status postDirect(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
   void copyInBackground(const TransferRef& t, const RemoteRegionRef& rr);
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
+  Status postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
+  Status sendNotify(UcxPeer& peer, const std::string& message);
+
+  // The authenticated handshake (wire.h).
+  struct Handshake {  // target side: a HELLO answered with a CHALLENGE, awaiting the initiator's AUTH
+    std::string name;
+    uint64_t agentId = 0;
+    uint8_t initiatorNonce[ucx::kNonceBytes];
+    uint8_t targetNonce[ucx::kNonceBytes];
+    std::vector<uint8_t> address;  // parsed (by ucp_ep_create) only once AUTH verifies
+    uint64_t startedNs = 0;
+  };
+  static constexpr size_t kMaxHandshakes = 256;        // pending at once; the oldest is dropped first
+  static constexpr size_t kMaxAddressBytes = 64u << 10;  // a worker address in HELLO (as in metadata)
+  static constexpr uint64_t kHandshakeNs = 3'000'000'000ull;
+  std::unordered_map<ucp_ep_h, Handshake> handshakes_;  // by reply ep
+  std::string secret_;
+  SecurityCounters counters_;
+  Digest mac(const char* label, const uint8_t* initiatorNonce, const uint8_t* targetNonce, uint64_t initiatorId,
+             uint64_t targetId, const std::string& initiatorName, const std::string& targetName,
+             const std::vector<uint8_t>* address = nullptr) const;
+  UcxPeer* peerByNonce(const uint8_t* nonce);
+  void challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::string name, const uint8_t* address, size_t addressLength);
+  void handleChallenge(const ucx::ChallengeHeader& c, const uint8_t* proof, size_t length);
+  void handleAuth(ucp_ep_h reply, const ucx::AuthHeader& a, const uint8_t* proof, size_t length);
+  void handleHelloReply(ucp_ep_h reply, const ucx::HelloHeader& h, const std::string& name, const uint8_t* rest, size_t restLength);
+  // Serves the connection whose messages arrive on `reply`: names it, opens our endpoint to the
+  // initiator at `address` and answers HELLO on it.
+  void acceptConnection(ucp_ep_h reply, const std::string& name, uint64_t agentId, const uint8_t* address,
+                        size_t addressLength, const uint8_t* initiatorNonce, const uint8_t* targetNonce);
+  void failPeer(UcxPeer& peer, Status why);
+  void releaseWaiting(UcxPeer& peer);
   Status postRma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
 
   static void onSendDone(void* request, ucs_status_t st, void* user);
@@ -242,6 +290,8 @@ class UcxBackendImpl : public Backend {
   std::vector<ucp_ep_h> endpointsToClose_;  // closed after progress returns, never inside a UCX callback
   std::unordered_map<ucp_ep_h, Connection> connections_;
   std::unordered_map<ucp_ep_h, ucp_ep_h> connectionByOwnEp_;  // our ep -> reply ep
+  // Binds `reply` to the agent `name`/`agentId` (ending what the reply ep or an older instance had).
+  Connection& nameConnection(ucp_ep_h reply, const std::string& name, uint64_t agentId);
   std::string connectionName(ucp_ep_h reply) const {
     auto it = connections_.find(reply);
     return it == connections_.end() ? std::string() : it->second.name;
@@ -275,7 +325,7 @@ class UcxBackendImpl : public Backend {
   int byesPending_ = 0;
   std::vector<std::pair<ucp_ep_h, uint64_t>> goodbyes_;  // (reply ep, agent id) that said BYE, handled after progress
   std::unordered_map<ucp_ep_h, UcxPeer*> peersByEp_;
-  std::vector<std::pair<uint64_t, ucs_status_t>> failedPeers_;        // reported after progress returns
+  std::vector<std::pair<uint64_t, Status>> failedPeers_;              // reported after progress returns
   std::vector<ucp_ep_h> failedConnections_;                            // target-side, handled likewise
   std::vector<void*> closing_;                                        // endpoint close requests
   bool shuttingDown_ = false;
@@ -298,6 +348,7 @@ class UcxBackendImpl : public Backend {
 Status UcxBackendImpl::init(const BackendOptions& options) {
   agentName_ = options.agentName;
   agentId_ = options.agentId;
+  secret_ = options.secret;
   // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
   const std::string& tls = options.transports;
   const bool sharedMemory = tls.empty() || tls.find("shm") != std::string::npos || tls.find("all") != std::string::npos ||
@@ -356,7 +407,8 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
       {ucx::kAmReadDone, &onAm<ucx::kAmReadDone>},       {ucx::kAmNotify, &onAm<ucx::kAmNotify>},
       {ucx::kAmWritePacked, &onAm<ucx::kAmWritePacked>}, {ucx::kAmReadPacked, &onAm<ucx::kAmReadPacked>},
       {ucx::kAmBye, &onAm<ucx::kAmBye>},             {ucx::kAmPing, &onAm<ucx::kAmPing>},
-      {ucx::kAmPong, &onAm<ucx::kAmPong>},
+      {ucx::kAmPong, &onAm<ucx::kAmPong>},           {ucx::kAmChallenge, &onAm<ucx::kAmChallenge>},
+      {ucx::kAmAuth, &onAm<ucx::kAmAuth>},
   };
   for (const auto& [id, cb] : handlers) {
     ucp_am_handler_param_t hp{};
@@ -417,6 +469,7 @@ void UcxBackendImpl::shutdown() {
   for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
   connections_.clear();
   connectionByOwnEp_.clear();
+  handshakes_.clear();
   active_.clear();
   inbound_.clear();
   openWrites_.clear();
@@ -560,17 +613,21 @@ Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata
   peersByEp_[peer->ep_] = peer.get();
   Status us = peer->updateRegions(md);
   if (!us) return us;
-  sendHello(peer->ep_, false);
+  if (getrandom(peer->nonce_, sizeof peer->nonce_, 0) != sizeof peer->nonce_)
+    return Status(Code::Backend, "getrandom failed: no nonce for the connection handshake");
+  // With a secret, nothing goes to the peer until it proved it holds the secret too and serves us.
+  peer->authenticated_ = secret_.empty();
+  sendHello(peer->ep_, false, peer->nonce_, std::string(reinterpret_cast<const char*>(address_.data()), address_.size()));
   return std::unique_ptr<BackendPeer>(std::move(peer));
 }
 
-void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply) {
+void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply, const uint8_t* nonce, const std::string& extra) {
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
-  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size()), isReply ? 1u : 0u, agentId_};
+  ucx::HelloHeader h{ucx::kWireVersion, static_cast<uint32_t>(agentName_.size()), isReply ? 1u : 0u, agentId_, {}, secret_.empty() ? 0u : 1u};
+  std::memcpy(h.nonce, nonce, sizeof h.nonce);
   op->setHeader(h);
-  op->payload = agentName_;
-  op->payload.append(reinterpret_cast<const char*>(address_.data()), address_.size());
+  op->payload = agentName_ + extra;
   const std::string& hello = op->payload;
   send(ep, ucx::kAmHello, std::move(op), hello.data(), hello.size(), true);
 }
@@ -640,7 +697,7 @@ void UcxBackendImpl::onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st) {
     return;
   }
   it->second->failed_ = true;
-  self->failedPeers_.emplace_back(it->second->key_, st);
+  self->failedPeers_.emplace_back(it->second->key_, Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", st)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -804,16 +861,47 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
   while (t->wireId == 0 || active_.count(t->wireId))
     if (getrandom(&t->wireId, sizeof t->wireId, 0) != sizeof t->wireId)
       return {Code::Backend, "getrandom failed: no unguessable transfer id"};
-  const uint64_t now = monotonicNs();
-  if (peer.pingSentNs_ == 0 && now - peer.lastHeardNs_ > kProbeAfterNs) peer.lastHeardNs_ = now;  // a quiet window starts now
   auto it = peer.regions_.find(t->remoteRegionId);
   if (it == peer.regions_.end())
     return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
+  if (!peer.authenticated_) {
+    if (peer.waiting_.empty()) peer.waitingSinceNs_ = monotonicNs();
+    peer.waiting_.push_back({t, {}});
+    return Status::ok();
+  }
+  return postNow(peer, t, it->second);
+}
+
+Status UcxBackendImpl::postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
+  const uint64_t now = monotonicNs();
+  if (peer.pingSentNs_ == 0 && now - peer.lastHeardNs_ > kProbeAfterNs) peer.lastHeardNs_ = now;  // a quiet window starts now
   switch (t->path) {
-    case Path::Direct: return postDirect(peer, t, it->second);
-    case Path::Rma: return postRma(peer, t, it->second);
+    case Path::Direct: return postDirect(peer, t, rr);
+    case Path::Rma: return postRma(peer, t, rr);
     default: return postActiveMessage(peer, t);
   }
+}
+
+void UcxBackendImpl::releaseWaiting(UcxPeer& peer) {
+  for (auto& w : std::exchange(peer.waiting_, {})) {
+    if (!w.t) {
+      sendNotify(peer, w.note);
+      continue;
+    }
+    if (w.t->settled || w.t->ending) continue;  // canceled (or timed out) while it waited
+    auto it = peer.regions_.find(w.t->remoteRegionId);
+    Status st = it == peer.regions_.end()
+                    ? Status(Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(w.t->remoteRegionId))
+                    : postNow(peer, w.t, it->second);
+    if (!st) endTransfer(w.t, st);
+  }
+}
+
+void UcxBackendImpl::failPeer(UcxPeer& peer, Status why) {
+  if (peer.failed_) return;
+  peer.failed_ = true;
+  peer.waiting_.clear();  // the host fails every transfer of this peer
+  failedPeers_.emplace_back(peer.key_, std::move(why));
 }
 
 Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
@@ -983,6 +1071,15 @@ Status UcxBackendImpl::notify(BackendPeer& base, const std::string& message) {
   auto& peer = static_cast<UcxPeer&>(base);
   if (peer.failed_ || peer.ep_ == nullptr)
     return {Code::RemoteDisconnect, "peer '" + peer.name_ + "' is disconnected"};
+  if (!peer.authenticated_) {
+    if (peer.waiting_.empty()) peer.waitingSinceNs_ = monotonicNs();
+    peer.waiting_.push_back({nullptr, message});
+    return Status::ok();
+  }
+  return sendNotify(peer, message);
+}
+
+Status UcxBackendImpl::sendNotify(UcxPeer& peer, const std::string& message) {
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kNotify;
   op->payload = message;
@@ -1025,13 +1122,16 @@ void UcxBackendImpl::checkLiveness() {
   std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
   for (auto& [id, a] : active_) waiting.insert(a.ep);
   for (auto& [ep, peer] : peersByEp_) {
+    if (!peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() && now - peer->waitingSinceNs_ > kHandshakeNs)
+      failPeer(*peer, Status(Code::RemoteDisconnect, "it did not complete the authenticated handshake within " +
+                                                         std::to_string(kHandshakeNs / 1'000'000'000ull) +
+                                                         " s (gone, or it does not hold this agent's secret)"));
     if (peer->failed_ || !waiting.count(ep)) continue;
     if (peer->pingSentNs_ != 0) {
       if (now - peer->pingSentNs_ > kLivenessNs) {
         // No answer at all: the peer died before its endpoint was even connected (UCX keepalive
         // never starts then), or stopped answering. Its transfers fail like a lost connection.
-        peer->failed_ = true;
-        failedPeers_.emplace_back(peer->key_, UCS_ERR_ENDPOINT_TIMEOUT);
+        failPeer(*peer, Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", UCS_ERR_ENDPOINT_TIMEOUT)));
       }
       continue;
     }
@@ -1073,6 +1173,14 @@ ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t header
   ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
   // A closing agent serves nothing new (a late HELLO would open an endpoint nobody closes).
   if (shuttingDown_) return refuse(param, UCS_ERR_CANCELED);
+  // With a secret, only a connection that completed the handshake is served. Replies (ACK, read
+  // data, READ_DONE, PONG, CHALLENGE) are bound to what they answer by unguessable ids instead.
+  const bool servedOnly = id == ucx::kAmWrite || id == ucx::kAmWritePacked || id == ucx::kAmWriteCommit ||
+                          id == ucx::kAmReadRequest || id == ucx::kAmNotify || id == ucx::kAmBye || id == ucx::kAmPing;
+  if (servedOnly && !secret_.empty() && (reply == nullptr || !connections_.count(reply))) {
+    ++counters_.droppedUnauthenticated;
+    return refuse(param, UCS_ERR_REJECTED);
+  }
   if (id == ucx::kAmWrite) return handleWrite(header, headerLength, data, length, param, reply);
   if (id == ucx::kAmReadData) return handleReadData(header, headerLength, data, length, param);
   if (headerLength > sizeof(RequestContext::header)) return refuse(param, UCS_ERR_INVALID_PARAM);
@@ -1103,47 +1211,31 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmHello: {
       ucx::HelloHeader h{};
       if (!readHeader(header, headerLength, &h) || reply == nullptr || h.version != ucx::kWireVersion ||
-          h.nameLength > kMaxNameBytes || h.nameLength >= length)
+          h.nameLength == 0 || h.nameLength > kMaxNameBytes || h.nameLength > length)
         return;
-      const std::string name(reinterpret_cast<const char*>(data), h.nameLength);
-      if (auto known = connections_.find(reply); known != connections_.end()) {
-        if (known->second.name == name && known->second.agentId == h.agentId) return;  // said twice
-        // UCX reuses the memory of endpoints it destroyed: a HELLO of someone else on a known reply
-        // endpoint means the connection we knew there is over (its peer went away unnoticed).
-        // Keeping it made every reply of the newcomer look like a stranger's (measured: an agent
-        // that outlived ~7 killed peers on shm could no longer talk to any new one).
-        const bool served = known->second.ep != nullptr;
-        const auto [oldName, oldId] = dropConnection(reply);
-        if (served && (oldName != name || oldId != h.agentId)) reportLost(oldName, oldId, "connection gone (its endpoint was reused)");
+      std::string name(reinterpret_cast<const char*>(data), h.nameLength);
+      const uint8_t* rest = data + h.nameLength;  // a worker address, or (a reply) the bind MAC
+      const size_t restLength = length - h.nameLength;
+      if (h.isReply) {
+        handleHelloReply(reply, h, name, rest, restLength);
+        return;
       }
-      // A new instance of a known name: the old instance's connections are over (it was restarted,
-      // and its death may not have been noticed yet). Said now, in order, before any message of the
-      // new instance is handled, so nothing of the new one is mistaken for the old one's.
-      std::vector<std::pair<ucp_ep_h, uint64_t>> replaced;
-      for (auto& [r, c] : connections_)
-        if (c.name == name && c.agentId != h.agentId) replaced.emplace_back(r, c.agentId);
-      for (auto& [r, oldId] : replaced) {
-        const bool served = connections_[r].ep != nullptr;
-        dropConnection(r);
-        if (served) host_->connectionLost(name, oldId, Status(Code::RemoteDisconnect, "replaced by a new instance"));
+      if (restLength == 0 || restLength > kMaxAddressBytes) return;
+      if (!secret_.empty()) {
+        challenge(reply, h, std::move(name), rest, restLength);  // the address waits until AUTH verifies
+        return;
       }
-      Connection& conn = connections_[reply];
-      conn.name = name;
-      conn.agentId = h.agentId;
-      if (h.isReply) return;  // the target named itself on the connection we opened: nothing to open
-      ucp_ep_params_t ep{};
-      ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
-      ep.address = reinterpret_cast<const ucp_address_t*>(data + h.nameLength);
-      ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-      ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
-      ep.err_handler.arg = this;
-      if (ucp_ep_create(worker_, &ep, &conn.ep) == UCS_OK) {
-        connectionByOwnEp_[conn.ep] = reply;
-        sendHello(conn.ep, true);
-      } else {
-        conn.ep = nullptr;  // replies fall back to the reply ep
-      }
+      acceptConnection(reply, name, h.agentId, rest, restLength, h.nonce, nullptr);
+      return;
+    }
+    case ucx::kAmChallenge: {
+      ucx::ChallengeHeader c{};
+      if (readHeader(header, headerLength, &c)) handleChallenge(c, data, length);
+      return;
+    }
+    case ucx::kAmAuth: {
+      ucx::AuthHeader a{};
+      if (readHeader(header, headerLength, &a)) handleAuth(reply, a, data, length);
       return;
     }
     case ucx::kAmNotify: {
@@ -1284,6 +1376,199 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     default:
       return;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections and the authenticated handshake (wire.h)
+
+Digest UcxBackendImpl::mac(const char* label, const uint8_t* initiatorNonce, const uint8_t* targetNonce,
+                           uint64_t initiatorId, uint64_t targetId, const std::string& initiatorName,
+                           const std::string& targetName, const std::vector<uint8_t>* address) const {
+  std::string m(label);
+  m.push_back('\0');
+  m.append(reinterpret_cast<const char*>(initiatorNonce), ucx::kNonceBytes);
+  m.append(reinterpret_cast<const char*>(targetNonce), ucx::kNonceBytes);
+  m.append(reinterpret_cast<const char*>(&initiatorId), sizeof initiatorId);  // the wire is little-endian
+  m.append(reinterpret_cast<const char*>(&targetId), sizeof targetId);
+  for (const std::string* name : {&initiatorName, &targetName}) {
+    const uint32_t n = static_cast<uint32_t>(name->size());
+    m.append(reinterpret_cast<const char*>(&n), sizeof n);
+    m += *name;
+  }
+  if (address != nullptr) {
+    const Digest d = Sha256().update(address->data(), address->size()).finish();
+    m.append(reinterpret_cast<const char*>(d.data()), d.size());
+  }
+  return hmacSha256(secret_, m);
+}
+
+UcxPeer* UcxBackendImpl::peerByNonce(const uint8_t* nonce) {
+  for (auto& [ep, peer] : peersByEp_)
+    if (std::memcmp(peer->nonce_, nonce, ucx::kNonceBytes) == 0) return peer;
+  return nullptr;
+}
+
+// Target, with a secret: a HELLO is answered with a challenge on the endpoint it came on; nothing
+// of it is parsed or served yet.
+void UcxBackendImpl::challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::string name, const uint8_t* address,
+                               size_t addressLength) {
+  if (connections_.count(reply)) {
+    // A HELLO on a served reply endpoint: UCX reused the endpoint of a connection that is over.
+    const auto [oldName, oldId] = dropConnection(reply);
+    reportLost(oldName, oldId, "connection gone (its endpoint was reused)");
+  }
+  if (handshakes_.size() >= kMaxHandshakes && !handshakes_.count(reply))
+    handshakes_.erase(std::min_element(handshakes_.begin(), handshakes_.end(), [](const auto& a, const auto& b) {
+      return a.second.startedNs < b.second.startedNs;
+    }));
+  Handshake& hs = handshakes_[reply];
+  if (getrandom(hs.targetNonce, sizeof hs.targetNonce, 0) != sizeof hs.targetNonce) {
+    handshakes_.erase(reply);
+    return;
+  }
+  hs.name = std::move(name);
+  hs.agentId = h.agentId;
+  std::memcpy(hs.initiatorNonce, h.nonce, sizeof hs.initiatorNonce);
+  hs.address.assign(address, address + addressLength);
+  hs.startedNs = monotonicNs();
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kControl;
+  ucx::ChallengeHeader c{};
+  std::memcpy(c.initiatorNonce, hs.initiatorNonce, sizeof c.initiatorNonce);
+  std::memcpy(c.targetNonce, hs.targetNonce, sizeof c.targetNonce);
+  op->setHeader(c);
+  const Digest proof = mac("kvwire/3 challenge", hs.initiatorNonce, hs.targetNonce, hs.agentId, agentId_, hs.name, agentName_);
+  op->payload.assign(proof.begin(), proof.end());
+  const std::string& payload = op->payload;
+  send(reply, ucx::kAmChallenge, std::move(op), payload.data(), payload.size(), false);
+}
+
+// Initiator: the target proved it holds the secret (and saw our nonce); we prove it back.
+void UcxBackendImpl::handleChallenge(const ucx::ChallengeHeader& c, const uint8_t* proof, size_t length) {
+  UcxPeer* peer = peerByNonce(c.initiatorNonce);
+  if (peer == nullptr || peer->failed_ || peer->proved_ || length != ucx::kMacBytes) {
+    ++counters_.droppedUnauthenticated;
+    return;
+  }
+  if (secret_.empty()) {
+    failPeer(*peer, Status(Code::NotAllowed, "it serves only authenticated connections (it has a secret); this agent has none"));
+    return;
+  }
+  const Digest want = mac("kvwire/3 challenge", peer->nonce_, c.targetNonce, agentId_, peer->agentId_, agentName_, peer->name_);
+  if (!digestsEqual(want.data(), proof)) {
+    ++counters_.failedHandshakes;  // not from the peer we loaded: its own answer may still come
+    return;
+  }
+  std::memcpy(peer->targetNonce_, c.targetNonce, sizeof peer->targetNonce_);
+  peer->proved_ = true;
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kControl;
+  ucx::AuthHeader a{};
+  std::memcpy(a.targetNonce, c.targetNonce, sizeof a.targetNonce);
+  op->setHeader(a);
+  const Digest mine = mac("kvwire/3 auth", peer->nonce_, peer->targetNonce_, agentId_, peer->agentId_, agentName_, peer->name_, &address_);
+  op->payload.assign(mine.begin(), mine.end());
+  const std::string& payload = op->payload;
+  send(peer->ep_, ucx::kAmAuth, std::move(op), payload.data(), payload.size(), true);
+}
+
+// Target: the initiator's proof. One try per HELLO: a wrong proof ends the handshake.
+void UcxBackendImpl::handleAuth(ucp_ep_h reply, const ucx::AuthHeader& a, const uint8_t* proof, size_t length) {
+  auto it = reply == nullptr ? handshakes_.end() : handshakes_.find(reply);
+  if (it == handshakes_.end() || length != ucx::kMacBytes ||
+      std::memcmp(it->second.targetNonce, a.targetNonce, sizeof a.targetNonce) != 0) {
+    ++counters_.droppedUnauthenticated;
+    return;
+  }
+  Handshake hs = std::move(it->second);
+  handshakes_.erase(it);
+  const Digest want = mac("kvwire/3 auth", hs.initiatorNonce, hs.targetNonce, hs.agentId, agentId_, hs.name, agentName_, &hs.address);
+  if (!digestsEqual(want.data(), proof)) {
+    ++counters_.failedHandshakes;
+    return;
+  }
+  acceptConnection(reply, hs.name, hs.agentId, hs.address.data(), hs.address.size(), hs.initiatorNonce, hs.targetNonce);
+}
+
+void UcxBackendImpl::acceptConnection(ucp_ep_h reply, const std::string& name, uint64_t agentId, const uint8_t* address,
+                                      size_t addressLength, const uint8_t* initiatorNonce, const uint8_t* targetNonce) {
+  Connection& conn = nameConnection(reply, name, agentId);
+  if (conn.ep != nullptr) return;  // said twice: already served
+  ucp_ep_params_t ep{};
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(address);
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
+  ep.err_handler.arg = this;
+  if (ucp_ep_create(worker_, &ep, &conn.ep) == UCS_OK)
+    connectionByOwnEp_[conn.ep] = reply;
+  else
+    conn.ep = nullptr;  // replies fall back to the reply ep
+  std::string bind;
+  if (!secret_.empty()) {
+    const Digest d = mac("kvwire/3 bind", initiatorNonce, targetNonce, agentId, agentId_, name, agentName_);
+    bind.assign(d.begin(), d.end());
+  }
+  sendHello(conn.ep != nullptr ? conn.ep : reply, true, initiatorNonce, bind);
+}
+
+// Initiator: the target names itself on its own endpoint. With a secret this is where the
+// handshake ends: the bind MAC proves the endpoint is the target's, and the waiting work goes out.
+void UcxBackendImpl::handleHelloReply(ucp_ep_h reply, const ucx::HelloHeader& h, const std::string& name,
+                                      const uint8_t* rest, size_t restLength) {
+  if (secret_.empty()) {
+    nameConnection(reply, name, h.agentId);
+    return;
+  }
+  UcxPeer* peer = peerByNonce(h.nonce);
+  if (peer == nullptr || peer->failed_ || peer->authenticated_ || peer->name_ != name || peer->agentId_ != h.agentId) {
+    ++counters_.droppedUnauthenticated;
+    return;
+  }
+  if (!h.auth) {
+    failPeer(*peer, Status(Code::NotAllowed, "it does not authenticate connections (it has no secret); this agent requires it"));
+    return;
+  }
+  if (!peer->proved_ || restLength != ucx::kMacBytes) {
+    ++counters_.droppedUnauthenticated;
+    return;
+  }
+  const Digest want = mac("kvwire/3 bind", peer->nonce_, peer->targetNonce_, agentId_, peer->agentId_, agentName_, peer->name_);
+  if (!digestsEqual(want.data(), rest)) {
+    ++counters_.failedHandshakes;
+    return;
+  }
+  nameConnection(reply, name, h.agentId);
+  peer->authenticated_ = true;
+  releaseWaiting(*peer);
+}
+
+UcxBackendImpl::Connection& UcxBackendImpl::nameConnection(ucp_ep_h reply, const std::string& name, uint64_t agentId) {
+  if (auto known = connections_.find(reply); known != connections_.end()) {
+    if (known->second.name == name && known->second.agentId == agentId) return known->second;  // said twice
+    // UCX reuses the memory of endpoints it destroyed: a HELLO of someone else on a known reply
+    // endpoint means the connection we knew there is over (its peer went away unnoticed).
+    // Keeping it made every reply of the newcomer look like a stranger's (measured: an agent
+    // that outlived ~7 killed peers on shm could no longer talk to any new one).
+    const bool served = known->second.ep != nullptr;
+    const auto [oldName, oldId] = dropConnection(reply);
+    if (served) reportLost(oldName, oldId, "connection gone (its endpoint was reused)");
+  }
+  // A new instance of a known name: the old instance's connections are over (it was restarted,
+  // and its death may not have been noticed yet). Said now, in order, before any message of the
+  // new instance is handled, so nothing of the new one is mistaken for the old one's.
+  std::vector<std::pair<ucp_ep_h, uint64_t>> replaced;
+  for (auto& [r, c] : connections_)
+    if (c.name == name && c.agentId != agentId) replaced.emplace_back(r, c.agentId);
+  for (auto& [r, oldId] : replaced) {
+    const bool served = connections_[r].ep != nullptr;
+    dropConnection(r);
+    if (served) host_->connectionLost(name, oldId, Status(Code::RemoteDisconnect, "replaced by a new instance"));
+  }
+  Connection& conn = connections_[reply];
+  conn.name = name;
+  conn.agentId = agentId;
+  return conn;
 }
 
 ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength, void* data, size_t length,
@@ -1522,8 +1807,7 @@ bool UcxBackendImpl::progress() {
   if (!failedPeers_.empty()) {
     auto failed = std::move(failedPeers_);
     failedPeers_.clear();
-    for (auto& [key, st] : failed)
-      host_->peerFailed(key, Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", st)));
+    for (auto& [key, st] : failed) host_->peerFailed(key, st);
     any = true;
   }
   for (ucp_ep_h own : std::exchange(failedConnections_, {})) connectionFailed(own);

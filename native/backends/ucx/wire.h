@@ -20,7 +20,21 @@ enum AmId : uint16_t {
   kAmBye = 11,         // either way: this agent is closing; the connection it came on is over
   kAmPing = 12,        // initiator -> target: are you there? (a peer with work pending went quiet)
   kAmPong = 13,        // target -> initiator: yes (the ping's token)
+  kAmChallenge = 14,   // target -> initiator: prove you hold the secret (and here is my proof)
+  kAmAuth = 15,        // initiator -> target: my proof; the target serves the connection from now on
 };
+
+// The authenticated handshake (both sides hold the agent `secret`):
+//   initiator -> target   HELLO      name, agent id, nonce A, worker address
+//   target -> initiator   CHALLENGE  nonce A, nonce B, MAC_T    (on the endpoint HELLO came on)
+//   initiator -> target   AUTH       nonce B, MAC_I             (MAC_I covers the worker address)
+//   target -> initiator   HELLO reply, bind MAC, on the target's own endpoint: the connection is served
+// MAC = HMAC-SHA256(secret, label | nonce A | nonce B | initiator id | target id | initiator name |
+// target name [| SHA-256(initiator's worker address)]), one label per message, so no MAC can be
+// replayed as another. Nothing from a connection is served, and no address from it is parsed,
+// before AUTH verifies. A target without a secret answers HELLO as before, unauthenticated.
+constexpr size_t kNonceBytes = 16;
+constexpr size_t kMacBytes = 32;
 
 // Segments up to kPackSegmentMax bytes travel packed, up to kPackBytesMax bytes per message: one
 // active message per tiny descriptor costs more than copying it. Measured (bench/pair.cjs, 10,000 x
@@ -29,14 +43,23 @@ enum AmId : uint16_t {
 constexpr uint32_t kPackSegmentMax = 1u << 10;
 constexpr size_t kPackBytesMax = 8u << 10;
 
-constexpr uint32_t kWireVersion = 2;
+constexpr uint32_t kWireVersion = 3;
 
 #pragma pack(push, 1)
-struct HelloHeader {  // data: the sender's name, then its worker address
+struct HelloHeader {  // data: the sender's name, then its worker address (a reply: then its bind MAC, if auth)
   uint32_t version;
   uint32_t nameLength;
   uint32_t isReply;  // 1: the target's answer on its own endpoint, so the initiator can name it too
   uint64_t agentId;  // the sender's instance: a HELLO from a new instance of a name ends the old one's connections
+  uint8_t nonce[kNonceBytes];  // the initiator's nonce (a reply echoes it)
+  uint32_t auth;     // 1: the sender holds a secret (a reply: a bind MAC follows its name)
+};
+struct ChallengeHeader {  // data: MAC_T
+  uint8_t initiatorNonce[kNonceBytes];
+  uint8_t targetNonce[kNonceBytes];
+};
+struct AuthHeader {  // data: MAC_I
+  uint8_t targetNonce[kNonceBytes];
 };
 struct ByeHeader {
   uint64_t agentId;  // the closing instance: a loaded peer of another instance is left alone
