@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { createHmac, timingSafeEqual } from 'node:crypto';
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { isMainThread, markAsUntransferable } from 'node:worker_threads';
 import { DescriptorList } from './descriptors';
 import { check, KvwireError } from './errors';
@@ -21,11 +21,12 @@ export interface AgentOptions {
   ucx?: { transports?: string; devices?: string };
   /**
    * Shared secret (1..4096 bytes) of every agent allowed to talk to this one. When set,
-   * `metadata()` is HMAC-SHA256 signed and `loadPeer` refuses metadata that is unsigned or signed
-   * with another secret (ERR_NOT_ALLOWED); and every connection completes a mutual HMAC
-   * challenge-response before anything on it is served: a process without the secret can neither
-   * read nor write this agent's regions nor send it notifications, and `from` is a proven name.
-   * Without a secret, any process that can reach this agent's UCX worker is trusted.
+   * `metadata()` is sealed (AES-256-GCM: only holders of the secret can read or alter it) and
+   * `loadPeer` refuses metadata that is not sealed with the same secret (ERR_NOT_ALLOWED); every
+   * connection completes a mutual HMAC challenge-response before anything on it is served, so
+   * `from` is a proven name; and UCX's software RMA is off (path 'rma' is unavailable), since it
+   * would let any connected process write anywhere in this one. Without a secret, any process
+   * that can reach this agent's UCX worker is trusted (README: Security and reliability).
    */
   secret?: string | Uint8Array;
 }
@@ -88,12 +89,21 @@ function reachableBeyondLoopback(ucx: AgentOptions['ucx']): boolean {
   const network = tls.startsWith('^') || tls.split(',').some((t) => /^(all|tcp|ib|rc.*|ud.*|dc.*|rdmacm|sockcm)$/.test(t.trim()));
   if (!network) return false;
   const devices = (ucx?.devices ?? process.env.UCX_NET_DEVICES ?? 'all').split(',').map((d) => d.trim());
-  return !devices.every((d) => d === 'lo');
+  return !devices.every((d) => /^lo(:\d+)?$/.test(d)); // 'lo', or a port of it ('lo:1')
 }
 let warnedNoSecret = false;
 
-const SIGNATURE_MAGIC = Buffer.from('KVWH');
-const SIGNATURE_BYTES = SIGNATURE_MAGIC.length + 32;
+// Metadata of an agent with a secret is sealed: 'KVWS' | 12-byte IV | AES-256-GCM ciphertext | 16-byte
+// tag, under HKDF-SHA256(secret, info 'kvwire metadata v1'), the magic as additional data. Sealed, not
+// only signed: the worker address and the memory keys in it are capabilities (with a key, UCX's
+// direct mapping or a hardware RMA reaches the region without kvwire), so only holders of the
+// secret may read them.
+const SEAL_MAGIC = Buffer.from('KVWS');
+const SEAL_IV_BYTES = 12;
+const SEAL_TAG_BYTES = 16;
+function sealKey(secret: Buffer): Buffer {
+  return Buffer.from(hkdfSync('sha256', secret, Buffer.alloc(0), 'kvwire metadata v1', 32));
+}
 const ACCESS: readonly Access[] = ['read', 'write', 'readwrite'];
 const MAX_NAME_BYTES = 255;
 /** Notifications are small control messages: at most 16 MiB, sent or accepted (the native side checks the same). */
@@ -123,6 +133,7 @@ export class Agent extends EventEmitter {
   readonly name: string;
   #native: NativeAgent | null;
   #secret: Buffer | null;
+  #sealKey: Buffer | null;
   #transfers = new Map<number, Transfer>();
   #regions = new Map<number, Region>();
   #peers = new Map<string, Peer>();
@@ -138,6 +149,7 @@ export class Agent extends EventEmitter {
     super();
     this.name = options.name;
     this.#secret = options.secret === undefined ? null : Buffer.from(toBytes('secret', options.secret));
+    this.#sealKey = this.#secret && sealKey(this.#secret);
     this.#native = new addon.NativeAgent(
       options.name,
       {
@@ -273,12 +285,17 @@ export class Agent extends EventEmitter {
     region.markDeregistered();
   }
 
-  /** Everything a peer needs to reach this agent: versioned binary metadata (signed with `secret`). */
+  /**
+   * Everything a peer needs to reach this agent: versioned binary metadata; with `secret`, sealed
+   * (AES-256-GCM) so that only agents holding the secret can read or alter it.
+   */
   metadata(): Uint8Array {
     const blob = this.#open().metadata();
-    if (!this.#secret) return blob;
-    const mac = createHmac('sha256', this.#secret).update(blob).digest();
-    return Buffer.concat([blob, SIGNATURE_MAGIC, mac]);
+    if (!this.#sealKey) return blob;
+    const iv = randomBytes(SEAL_IV_BYTES);
+    const cipher = createCipheriv('aes-256-gcm', this.#sealKey, iv).setAAD(SEAL_MAGIC);
+    const body = Buffer.concat([cipher.update(blob), cipher.final()]);
+    return Buffer.concat([SEAL_MAGIC, iv, body, cipher.getAuthTag()]);
   }
 
   /**
@@ -300,16 +317,22 @@ export class Agent extends EventEmitter {
 
   #verify(blob: Uint8Array): Uint8Array {
     const buf = Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength);
-    const signed =
-      buf.length > SIGNATURE_BYTES &&
-      buf.subarray(buf.length - SIGNATURE_BYTES, buf.length - 32).equals(SIGNATURE_MAGIC);
-    if (!this.#secret) return signed ? buf.subarray(0, buf.length - SIGNATURE_BYTES) : buf;
-    if (!signed) throw new KvwireError('ERR_NOT_ALLOWED', 'metadata is not signed, and this agent requires a signature');
-    const body = buf.subarray(0, buf.length - SIGNATURE_BYTES);
-    const mac = createHmac('sha256', this.#secret).update(body).digest();
-    if (!timingSafeEqual(mac, buf.subarray(buf.length - 32)))
-      throw new KvwireError('ERR_NOT_ALLOWED', 'metadata signature does not match this agent\'s secret');
-    return body;
+    const sealed = buf.length >= SEAL_MAGIC.length && buf.subarray(0, SEAL_MAGIC.length).equals(SEAL_MAGIC);
+    if (!this.#sealKey) {
+      if (sealed) throw new KvwireError('ERR_NOT_ALLOWED', 'metadata is sealed with a secret, and this agent has none (give it the same secret)');
+      return buf;
+    }
+    if (!sealed) throw new KvwireError('ERR_NOT_ALLOWED', 'metadata is not sealed, and this agent (which has a secret) accepts only sealed metadata');
+    const opened = buf.length >= SEAL_MAGIC.length + SEAL_IV_BYTES + SEAL_TAG_BYTES;
+    try {
+      if (!opened) throw new Error('too short');
+      const iv = buf.subarray(SEAL_MAGIC.length, SEAL_MAGIC.length + SEAL_IV_BYTES);
+      const decipher = createDecipheriv('aes-256-gcm', this.#sealKey, iv).setAAD(SEAL_MAGIC);
+      decipher.setAuthTag(buf.subarray(buf.length - SEAL_TAG_BYTES));
+      return Buffer.concat([decipher.update(buf.subarray(SEAL_MAGIC.length + SEAL_IV_BYTES, buf.length - SEAL_TAG_BYTES)), decipher.final()]);
+    } catch {
+      throw new KvwireError('ERR_NOT_ALLOWED', 'metadata does not open with this agent\'s secret (sealed with another secret, or altered)');
+    }
   }
 
   /** The loaded peer with this name, if any. */

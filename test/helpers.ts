@@ -1,4 +1,5 @@
 import { fork, type ChildProcess } from 'node:child_process';
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import * as path from 'node:path';
 import { expect } from 'vitest';
 import { KvwireError } from '../lib';
@@ -173,4 +174,24 @@ export function thrown(fn: () => unknown): KvwireError {
     return e as KvwireError;
   }
   throw new Error('expected a throw');
+}
+
+// The sealed-metadata format of an agent with a secret (lib/agent.ts): 'KVWS' | 12-byte IV |
+// AES-256-GCM ciphertext | 16-byte tag, key HKDF-SHA256(secret, no salt, 'kvwire metadata v1'), the
+// magic as additional data. Written out here from the README so the tests check the format too.
+function metadataKey(secret: string): Buffer {
+  return Buffer.from(hkdfSync('sha256', secret, Buffer.alloc(0), 'kvwire metadata v1', 32));
+}
+export function sealMetadata(plain: Uint8Array, secret: string): Buffer {
+  const iv = randomBytes(12);
+  const cipher = createCipheriv('aes-256-gcm', metadataKey(secret), iv).setAAD(Buffer.from('KVWS'));
+  const body = Buffer.concat([cipher.update(plain), cipher.final()]);
+  return Buffer.concat([Buffer.from('KVWS'), iv, body, cipher.getAuthTag()]);
+}
+export function openMetadata(sealed: Uint8Array, secret: string): Buffer {
+  const b = Buffer.from(sealed);
+  if (!b.subarray(0, 4).equals(Buffer.from('KVWS'))) throw new Error('not sealed metadata');
+  const decipher = createDecipheriv('aes-256-gcm', metadataKey(secret), b.subarray(4, 16)).setAAD(Buffer.from('KVWS'));
+  decipher.setAuthTag(b.subarray(b.length - 16));
+  return Buffer.concat([decipher.update(b.subarray(16, b.length - 16)), decipher.final()]);
 }

@@ -9,16 +9,22 @@ import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, ucxVersion } from '../lib';
-import { PeerProcess } from './helpers';
+import { openMetadata, PeerProcess, sealMetadata } from './helpers';
 
 const addonDir = path.dirname(process.env.KVWIRE_ADDON ? path.resolve(process.env.KVWIRE_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'kvwire.node'));
 const tool = path.join(addonDir, 'kvwire_hostile_peer');
 const [major, minor] = ucxVersion().split('.').map(Number);
 const toolEnv = major === 1 && minor < 22 ? { HOSTILE_MAX_ID: '32767' } : {}; // see hostile.test.ts
 
+// The tool gets the target's worker address from its metadata, opened here: the test knows the
+// secret; a real outsider would have to learn the address some other way (or scan for it).
 async function attack(transports: string, metadata: string, ...args: string[]): Promise<number> {
+  return attackWith(transports, openMetadata(Buffer.from(metadata, 'base64'), SECRET), ...args);
+}
+
+async function attackWith(transports: string, plainMetadata: Buffer, ...args: string[]): Promise<number> {
   const file = path.join(mkdtempSync(path.join(tmpdir(), 'kvwire-security-')), 'md.bin');
-  writeFileSync(file, Buffer.from(metadata, 'base64'));
+  writeFileSync(file, plainMetadata);
   const { stdout } = await promisify(execFile)(tool, [file, ...args], {
     env: { ...process.env, ...toolEnv, UCX_TLS: transports, UCX_MM_ERROR_HANDLING: 'y', UCX_WARN_UNUSED_ENV_VARS: 'n' },
     timeout: 120_000,
@@ -73,12 +79,15 @@ describe('authenticated connections (secret)', () => {
     });
   }
 
-  it('an agent without the secret that loads a secret agent\'s metadata is refused with ERR_NOT_ALLOWED, and nothing it sent lands', async () => {
+  it('an agent without the secret cannot read a secret agent\'s metadata; given it in the clear, it is refused with ERR_NOT_ALLOWED and nothing it sent lands', async () => {
     const transports = 'shm,self';
     const { target, metadata } = await secretTarget('sec-strict', transports);
     const outsider = await Agent.create({ name: 'outsider', ucx: { transports } });
     cleanup.push(() => outsider.close());
-    const peer = outsider.loadPeer(Buffer.from(metadata, 'base64')); // signed metadata still loads without a secret
+    const sealed = Buffer.from(metadata, 'base64');
+    expect(sealed.includes(Buffer.from('sec-strict'))).toBe(false); // sealed: not even the name shows
+    expect(() => outsider.loadPeer(sealed)).toThrow(expect.objectContaining({ code: 'ERR_NOT_ALLOWED', message: expect.stringMatching(/sealed/) }));
+    const peer = outsider.loadPeer(openMetadata(sealed, SECRET)); // leaked in the clear
     const mine = outsider.register(Buffer.alloc(4096, 0xee), { name: 'mine' });
     const started = Date.now();
     const err = await outsider.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { notify: 'hi' }).then(
@@ -97,14 +106,12 @@ describe('authenticated connections (secret)', () => {
 
   it('an agent with a secret refuses to talk to a target that does not authenticate', async () => {
     const transports = 'shm,self';
-    // The target has no secret; the initiator was handed its (unsigned) metadata out of band, as raw
-    // bytes signed here with the initiator's secret so loadPeer accepts them.
+    // The target has no secret; its metadata reached the initiator sealed by someone holding the
+    // initiator's secret (so loadPeer accepts it).
     const { target, metadata } = await secretTarget('sec-open', transports, null);
     const me = await Agent.create({ name: 'sec-demanding', secret: SECRET, ucx: { transports } });
     cleanup.push(() => me.close());
-    const raw = Buffer.from(metadata, 'base64');
-    const mac = require('node:crypto').createHmac('sha256', SECRET).update(raw).digest();
-    const peer = me.loadPeer(Buffer.concat([raw, Buffer.from('KVWH'), mac]));
+    const peer = me.loadPeer(sealMetadata(Buffer.from(metadata, 'base64'), SECRET));
     const mine = me.register(Buffer.alloc(4096, 0xee), { name: 'mine' });
     await expect(me.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]))).rejects.toMatchObject({
       code: 'ERR_NOT_ALLOWED',
@@ -162,6 +169,65 @@ describe('authenticated connections (secret)', () => {
       expect(mine.bytes.subarray(4096).every((x) => x === 0x33)).toBe(true);
       const final = await target.ok('check');
       expect(final).toMatchObject({ guards: true, notifications: 1 });
+    });
+  }
+
+  // UCX emulates RMA over tcp in software: the target's UCX writes wherever the PUT says, and no
+  // kvwire handler runs. Without a secret that is part of "any process that can reach it is trusted";
+  // with one, the agent runs without UCX's RMA feature, so the same PUT changes nothing.
+  for (const withSecret of [false, true]) {
+    it(`a raw UCX PUT with the published key over tcp ${withSecret ? 'does not land on an agent with a secret' : 'lands on an agent without a secret (the trust model says so)'}`, async () => {
+      const { target, metadata } = await secretTarget(withSecret ? 'rma-sealed' : 'rma-open', 'tcp', withSecret ? SECRET : null);
+      const plain = withSecret ? openMetadata(Buffer.from(metadata, 'base64'), SECRET) : Buffer.from(metadata, 'base64');
+      expect(await attackWith('tcp', plain, 'rmaput')).toBe(1);
+      await new Promise((r) => setTimeout(r, 200));
+      expect(target.child.exitCode).toBeNull();
+      const after = await target.ok('check');
+      // The PUT aims at the first region the metadata lists ('kv' or the read-only 'ro': UCX ignores
+      // kvwire's access rights too).
+      expect(after.kvIntact && after.readOnlyIntact).toBe(withSecret);
+      expect(after.guards).toBe(true);
+    });
+  }
+
+  it('path rma is unavailable on an agent with a secret', async () => {
+    const { metadata } = await secretTarget('rma-path', 'tcp');
+    const me = await Agent.create({ name: 'rma-user', secret: SECRET, ucx: { transports: 'tcp' } });
+    cleanup.push(() => me.close());
+    const peer = me.loadPeer(Buffer.from(metadata, 'base64'));
+    const mine = me.register(Buffer.alloc(4096), { name: 'mine' });
+    await expect(me.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { path: 'rma' })).rejects.toMatchObject({
+      code: 'ERR_UNAVAILABLE',
+      message: expect.stringMatching(/'rma' is off on an agent with a secret/),
+    });
+    await me.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { path: 'am' });
+  });
+
+  for (const transports of ['shm,self', 'tcp']) {
+    it(`two agents with a secret that load each other move data and notifications both ways (${transports})`, async () => {
+      const a = new PeerProcess('mutual-a');
+      const b = new PeerProcess('mutual-b');
+      cleanup.push(() => a.close(), () => b.close());
+      const [ma, mb] = await Promise.all([
+        a.ok('init', { name: 'mutual-a', transports, secret: SECRET, memory: 'registered', size: 1 << 16 }),
+        b.ok('init', { name: 'mutual-b', transports, secret: SECRET, memory: 'registered', size: 1 << 16 }),
+      ]);
+      await Promise.all([a.ok('fill', { seed: 1 }), b.ok('fill', { seed: 2 })]);
+      // Both load at once, so the two handshakes cross.
+      await Promise.all([a.ok('load', { metadata: mb.metadata }), b.ok('load', { metadata: ma.metadata })]);
+      for (let round = 0; round < 3; round++) {
+        const spec = JSON.stringify({ offsets: [round * 8192], lengths: [4096] });
+        const noted = b.waitEvent('notification', 10_000, (m) => m.message === spec);
+        await Promise.all([
+          a.ok('transfer', { op: 'write', peer: 'mutual-b', localOffsets: [round * 8192], remoteOffsets: [round * 8192], lengths: [4096], notify: spec }),
+          b.ok('transfer', { op: 'write', peer: 'mutual-a', localOffsets: [round * 8192 + 4096], remoteOffsets: [round * 8192 + 4096], lengths: [4096] }),
+          a.ok('transfer', { op: 'read', peer: 'mutual-b', localOffsets: [32768], remoteOffsets: [32768], lengths: [4096] }),
+        ]);
+        const seen = await noted;
+        expect(seen.from).toBe('mutual-a');
+        const [ha, hb] = await Promise.all([a.ok('hash', { offsets: [round * 8192], lengths: [8192] }), b.ok('hash', { offsets: [round * 8192], lengths: [8192] })]);
+        expect(ha.hash).toBe(hb.hash);
+      }
     });
   }
 

@@ -8,11 +8,15 @@
 //   kvwire_hostile_peer <metadata file> unauth <rounds>    at a target with a secret: HELLOs with garbage
 //                                                          addresses, wrong proofs, then every data-plane
 //                                                          message, on a connection that never authenticated
+//   kvwire_hostile_peer <metadata file> rmaput             a UCX PUT of 0xEE bytes at the start of the target's
+//                                                          first region, with its published key: no kvwire
+//                                                          message at all (over tcp UCX emulates it in software)
 //
 // The metadata file holds the target's metadata blob (signed or not); only its worker address is used.
 // Prints one line: "sent N messages".
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -43,19 +47,65 @@ int pending = 0;
   std::exit(2);
 }
 
-std::vector<uint8_t> workerAddressOf(const std::vector<uint8_t>& md) {
+struct FirstRegion {
+  uint64_t base = 0;
+  uint64_t length = 0;
+  std::vector<uint8_t> rkey;
+};
+
+// From the metadata (native/core/metadata.cc): the worker address and the first region.
+std::vector<uint8_t> workerAddressOf(const std::vector<uint8_t>& md, FirstRegion* first = nullptr) {
   // header 12, name str8, agentId u64, generation u64, backend str8, worker address blob32
   size_t p = 12;
   auto need = [&](size_t n) { if (p + n > md.size()) die("metadata too short"); };
+  auto blob32 = [&] {
+    need(4);
+    uint32_t len = 0;
+    std::memcpy(&len, &md[p], 4);
+    p += 4;
+    need(len);
+    p += len;
+    return std::vector<uint8_t>(md.begin() + p - len, md.begin() + p);
+  };
   need(1); p += 1 + md[p];
   need(16); p += 16;
   need(1); p += 1 + md[p];
-  need(4);
-  uint32_t len = 0;
-  std::memcpy(&len, &md[p], 4);
-  p += 4;
-  need(len);
-  return {md.begin() + p, md.begin() + p + len};
+  std::vector<uint8_t> address = blob32();
+  if (first != nullptr) {
+    // regions: u32 count; each u32 id, str8 name, u8 kind, u8 access, u8 allocated, u32 device, u64 base, u64 length, blob32 key
+    need(4 + 4); p += 4 + 4;
+    need(1); p += 1 + md[p];
+    need(3 + 4 + 16); p += 3 + 4;
+    std::memcpy(&first->base, &md[p], 8);
+    std::memcpy(&first->length, &md[p + 8], 8);
+    p += 16;
+    first->rkey = blob32();
+  }
+  return address;
+}
+
+// A PUT straight through UCX with the target's published key: kvwire's handlers never see it.
+void rmaPut(const FirstRegion& region) {
+  ucp_rkey_h rkey = nullptr;
+  ucs_status_t st = ucp_ep_rkey_unpack(ep, region.rkey.data(), &rkey);
+  if (st != UCS_OK) die("ucp_ep_rkey_unpack", st);
+  std::vector<uint8_t> bytes(std::min<uint64_t>(region.length, 4096), 0xEE);
+  ucp_request_param_t p{};
+  void* req = ucp_put_nbx(ep, bytes.data(), bytes.size(), region.base, rkey, &p);
+  if (UCS_PTR_IS_ERR(req)) die("ucp_put_nbx", UCS_PTR_STATUS(req));
+  if (req != nullptr) {
+    while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(worker);
+    ucp_request_free(req);
+  }
+  ++sent;
+  void* flush = ucp_ep_flush_nbx(ep, &p);
+  if (UCS_PTR_IS_PTR(flush)) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);  // unanswered: RMA is off there
+    while (ucp_request_check_status(flush) == UCS_INPROGRESS && std::chrono::steady_clock::now() < deadline)
+      ucp_worker_progress(worker);
+    std::printf("flush: %s\n", ucs_status_string(ucp_request_check_status(flush)));
+  }
+  ucp_rkey_destroy(rkey);
 }
 
 void onSent(void* request, ucs_status_t, void*) {
@@ -296,11 +346,13 @@ int main(int argc, char** argv) {
   if (argc < 3) die("usage: kvwire_hostile_peer <metadata file> malformed [seed] | forge <count> | flood <count> <ms> | unauth <rounds>");
   std::ifstream in(argv[1], std::ios::binary);
   std::vector<uint8_t> md((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  const std::vector<uint8_t> address = workerAddressOf(md);
+  const std::string scenario = argv[2];
+  FirstRegion region;
+  const std::vector<uint8_t> address = workerAddressOf(md, scenario == "rmaput" ? &region : nullptr);
 
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
-  params.features = UCP_FEATURE_AM;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA;
   ucp_config_t* config = nullptr;
   if (ucp_config_read(nullptr, nullptr, &config) != UCS_OK) die("ucp_config_read");
   ucs_status_t st = ucp_init(&params, config, &context);
@@ -329,11 +381,12 @@ int main(int argc, char** argv) {
   ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   if ((st = ucp_ep_create(worker, &ep_params, &ep)) != UCS_OK) die("ucp_ep_create", st);
 
-  const std::string scenario = argv[2];
   if (scenario == "malformed")
     malformed(argc > 3 ? static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)) : 1);
   else if (scenario == "forge")
     forge(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1000);
+  else if (scenario == "rmaput")
+    rmaPut(region);
   else if (scenario == "unauth")
     unauthenticated(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100);
   else if (scenario == "flood")

@@ -128,8 +128,10 @@ struct RequestContext {
   AmId amId = ucx::kAmHello;            // kControlRecv: which message is being received
 };
 
-// Control messages (notifications, read lists) larger than this are refused.
+// Control messages (notifications, read lists) larger than this are refused; so are more than
+// kMaxControlRecvBytes of them being received at once.
 constexpr size_t kMaxControlBytes = 64u << 20;
+constexpr size_t kMaxControlRecvBytes = 256u << 20;
 
 // A peer's WRITE as the target tracks it until every segment landed and the commit arrived.
 struct InboundWrite {
@@ -160,7 +162,10 @@ class UcxBackendImpl : public Backend {
   bool progress() override;
   bool arm() override;
   bool busy() const override {
-    return !requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty();
+    if (!requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty()) return true;
+    for (const auto& [ep, peer] : peersByEp_)  // work waiting for a handshake needs its timeout checked
+      if (!peer->waiting_.empty()) return true;
+    return false;
   }
   SecurityCounters securityCounters() const override { return counters_; }
   void shutdown() override;
@@ -195,6 +200,9 @@ class UcxBackendImpl : public Backend {
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
   Status postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
   Status sendNotify(UcxPeer& peer, const std::string& message);
+  // Holds a transfer (or, null, a notification) until the peer's handshake completes (bounded).
+  Status waitForHandshake(UcxPeer& peer, TransferRef t, std::string note);
+  static constexpr size_t kMaxWaiting = 65536;
 
   // The authenticated handshake (wire.h).
   struct Handshake {  // target side: a HELLO answered with a CHALLENGE, awaiting the initiator's AUTH
@@ -205,7 +213,11 @@ class UcxBackendImpl : public Backend {
     std::vector<uint8_t> address;  // parsed (by ucp_ep_create) only once AUTH verifies
     uint64_t startedNs = 0;
   };
-  static constexpr size_t kMaxHandshakes = 256;        // pending at once; the oldest is dropped first
+  // Pending at once, and the addresses they hold; the oldest is dropped first. A flood of HELLOs
+  // from many endpoints can still crowd out a real handshake (it then fails after kHandshakeNs).
+  static constexpr size_t kMaxHandshakes = 1024;
+  static constexpr size_t kMaxHandshakeBytes = 16u << 20;
+  size_t handshakeBytes_ = 0;
   static constexpr size_t kMaxAddressBytes = 64u << 10;  // a worker address in HELLO (as in metadata)
   static constexpr uint64_t kHandshakeNs = 3'000'000'000ull;
   std::unordered_map<ucp_ep_h, Handshake> handshakes_;  // by reply ep
@@ -216,7 +228,7 @@ class UcxBackendImpl : public Backend {
              const std::vector<uint8_t>* address = nullptr) const;
   UcxPeer* peerByNonce(const uint8_t* nonce);
   void challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::string name, const uint8_t* address, size_t addressLength);
-  void handleChallenge(const ucx::ChallengeHeader& c, const uint8_t* proof, size_t length);
+  void handleChallenge(ucp_ep_h reply, const ucx::ChallengeHeader& c, const uint8_t* proof, size_t length);
   void handleAuth(ucp_ep_h reply, const ucx::AuthHeader& a, const uint8_t* proof, size_t length);
   void handleHelloReply(ucp_ep_h reply, const ucx::HelloHeader& h, const std::string& name, const uint8_t* rest, size_t restLength);
   // Serves the connection whose messages arrive on `reply`: names it, opens our endpoint to the
@@ -238,6 +250,9 @@ class UcxBackendImpl : public Backend {
                            const ucp_am_recv_param_t* param) {
     return static_cast<UcxBackendImpl*>(arg)->handleAm(id, header, headerLength, data, length, param);
   }
+  // The longest data a control message of this kind may carry.
+  static size_t maxControlLength(AmId id);
+  size_t controlRecvBytes_ = 0;
   ucs_status_t handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
                         const ucp_am_recv_param_t* param);
   ucs_status_t handleWrite(const void* header, size_t headerLength, void* data, size_t length,
@@ -375,7 +390,9 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  // UCX's software RMA (tcp, user memory) writes wherever a connected peer's PUT says, unchecked:
+  // an agent with a secret leaves RMA off, so only its checked active-message paths touch memory.
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP | (options.secret.empty() ? UCP_FEATURE_RMA : 0);
   params.mt_workers_shared = 0;
   ctx_ = std::make_shared<ContextHolder>();
   st = ucp_init(&params, config, &ctx_->context);
@@ -470,6 +487,7 @@ void UcxBackendImpl::shutdown() {
   connections_.clear();
   connectionByOwnEp_.clear();
   handshakes_.clear();
+  handshakeBytes_ = 0;
   active_.clear();
   inbound_.clear();
   openWrites_.clear();
@@ -670,6 +688,11 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, Path requested, Status* why) {
       // Mapped peer memory is one memcpy. Everywhere else UCX 1.13 would emulate RMA in software
       // (user memory, tcp), so rendezvous active messages are the path that does not collapse.
       return mapped ? Path::Direct : Path::ActiveMessage;
+    case Path::Rma:
+      if (!backend_->secret_.empty())
+        *why = Status(Code::Unavailable, "path 'rma' is off on an agent with a secret (UCX's software RMA would let any "
+                                         "connected process write anywhere in it); use 'am' or 'direct'");
+      return Path::Rma;
     case Path::Direct:
       if (!mapped)
         *why = Status(Code::Unavailable, "path 'direct' needs the peer's region '" + it->second->info.name +
@@ -768,6 +791,7 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
       --byesPending_;
       break;
     case RequestContext::kControlRecv:
+      controlRecvBytes_ -= op->payload.size();
       if (st == UCS_OK) handleControl(op->amId, op->header, op->headerLength,
                                       reinterpret_cast<const uint8_t*>(op->payload.data()), op->payload.size(), op->reply);
       break;
@@ -864,12 +888,17 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
   auto it = peer.regions_.find(t->remoteRegionId);
   if (it == peer.regions_.end())
     return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
-  if (!peer.authenticated_) {
-    if (peer.waiting_.empty()) peer.waitingSinceNs_ = monotonicNs();
-    peer.waiting_.push_back({t, {}});
-    return Status::ok();
-  }
+  if (!peer.authenticated_) return waitForHandshake(peer, t, {});
   return postNow(peer, t, it->second);
+}
+
+Status UcxBackendImpl::waitForHandshake(UcxPeer& peer, TransferRef t, std::string note) {
+  if (peer.waiting_.size() >= kMaxWaiting)
+    return {Code::Unavailable, "peer '" + peer.name_ + "': " + std::to_string(kMaxWaiting) +
+                                   " transfers and notifications already wait for its authenticated handshake"};
+  if (peer.waiting_.empty()) peer.waitingSinceNs_ = monotonicNs();
+  peer.waiting_.push_back({std::move(t), std::move(note)});
+  return Status::ok();
 }
 
 Status UcxBackendImpl::postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
@@ -1071,11 +1100,7 @@ Status UcxBackendImpl::notify(BackendPeer& base, const std::string& message) {
   auto& peer = static_cast<UcxPeer&>(base);
   if (peer.failed_ || peer.ep_ == nullptr)
     return {Code::RemoteDisconnect, "peer '" + peer.name_ + "' is disconnected"};
-  if (!peer.authenticated_) {
-    if (peer.waiting_.empty()) peer.waitingSinceNs_ = monotonicNs();
-    peer.waiting_.push_back({nullptr, message});
-    return Status::ok();
-  }
+  if (!peer.authenticated_) return waitForHandshake(peer, nullptr, message);
   return sendNotify(peer, message);
 }
 
@@ -1188,8 +1213,17 @@ ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t header
     handleControl(id, header, headerLength, static_cast<const uint8_t*>(data), length, reply);
     return UCS_OK;
   }
-  // A control message too large for eager (a long notification or read list): receive it first.
-  if (length > kMaxControlBytes) return UCS_ERR_MESSAGE_TRUNCATED;
+  // A control message too large for eager (a long notification or read list): receive it first —
+  // if its kind may be that long, it answers a live transfer where it is a reply, and the control
+  // messages being received stay within kMaxControlRecvBytes in all.
+  if (length > maxControlLength(id) || controlRecvBytes_ + length > kMaxControlRecvBytes) return UCS_ERR_MESSAGE_TRUNCATED;
+  if (id == ucx::kAmAck || id == ucx::kAmReadDone || id == ucx::kAmReadPacked) {
+    uint64_t transferId = 0;
+    if (headerLength < sizeof transferId) return UCS_ERR_INVALID_PARAM;
+    std::memcpy(&transferId, header, sizeof transferId);  // every reply header starts with it
+    if (!replyTarget(transferId, reply)) return UCS_ERR_CANCELED;
+  }
+  controlRecvBytes_ += length;
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControlRecv;
   op->backend = this;
@@ -1202,6 +1236,24 @@ ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t header
   ucp_request_param_t p = callbackParam(raw, true);
   track(ucp_am_recv_data_nbx(worker_, data, raw->payload.data(), length, &p), raw);
   return UCS_INPROGRESS;
+}
+
+size_t UcxBackendImpl::maxControlLength(AmId id) {
+  switch (id) {
+    case ucx::kAmHello: return kMaxNameBytes + kMaxAddressBytes + ucx::kMacBytes;
+    case ucx::kAmChallenge:
+    case ucx::kAmAuth: return ucx::kMacBytes;
+    case ucx::kAmPing:
+    case ucx::kAmPong:
+    case ucx::kAmBye: return 0;
+    case ucx::kAmAck:
+    case ucx::kAmReadDone: return 64u << 10;  // an error's text
+    case ucx::kAmReadPacked:
+    case ucx::kAmWritePacked: return ucx::kPackBytesMax + (ucx::kPackBytesMax / sizeof(ucx::PackedEntry) + 1) * sizeof(ucx::PackedEntry);
+    case ucx::kAmNotify:
+    case ucx::kAmWriteCommit: return kMaxNotifyBytes;
+    default: return kMaxControlBytes;  // a READ request's segment list
+  }
 }
 
 void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLength, const uint8_t* data, size_t length,
@@ -1230,7 +1282,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     }
     case ucx::kAmChallenge: {
       ucx::ChallengeHeader c{};
-      if (readHeader(header, headerLength, &c)) handleChallenge(c, data, length);
+      if (readHeader(header, headerLength, &c)) handleChallenge(reply, c, data, length);
       return;
     }
     case ucx::kAmAuth: {
@@ -1412,15 +1464,30 @@ UcxPeer* UcxBackendImpl::peerByNonce(const uint8_t* nonce) {
 // of it is parsed or served yet.
 void UcxBackendImpl::challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::string name, const uint8_t* address,
                                size_t addressLength) {
-  if (connections_.count(reply)) {
-    // A HELLO on a served reply endpoint: UCX reused the endpoint of a connection that is over.
-    const auto [oldName, oldId] = dropConnection(reply);
-    reportLost(oldName, oldId, "connection gone (its endpoint was reused)");
+  // A connection already named on this reply endpoint stays as it is until AUTH verifies (then
+  // nameConnection decides whether it ended): an unproven HELLO changes nothing that is served.
+  // A HELLO on an endpoint with a pending handshake starts over (UCX may have reused the endpoint
+  // of one that went away mid-handshake).
+  if (auto pending = handshakes_.find(reply); pending != handshakes_.end()) {
+    handshakeBytes_ -= pending->second.address.size();
+    handshakes_.erase(pending);
   }
-  if (handshakes_.size() >= kMaxHandshakes && !handshakes_.count(reply))
-    handshakes_.erase(std::min_element(handshakes_.begin(), handshakes_.end(), [](const auto& a, const auto& b) {
+  const uint64_t now = monotonicNs();
+  for (auto it = handshakes_.begin(); it != handshakes_.end();) {  // expired: their AUTH is refused anyway
+    if (now - it->second.startedNs > kHandshakeNs) {
+      handshakeBytes_ -= it->second.address.size();
+      it = handshakes_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  while (!handshakes_.empty() && (handshakes_.size() >= kMaxHandshakes || handshakeBytes_ + addressLength > kMaxHandshakeBytes)) {
+    auto oldest = std::min_element(handshakes_.begin(), handshakes_.end(), [](const auto& a, const auto& b) {
       return a.second.startedNs < b.second.startedNs;
-    }));
+    });
+    handshakeBytes_ -= oldest->second.address.size();
+    handshakes_.erase(oldest);
+  }
   Handshake& hs = handshakes_[reply];
   if (getrandom(hs.targetNonce, sizeof hs.targetNonce, 0) != sizeof hs.targetNonce) {
     handshakes_.erase(reply);
@@ -1430,7 +1497,8 @@ void UcxBackendImpl::challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::s
   hs.agentId = h.agentId;
   std::memcpy(hs.initiatorNonce, h.nonce, sizeof hs.initiatorNonce);
   hs.address.assign(address, address + addressLength);
-  hs.startedNs = monotonicNs();
+  handshakeBytes_ += addressLength;
+  hs.startedNs = now;
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
   ucx::ChallengeHeader c{};
@@ -1440,13 +1508,15 @@ void UcxBackendImpl::challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::s
   const Digest proof = mac("kvwire/3 challenge", hs.initiatorNonce, hs.targetNonce, hs.agentId, agentId_, hs.name, agentName_);
   op->payload.assign(proof.begin(), proof.end());
   const std::string& payload = op->payload;
-  send(reply, ucx::kAmChallenge, std::move(op), payload.data(), payload.size(), false);
+  // With UCX's reply endpoint, so the initiator can check it arrived on the connection it opened
+  // (a CHALLENGE relayed from another connection must not be answered).
+  send(reply, ucx::kAmChallenge, std::move(op), payload.data(), payload.size(), true);
 }
 
 // Initiator: the target proved it holds the secret (and saw our nonce); we prove it back.
-void UcxBackendImpl::handleChallenge(const ucx::ChallengeHeader& c, const uint8_t* proof, size_t length) {
+void UcxBackendImpl::handleChallenge(ucp_ep_h reply, const ucx::ChallengeHeader& c, const uint8_t* proof, size_t length) {
   UcxPeer* peer = peerByNonce(c.initiatorNonce);
-  if (peer == nullptr || peer->failed_ || peer->proved_ || length != ucx::kMacBytes) {
+  if (peer == nullptr || peer->failed_ || peer->proved_ || length != ucx::kMacBytes || reply != peer->ep_) {
     ++counters_.droppedUnauthenticated;
     return;
   }
@@ -1482,6 +1552,7 @@ void UcxBackendImpl::handleAuth(ucp_ep_h reply, const ucx::AuthHeader& a, const 
   }
   Handshake hs = std::move(it->second);
   handshakes_.erase(it);
+  handshakeBytes_ -= hs.address.size();
   const Digest want = mac("kvwire/3 auth", hs.initiatorNonce, hs.targetNonce, hs.agentId, agentId_, hs.name, agentName_, &hs.address);
   if (!digestsEqual(want.data(), proof)) {
     ++counters_.failedHandshakes;
