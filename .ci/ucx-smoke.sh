@@ -4,11 +4,8 @@
 # lifecycle, early-stop, hostile-peer, authenticated-connection, metadata-fuzz and peer-death soak tests and the demo with that addon. Prints its own closing line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=.ci-cache/libucx-cu12
-if [ ! -f "$target/libucx/include/ucp/api/ucp.h" ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$target" 'libucx-cu12>=1.22,<1.23'
-fi
-npx cmake-js configure --out build-ucx122 --CDUCX_HOME="$PWD/$target/libucx" --CDKVWIRE_HOSTILE=ON >/dev/null
+ucx=$(bash .ci/fetch-ucx122.sh)
+npx cmake-js configure --out build-ucx122 --CDUCX_HOME="$ucx" --CDKVWIRE_HOSTILE=ON >/dev/null
 npx cmake-js build --out build-ucx122 >/dev/null
 export KVWIRE_ADDON="$PWD/build-ucx122/Release/kvwire.node"
 echo "kvwire: smoke-testing against UCX $(node -e 'console.log(require("./dist").ucxVersion())')"

@@ -274,7 +274,10 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
   return t->id;
 }
 
-void Agent::transferFinished(const TransferRef& t, Status status) {
+void Agent::transferFinished(const TransferRef& ref, Status status) {
+  // `ref` may be the very entry erased below (cancel passes transfers_'s own): hold it first.
+  // (AddressSanitizer found the use after free: npm run test:asan.)
+  const TransferRef t = ref;
   if (t->settled) return;
   t->settled = true;
   t->stats.transferNs = monotonicNs() - t->startNs;
@@ -286,7 +289,8 @@ void Agent::transferFinished(const TransferRef& t, Status status) {
 bool Agent::cancel(uint64_t id, Code code, const std::string& why) {
   auto it = transfers_.find(id);
   if (it == transfers_.end() || it->second->ending) return false;
-  endEarly(it->second, Status(code, why));
+  const TransferRef t = it->second;
+  endEarly(t, Status(code, why));
   return true;
 }
 
