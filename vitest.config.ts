@@ -10,7 +10,7 @@ export default defineConfig({
     pool: 'forks',
     // Most tests run agents without a secret on purpose; the warning that says so is tested on its own
     // (test/security.test.ts) and silenced elsewhere, in the test processes and the peers they start.
-    poolOptions: { forks: { execArgv: ['--disable-warning=KVWIRE_NO_SECRET'] } },
+    execArgv: ['--disable-warning=KVWIRE_NO_SECRET'],
     env: { NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --disable-warning=KVWIRE_NO_SECRET`.trim() },
   },
 });

@@ -462,7 +462,18 @@ export class Agent extends EventEmitter {
 
   /** What this agent's trust boundary refused so far (zeros once closed). */
   get security(): SecurityCounters {
-    return this.#native?.securityCounters() ?? { droppedUnauthenticated: 0, failedHandshakes: 0 };
+    const c = this.#native?.securityCounters();
+    return { droppedUnauthenticated: c?.droppedUnauthenticated ?? 0, failedHandshakes: c?.failedHandshakes ?? 0 };
+  }
+
+  /**
+   * `receiveBlocked`: this agent can no longer receive over shared memory — a peer died while
+   * writing into its UCX shared-memory queue, which then delivers nothing (kvwire notices when a
+   * peer stops answering and a self-check over the same queue fails). Transfers to peers fail
+   * ERR_REMOTE_DISCONNECT saying so; only a new agent recovers (README: Security and reliability).
+   */
+  get health(): { receiveBlocked: boolean } {
+    return { receiveBlocked: this.#native?.securityCounters().receiveBlocked ?? false };
   }
 
   /** Notifications dropped because `notifications()` was not read fast enough (oldest first). */

@@ -544,6 +544,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("droppedUnauthenticated", Napi::Number::New(env, static_cast<double>(c.droppedUnauthenticated)));
   out.Set("failedHandshakes", Napi::Number::New(env, static_cast<double>(c.failedHandshakes)));
+  out.Set("receiveBlocked", Napi::Boolean::New(env, agent_ && agent_->receiveBlocked()));
   return out;
 }
 

@@ -74,6 +74,7 @@ class Agent : public BackendHost {
   bool arm();
   bool busy() const;
   SecurityCounters securityCounters() const { return backend_ ? backend_->securityCounters() : SecurityCounters{}; }
+  bool receiveBlocked() const { return backend_ && backend_->receiveBlocked(); }
   size_t inFlight() const { return transfers_.size(); }
   // Closing in two steps, so the caller can keep progressing (on its event loop) while UCX
   // finishes what it owns: beginClose settles every transfer with ERR_CANCELED, drops peers and

@@ -81,6 +81,9 @@ class Backend {
   virtual bool arm() = 0;          // true if armed (safe to sleep on the fd); false if events are pending
   virtual bool busy() const = 0;   // operations in flight that need progress to finish
   virtual SecurityCounters securityCounters() const = 0;
+  // This agent can no longer receive (its shared-memory queue is blocked by a peer that died
+  // writing into it): only a new agent recovers.
+  virtual bool receiveBlocked() const = 0;
   // Force-closes every connection and cancels what can be canceled; progress then drains the rest.
   virtual void shutdown() = 0;
 };

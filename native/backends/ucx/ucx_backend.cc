@@ -174,6 +174,7 @@ class UcxBackendImpl : public Backend {
     return false;
   }
   SecurityCounters securityCounters() const override { return counters_; }
+  bool receiveBlocked() const override { return receiveBlocked_; }
   void shutdown() override;
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
@@ -248,7 +249,8 @@ class UcxBackendImpl : public Backend {
   static void onSendDone(void* request, ucs_status_t st, void* user);
   static void onRecvDone(void* request, ucs_status_t st, size_t length, void* user);
   static void onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st);
-  static constexpr uint16_t kAmIdBlock = 16;
+  static constexpr uint16_t kAmIdBlock = 32;  // drop handlers cover ids below this (UCX 1.13: see init)
+  static constexpr uint16_t kAmCanary = 16;   // the canary worker's message to this worker (never on the wire)
   static ucs_status_t dropAm(void* arg, const void* header, size_t headerLength, void* data, size_t length,
                              const ucp_am_recv_param_t* param);
   template <AmId id>
@@ -328,6 +330,23 @@ class UcxBackendImpl : public Backend {
   // transfers waited forever (measured: 2 rounds in 6 of SIGKILL mid-batch on shm).
   void checkLiveness();
   void heardFrom(ucp_ep_h ep);
+  // Self-check of this worker's receive queue. A peer killed while it writes a message into UCX's
+  // shared-memory FIFO leaves a slot that never becomes ready, and the FIFO delivers nothing after
+  // it, from anyone (measured: after ~9 SIGKILLs of peers serving READs, a healthy long-lived peer's
+  // messages never arrived). Whenever a peer is pinged, a second worker in this context sends this
+  // one a canary over the same FIFO; if it has not arrived kCanaryNs later, the receive queue is
+  // blocked: peers that do not answer are failed with that diagnosis, and health() reports it.
+  void sendCanary(uint64_t now);
+  static ucs_status_t onCanary(void* arg, const void* header, size_t headerLength, void* data, size_t length,
+                               const ucp_am_recv_param_t* param);
+  ucp_worker_h canary_ = nullptr;
+  ucp_ep_h canaryEp_ = nullptr;
+  uint64_t canaryToken_ = 0;  // in flight (0: none)
+  uint64_t canarySentNs_ = 0;
+  int canaryTicks_ = 0;       // liveness ticks (each after a progress of this worker) since it was sent
+  bool receiveBlocked_ = false;
+  bool sharedMemory_ = false;
+  static constexpr uint64_t kCanaryNs = 500'000'000ull;
   static constexpr uint64_t kProbeAfterNs = 1'000'000'000ull;
   static constexpr uint64_t kLivenessNs = 2'000'000'000ull;
   static constexpr uint64_t kLivenessTickNs = 100'000'000ull;
@@ -375,6 +394,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   const bool sharedMemory = tls.empty() || tls.find("shm") != std::string::npos || tls.find("all") != std::string::npos ||
                             tls.find("posix") != std::string::npos || tls.find("sysv") != std::string::npos;
   if (sharedMemory) setenv("UCX_MM_ERROR_HANDLING", "y", 0);
+  sharedMemory_ = sharedMemory;
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
 
   ucp_config_t* config = nullptr;
@@ -450,7 +470,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
     hp.id = id;
-    hp.cb = &dropAm;
+    hp.cb = id == kAmCanary ? &onCanary : &dropAm;
     hp.arg = this;
     st = ucp_worker_set_am_recv_handler(worker_, &hp);
     if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_set_am_recv_handler", st)};
@@ -517,6 +537,17 @@ UcxBackendImpl::~UcxBackendImpl() {
   }
   inbound_.clear();
   openWrites_.clear();
+  if (canaryEp_) {
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(canaryEp_, &p);
+    if (UCS_PTR_IS_PTR(req)) {
+      while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(canary_);
+      ucp_request_free(req);
+    }
+  }
+  if (canary_) ucp_worker_destroy(canary_);
   if (worker_) ucp_worker_destroy(worker_);
   // ctx_ is released last, after every UcxMemory that shares it.
 }
@@ -1150,6 +1181,13 @@ void UcxBackendImpl::checkLiveness() {
   const uint64_t now = monotonicNs();
   if (now - lastLivenessCheckNs_ < kLivenessTickNs) return;
   lastLivenessCheckNs_ = now;
+  if (canaryToken_ != 0 && ++canaryTicks_ >= 3 && now - canarySentNs_ > kCanaryNs) {
+    receiveBlocked_ = true;
+    canaryToken_ = 0;
+    fprintf(stderr, "kvwire: agent '%s' can no longer receive over shared memory: a peer died while writing into its "
+            "UCX shared-memory queue, which delivers nothing after that; close this agent and create a new one\n",
+            agentName_.c_str());
+  }
   std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
   for (auto& [id, a] : active_) waiting.insert(a.ep);
   for (auto& [ep, peer] : peersByEp_) {
@@ -1162,7 +1200,11 @@ void UcxBackendImpl::checkLiveness() {
       if (now - peer->pingSentNs_ > kLivenessNs) {
         // No answer at all: the peer died before its endpoint was even connected (UCX keepalive
         // never starts then), or stopped answering. Its transfers fail like a lost connection.
-        failPeer(*peer, Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", UCS_ERR_ENDPOINT_TIMEOUT)));
+        failPeer(*peer, receiveBlocked_
+                            ? Status(Code::RemoteDisconnect,
+                                     "no answer: this agent's shared-memory receive queue is blocked (a peer died while "
+                                     "writing into it, and UCX delivers nothing after that); close this agent and create a new one")
+                            : Status(Code::RemoteDisconnect, ucsMessage("peer connection failed", UCS_ERR_ENDPOINT_TIMEOUT)));
       }
       continue;
     }
@@ -1171,6 +1213,7 @@ void UcxBackendImpl::checkLiveness() {
     while (h.token == 0) getrandom(&h.token, sizeof h.token, 0);
     peer->pingToken_ = h.token;
     peer->pingSentNs_ = now;
+    sendCanary(now);
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
     op->setHeader(h);
@@ -1183,6 +1226,45 @@ void UcxBackendImpl::heardFrom(ucp_ep_h ep) {
   if (it == peersByEp_.end()) return;
   it->second->lastHeardNs_ = monotonicNs();
   it->second->pingSentNs_ = 0;
+}
+
+void UcxBackendImpl::sendCanary(uint64_t now) {
+  if (!sharedMemory_ || receiveBlocked_ || canaryToken_ != 0) return;
+  if (canary_ == nullptr) {
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+    if (ucp_worker_create(ctx_->context, &wp, &canary_) != UCS_OK) {
+      canary_ = nullptr;
+      sharedMemory_ = false;  // no self-check then
+      return;
+    }
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.address = reinterpret_cast<const ucp_address_t*>(address_.data());
+    if (ucp_ep_create(canary_, &ep, &canaryEp_) != UCS_OK) {
+      canaryEp_ = nullptr;
+      sharedMemory_ = false;
+      return;
+    }
+  }
+  while (canaryToken_ == 0) getrandom(&canaryToken_, sizeof canaryToken_, 0);
+  canarySentNs_ = now;
+  canaryTicks_ = 0;
+  static uint64_t header;  // UCX reads it until the send completes; one canary is in flight at a time
+  header = canaryToken_;
+  ucp_request_param_t p{};
+  void* req = ucp_am_send_nbx(canaryEp_, kAmCanary, &header, sizeof header, nullptr, 0, &p);
+  if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // completes on its own; progress() drives the canary worker
+  else if (UCS_PTR_IS_ERR(req)) canaryToken_ = 0;
+}
+
+ucs_status_t UcxBackendImpl::onCanary(void* arg, const void* header, size_t headerLength, void*, size_t,
+                                      const ucp_am_recv_param_t*) {
+  auto* self = static_cast<UcxBackendImpl*>(arg);
+  uint64_t token = 0;
+  if (ucx::readHeader(header, headerLength, &token) && token == self->canaryToken_) self->canaryToken_ = 0;
+  return UCS_OK;
 }
 
 void UcxBackendImpl::settleIfQuiet(const TransferRef& t) {
@@ -1860,6 +1942,7 @@ bool UcxBackendImpl::progress() {
   // Bounded: a peer that floods us must not keep this loop (and the JS thread) busy forever; the
   // caller comes back at once when anything happened.
   for (int round = 0; round < 4096 && ucp_worker_progress(worker_) != 0; ++round) any = true;
+  if (canary_ != nullptr) ucp_worker_progress(canary_);
   if (!copyJobs_.empty()) {
     std::vector<uint64_t> copied;
     {
