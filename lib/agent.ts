@@ -31,6 +31,21 @@ export interface AgentOptions {
   secret?: string | Uint8Array;
 }
 
+/** See {@link Agent.health}. */
+export interface AgentHealth {
+  receiveBlocked: boolean;
+  rebuilds: number;
+}
+
+/**
+ * The agent opened a new UCX worker (its shared-memory receive queue was blocked by a peer that died
+ * writing into it): transfers in flight failed with ERR_REMOTE_DISCONNECT, loaded peers are connected
+ * again by themselves, and its metadata changed — agents that loaded it must load `metadata()` again.
+ */
+export interface Rebuilt {
+  reason: string;
+}
+
 /** What an agent's trust boundary refused (cumulative; see README, Security and reliability). */
 export interface SecurityCounters {
   /** Messages dropped because their connection had not completed the authenticated handshake. */
@@ -435,7 +450,8 @@ export class Agent extends EventEmitter {
     for (let i = 0; i < from.length; i++) {
       const message = messages[i];
       if (typeof message === 'string') {
-        this.emit('disconnect', { peer: from[i], reason: message } satisfies Disconnect);
+        if (from[i] === '') this.emit('rebuilt', { reason: message } satisfies Rebuilt); // the agent itself
+        else this.emit('disconnect', { peer: from[i], reason: message } satisfies Disconnect);
         continue;
       }
       const n: Notification = { from: from[i], message };
@@ -467,13 +483,14 @@ export class Agent extends EventEmitter {
   }
 
   /**
-   * `receiveBlocked`: this agent can no longer receive over shared memory — a peer died while
-   * writing into its UCX shared-memory queue, which then delivers nothing (kvwire notices when a
-   * peer stops answering and a self-check over the same queue fails). Transfers to peers fail
-   * ERR_REMOTE_DISCONNECT saying so; only a new agent recovers (README: Security and reliability).
+   * `rebuilds`: how often this agent replaced its UCX worker because a peer died while writing into
+   * its shared-memory receive queue (which then delivers nothing, from anyone): see the 'rebuilt'
+   * event. `receiveBlocked`: that happened and no new worker could be opened — only a new agent
+   * recovers (README: Security and reliability).
    */
-  get health(): { receiveBlocked: boolean } {
-    return { receiveBlocked: this.#native?.securityCounters().receiveBlocked ?? false };
+  get health(): AgentHealth {
+    const c = this.#native?.securityCounters();
+    return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0 };
   }
 
   /** Notifications dropped because `notifications()` was not read fast enough (oldest first). */

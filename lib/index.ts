@@ -1,4 +1,4 @@
-export { Agent, type AgentOptions, type Notification, type Disconnect, type SecurityCounters } from './agent';
+export { Agent, type AgentOptions, type Notification, type Disconnect, type SecurityCounters, type AgentHealth, type Rebuilt } from './agent';
 export { DescriptorList, type ByteSpans, type DescriptorTarget } from './descriptors';
 export { KvwireError, type ErrorCode } from './errors';
 export { Peer, Region, RemoteRegion, type Access, type MemoryKind, type RegionOptions } from './memory';

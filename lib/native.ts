@@ -55,7 +55,7 @@ export interface NativeAgent {
   notify(peer: string, message: Uint8Array): void;
   close(): Promise<void>;
   setRef(ref: boolean): void;
-  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; receiveBlocked: boolean };
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; receiveBlocked: boolean; rebuilds: number };
 }
 
 interface Addon {

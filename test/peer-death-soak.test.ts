@@ -29,11 +29,14 @@ for (const transports of ['shm,self', 'tcp']) {
     const skipped = transports === 'tcp' && ucx113;
     it.skipIf(skipped)(`${ROUNDS} SIGKILLs with READs and WRITEs in flight: every transfer settles within ${SETTLE_BOUND_MS} ms${skipped ? ' (not run on UCX 1.13 over tcp: UCX aborts, see the file header)' : ''}`, async () => {
       const agent = await Agent.create({ name: `soak-${transports}`, ucx: { transports } });
+      let rebuiltEvents = 0;
+      agent.on('rebuilt', () => rebuiltEvents++);
       const local = agent.register(Buffer.alloc(16 << 20), { name: 'l' });
       let pendingLeft = 0;
       let slowest = 0;
       let silentRounds = 0; // rounds in which not one transfer to the new, live peer completed
       let finalCheck = '';
+      let rebuilds = -1;
       const codes = new Map<string, number>();
       try {
         for (let round = 0; round < ROUNDS; round++) {
@@ -64,22 +67,26 @@ for (const transports of ['shm,self', 'tcp']) {
           if (!outcomes.includes('ok')) silentRounds++;
           agent.forgetPeer(peer);
         }
-        // A new, live peer after all that: either the agent still works with it, or its health says
-        // why not (its shared-memory receive queue blocked by a peer killed mid-write), and so does
-        // the error — never an unexplained failure.
+        // A new, live peer after all that is served. (A peer killed while writing into this agent's
+        // shared-memory queue blocks it for good; the agent notices and opens a new UCX worker, failing
+        // what was in flight then — so the first read may fail saying exactly that, once.)
         const { child, metadata } = await startTarget('alive-after', transports);
         try {
           const fresh = agent.loadPeer(metadata);
-          const outcome = await agent.read(local.descriptors([0], [4096]), fresh.region('kv').descriptors([0], [4096])).then(
-            () => 'ok',
-            (e: KvwireError) => `${e.code}: ${e.message}`,
-          );
-          finalCheck = `${outcome} (receiveBlocked: ${agent.health.receiveBlocked})`;
-          if (outcome === 'ok') expect(agent.health.receiveBlocked).toBe(false);
-          else {
-            expect(agent.health.receiveBlocked, outcome).toBe(true);
-            expect(outcome).toMatch(/ERR_REMOTE_DISCONNECT: .*receive queue is blocked/);
+          const attempt = () =>
+            agent.read(local.descriptors([0], [4096]), fresh.region('kv').descriptors([0], [4096])).then(
+              () => 'ok',
+              (e: KvwireError) => `${e.code}: ${e.message}`,
+            );
+          let outcome = await attempt();
+          if (outcome !== 'ok') {
+            expect(outcome).toMatch(/ERR_REMOTE_DISCONNECT: .*opened a new UCX worker/);
+            outcome = `after one failure (${outcome.slice(0, 60)}…): ${await attempt()}`;
           }
+          finalCheck = outcome;
+          expect(outcome).toMatch(/ok$/);
+          expect(agent.health.receiveBlocked).toBe(false);
+          rebuilds = agent.health.rebuilds;
         } finally {
           child.kill('SIGKILL');
         }
@@ -90,9 +97,11 @@ for (const transports of ['shm,self', 'tcp']) {
       expect(pendingLeft, summary).toBe(0);
       expect([...codes.keys()].filter((c) => c !== 'ok' && c !== 'ERR_REMOTE_DISCONNECT'), summary).toEqual([]);
       expect(slowest, summary).toBeLessThan(SETTLE_BOUND_MS);
-      // Reported, not asserted (a known problem, see README): after several peer deaths on shared
-      // memory the agent often cannot complete anything with a new peer either.
-      console.log(`${transports}: ${ROUNDS} kills, outcomes ${summary}, slowest settle ${slowest} ms after the kill, ${silentRounds} rounds without one completed transfer; then a live peer: ${finalCheck}`);
+      // Rounds that completed nothing are reported, not asserted: a kill can land before any transfer
+      // of the round completes, and a kill that blocks the agent's shared-memory queue fails the
+      // round's transfers until the agent has opened a new UCX worker (each such rebuild is an event).
+      expect(rebuiltEvents).toBe(rebuilds);
+      console.log(`${transports}: ${ROUNDS} kills, outcomes ${summary}, slowest settle ${slowest} ms after the kill, ${silentRounds} rounds without one completed transfer, ${rebuilds} UCX worker rebuilds; then a live peer: ${finalCheck}`);
     }, 600_000);
   });
 }

@@ -70,11 +70,11 @@ bool readOffsets(Napi::Env env, const Napi::Value& v, const char* what, std::vec
 // The libuv handles of one agent live in one heap block that is freed by the last close callback,
 // so they never outlive or dangle from the JS object that owns the agent.
 struct LoopHandles {
-  uv_poll_t poll;
+  uv_poll_t* poll = nullptr;  // replaced when the agent's event fd changes (a rebuilt UCX worker)
+  int polledFd = -1;
   uv_idle_t idle;
   uv_timer_t timer;
   int open = 0;
-  bool pollStarted = false;
   napi_async_cleanup_hook_handle cleanupHook = nullptr;
 };
 
@@ -112,6 +112,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   bool ensureOpen(Napi::Env env);
   Napi::Object regionObject(Napi::Env env, const kvwire::RegionInfo& r);
   void startLoop(uv_loop_t* loop);
+  void pollEventFd();
   void schedule();  // progress soon, on the loop, never re-entrantly inside a JS call
   void drive();
   void deliver();
@@ -183,6 +184,9 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
   cb.disconnected = [this](const std::string& peer, const std::string& reason) {
     arrived_.push_back({peer, reason, true});
   };
+  cb.rebuilt = [this](const std::string& reason) {
+    arrived_.push_back({std::string(), reason, true});  // no peer: the agent itself (names are never empty)
+  };
   auto agent = kvwire::Agent::create(info[0].As<Napi::String>(), bo, std::move(cb));
   if (!agent.isOk()) {
     throwStatus(env, agent.status());
@@ -199,21 +203,35 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
 }
 
 void AgentWrap::startLoop(uv_loop_t* loop) {
-  handles_ = new LoopHandles();  // freed by the last uv_close callback
-  handles_->poll.data = handles_->idle.data = handles_->timer.data = this;
+  handles_ = new LoopHandles();  // freed by the last uv_close callback of idle and timer
+  handles_->idle.data = handles_->timer.data = this;
   uv_idle_init(loop, &handles_->idle);
   uv_timer_init(loop, &handles_->timer);
   handles_->open = 2;
-  if (uv_poll_init(loop, &handles_->poll, agent_->eventFd()) == 0) {
-    ++handles_->open;
-    handles_->pollStarted = true;
-    uv_poll_start(&handles_->poll, UV_READABLE, [](uv_poll_t* h, int, int) {
-      static_cast<AgentWrap*>(h->data)->drive();
-    });
-  }
+  pollEventFd();
   napi_add_async_cleanup_hook(Env(), &AgentWrap::onAsyncCleanup, this, &handles_->cleanupHook);
   lastActivityNs_ = kvwire::monotonicNs();
   schedule();
+}
+
+// Sleeps on the agent's event fd; called again when it changed (the old poll handle is closed).
+void AgentWrap::pollEventFd() {
+  const int fd = agent_->eventFd();
+  if (!handles_ || fd == handles_->polledFd) return;
+  uv_loop_t* loop = uv_handle_get_loop(reinterpret_cast<uv_handle_t*>(&handles_->idle));
+  if (handles_->poll) {
+    uv_close(reinterpret_cast<uv_handle_t*>(handles_->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+    handles_->poll = nullptr;
+  }
+  handles_->polledFd = fd;
+  auto* poll = new uv_poll_t;
+  if (uv_poll_init(loop, poll, fd) != 0) {
+    delete poll;  // the idle handle and the watchdog timer keep progress going
+    return;
+  }
+  poll->data = this;
+  handles_->poll = poll;
+  uv_poll_start(poll, UV_READABLE, [](uv_poll_t* h, int, int) { static_cast<AgentWrap*>(h->data)->drive(); });
 }
 
 void AgentWrap::schedule() {
@@ -229,6 +247,7 @@ void AgentWrap::schedule() {
 void AgentWrap::drive() {
   if (!agent_ || !handles_) return;
   const bool any = agent_->progress();
+  if (!agent_->closed()) pollEventFd();  // the agent may have opened a new UCX worker
   const uint64_t now = kvwire::monotonicNs();
   if (any) lastActivityNs_ = now;
   deliver();
@@ -264,7 +283,7 @@ void AgentWrap::updateRefs() {
   auto set = [](uv_handle_t* h, bool on) { on ? uv_ref(h) : uv_unref(h); };
   set(reinterpret_cast<uv_handle_t*>(&handles_->idle), inFlight || (userRef_ && pollMode_));
   set(reinterpret_cast<uv_handle_t*>(&handles_->timer), inFlight);
-  if (handles_->pollStarted) set(reinterpret_cast<uv_handle_t*>(&handles_->poll), userRef_ || inFlight);
+  if (handles_->poll) set(reinterpret_cast<uv_handle_t*>(handles_->poll), userRef_ || inFlight);
 }
 
 // Hands settled transfers and notifications to JS in batches. Plain N-API calls with every status
@@ -545,6 +564,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("droppedUnauthenticated", Napi::Number::New(env, static_cast<double>(c.droppedUnauthenticated)));
   out.Set("failedHandshakes", Napi::Number::New(env, static_cast<double>(c.failedHandshakes)));
   out.Set("receiveBlocked", Napi::Boolean::New(env, agent_ && agent_->receiveBlocked()));
+  out.Set("rebuilds", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->rebuilds()) : 0));
   return out;
 }
 
@@ -597,8 +617,8 @@ void AgentWrap::shutdown() {
     auto* hs = static_cast<LoopHandles*>(handle->data);
     if (--hs->open == 0) delete hs;
   };
-  h->poll.data = h->idle.data = h->timer.data = h;
-  if (h->pollStarted) uv_close(reinterpret_cast<uv_handle_t*>(&h->poll), closed);
+  h->idle.data = h->timer.data = h;
+  if (h->poll) uv_close(reinterpret_cast<uv_handle_t*>(h->poll), [](uv_handle_t* p) { delete reinterpret_cast<uv_poll_t*>(p); });
   uv_close(reinterpret_cast<uv_handle_t*>(&h->idle), closed);
   uv_close(reinterpret_cast<uv_handle_t*>(&h->timer), closed);
 }

@@ -175,7 +175,19 @@ Result<PeerView> Agent::loadPeer(const uint8_t* blob, size_t size) {
       return Status(Code::Mismatch, "metadata of peer '" + md.name + "' is stale (generation " +
                                         std::to_string(md.generation) + ", loaded " +
                                         std::to_string(p.md.generation) + ")");
-    if (md.generation > p.md.generation) {
+    if (md.generation > p.md.generation && md.workerAddress != p.md.workerAddress) {
+      // The same instance on a new UCX worker (it rebuilt its worker): a new connection; what was in
+      // flight on the old one fails (it cannot complete there).
+      auto conn = backend_->connect(md, p.key);
+      if (!conn.isOk()) return conn.status();
+      failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + md.name + "' moved to a new UCX worker"));
+      p.conn = std::move(conn.value());
+      p.failed = false;
+      p.failure = Status::ok();
+      p.md = std::move(md);
+      p.regionIndex.clear();
+      for (size_t i = 0; i < p.md.regions.size(); ++i) p.regionIndex[p.md.regions[i].id] = i;
+    } else if (md.generation > p.md.generation) {
       Status st = p.conn->updateRegions(md);
       if (!st) return st;
       p.md = std::move(md);
@@ -346,6 +358,26 @@ void Agent::peerFailed(uint64_t peerKey, Status status) {
     }
   failPeerTransfers(peerKey, status);
   if (!lost.empty() && callbacks_.disconnected) callbacks_.disconnected(lost, status.message());
+}
+
+void Agent::workerRebuilt(const std::vector<std::string>& lost, const Status& why) {
+  ++generation_;  // the metadata now carries the new address
+  std::vector<TransferRef> all;
+  for (auto& [id, t] : transfers_) all.push_back(t);
+  for (auto& t : all) endEarly(t, why, true);  // nothing lands any more: the old worker is never progressed
+  for (auto& [name, p] : peers_) {
+    if (p->failed) continue;
+    auto conn = backend_->connect(p->md, p->key);
+    if (conn.isOk()) {
+      p->conn = std::move(conn.value());
+    } else {
+      p->failed = true;
+      p->failure = conn.status();
+    }
+  }
+  if (callbacks_.disconnected)  // loaded peers among them were connected again above: not failed
+    for (const auto& name : lost) callbacks_.disconnected(name, "this agent opened a new UCX worker");
+  if (callbacks_.rebuilt) callbacks_.rebuilt(why.message());
 }
 
 void Agent::connectionLost(const std::string& name, uint64_t agentId, Status status) {

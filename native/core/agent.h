@@ -22,6 +22,8 @@ struct AgentCallbacks {
   std::function<void(const std::string& from, std::string message)> notification;
   // A peer's connection ended (closed, failed, or dropped); may repeat for one peer.
   std::function<void(const std::string& peer, const std::string& reason)> disconnected;
+  // The agent replaced its transport endpoint: its metadata changed (peers must load it again).
+  std::function<void(const std::string& reason)> rebuilt;
 };
 
 struct PeerView {
@@ -75,6 +77,7 @@ class Agent : public BackendHost {
   bool busy() const;
   SecurityCounters securityCounters() const { return backend_ ? backend_->securityCounters() : SecurityCounters{}; }
   bool receiveBlocked() const { return backend_ && backend_->receiveBlocked(); }
+  uint64_t rebuilds() const { return backend_ ? backend_->rebuilds() : 0; }
   size_t inFlight() const { return transfers_.size(); }
   // Closing in two steps, so the caller can keep progressing (on its event loop) while UCX
   // finishes what it owns: beginClose settles every transfer with ERR_CANCELED, drops peers and
@@ -90,6 +93,7 @@ class Agent : public BackendHost {
   void notificationArrived(const std::string& from, std::string message) override;
   void peerFailed(uint64_t peerKey, Status status) override;
   void connectionLost(const std::string& name, uint64_t agentId, Status status) override;
+  void workerRebuilt(const std::vector<std::string>& lost, const Status& why) override;
   Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
                                   LocalRegionRef* hold) override;
 

@@ -25,6 +25,10 @@ class BackendHost {
   // `agentId` is the instance that said goodbye (0 when unknown); a loaded peer of that instance
   // fails its transfers at once instead of waiting for UCX to notice.
   virtual void connectionLost(const std::string& name, uint64_t agentId, Status status) = 0;
+  // The backend replaced its transport endpoint (new address): every transfer in flight fails with
+  // `why`, every loaded peer must be connected again (Backend::connect), and the connections other
+  // agents had opened to it (`lost`, by name) are over (they must load the new metadata).
+  virtual void workerRebuilt(const std::vector<std::string>& lost, const Status& why) = 0;
   // Resolve a peer's access to this agent's memory: region id, bounds and access rights are all
   // checked here, never trusted from the wire. `hold` keeps the region alive while data moves.
   virtual Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
@@ -84,6 +88,7 @@ class Backend {
   // This agent can no longer receive (its shared-memory queue is blocked by a peer that died
   // writing into it): only a new agent recovers.
   virtual bool receiveBlocked() const = 0;
+  virtual uint64_t rebuilds() const = 0;  // times the transport endpoint was replaced (workerRebuilt)
   // Force-closes every connection and cancels what can be canceled; progress then drains the rest.
   virtual void shutdown() = 0;
 };

@@ -153,7 +153,12 @@ class UcxBackendImpl : public Backend {
   UcxBackendImpl(BackendHost* host) : host_(host) {}
   ~UcxBackendImpl() override;
   Status init(const BackendOptions& options);
-
+  Status openWorker();
+  // The receive queue is blocked for good (see sendCanary): this worker is abandoned (never
+  // progressed or destroyed again: UCX may still hold requests on it) and a new one opened; every
+  // transfer in flight fails, connections served end, and the host reconnects loaded peers.
+  void rebuildWorker();
+  std::vector<ucp_worker_h> abandoned_;
   const char* name() const override { return "ucx"; }
   Result<std::unique_ptr<BackendMemory>> allocate(uint64_t length) override;
   Result<std::unique_ptr<BackendMemory>> registerMemory(uint8_t* ptr, uint64_t length) override;
@@ -175,6 +180,7 @@ class UcxBackendImpl : public Backend {
   }
   SecurityCounters securityCounters() const override { return counters_; }
   bool receiveBlocked() const override { return receiveBlocked_; }
+  uint64_t rebuilds() const override { return rebuilds_; }
   void shutdown() override;
 
   Result<RemoteRegionRef> unpackRegion(UcxPeer& peer, const RegionInfo& info);
@@ -346,6 +352,7 @@ class UcxBackendImpl : public Backend {
   int canaryTicks_ = 0;       // liveness ticks (each after a progress of this worker) since it was sent
   bool receiveBlocked_ = false;
   bool sharedMemory_ = false;
+  uint64_t rebuilds_ = 0;
   static constexpr uint64_t kCanaryNs = 500'000'000ull;
   static constexpr uint64_t kProbeAfterNs = 1'000'000'000ull;
   static constexpr uint64_t kLivenessNs = 2'000'000'000ull;
@@ -427,11 +434,15 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
     ctx_->context = nullptr;
     return {Code::Backend, ucsMessage("ucp_init", st)};
   }
+  return openWorker();
+}
 
+// The worker, its event fd and address, and its message handlers (again after a rebuild).
+Status UcxBackendImpl::openWorker() {
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
-  st = ucp_worker_create(ctx_->context, &wp, &worker_);
+  ucs_status_t st = ucp_worker_create(ctx_->context, &wp, &worker_);
   if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_create", st)};
   st = ucp_worker_get_efd(worker_, &efd_);
   if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_get_efd", st)};
@@ -549,6 +560,10 @@ UcxBackendImpl::~UcxBackendImpl() {
   }
   if (canary_) ucp_worker_destroy(canary_);
   if (worker_) ucp_worker_destroy(worker_);
+  if (!abandoned_.empty()) {  // workers given up in a rebuild stay, and so does their context
+    static std::vector<std::shared_ptr<ContextHolder>> keep;
+    keep.push_back(ctx_);
+  }
   // ctx_ is released last, after every UcxMemory that shares it.
 }
 
@@ -1182,11 +1197,9 @@ void UcxBackendImpl::checkLiveness() {
   if (now - lastLivenessCheckNs_ < kLivenessTickNs) return;
   lastLivenessCheckNs_ = now;
   if (canaryToken_ != 0 && ++canaryTicks_ >= 3 && now - canarySentNs_ > kCanaryNs) {
-    receiveBlocked_ = true;
     canaryToken_ = 0;
-    fprintf(stderr, "kvwire: agent '%s' can no longer receive over shared memory: a peer died while writing into its "
-            "UCX shared-memory queue, which delivers nothing after that; close this agent and create a new one\n",
-            agentName_.c_str());
+    rebuildWorker();
+    return;  // everything checked here belonged to the old worker
   }
   std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
   for (auto& [id, a] : active_) waiting.insert(a.ep);
@@ -1239,6 +1252,8 @@ void UcxBackendImpl::sendCanary(uint64_t now) {
       sharedMemory_ = false;  // no self-check then
       return;
     }
+  }
+  if (canaryEp_ == nullptr) {
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
     ep.address = reinterpret_cast<const ucp_address_t*>(address_.data());
@@ -1265,6 +1280,73 @@ ucs_status_t UcxBackendImpl::onCanary(void* arg, const void* header, size_t head
   uint64_t token = 0;
   if (ucx::readHeader(header, headerLength, &token) && token == self->canaryToken_) self->canaryToken_ = 0;
   return UCS_OK;
+}
+
+void UcxBackendImpl::rebuildWorker() {
+  ucp_worker_h old = worker_;
+  const int oldEfd = efd_;
+  const std::vector<uint8_t> oldAddress = address_;
+  if (Status st = openWorker(); !st) {
+    if (worker_ != nullptr && worker_ != old) ucp_worker_destroy(worker_);
+    worker_ = old;
+    efd_ = oldEfd;
+    address_ = oldAddress;
+    receiveBlocked_ = true;  // stuck for good: said by health() and by the failures
+    fprintf(stderr, "kvwire: agent '%s' can no longer receive over shared memory (a peer died while writing into its "
+            "UCX queue) and could not open a new UCX worker (%s); close it and create a new agent\n",
+            agentName_.c_str(), st.message().c_str());
+    return;
+  }
+  fprintf(stderr, "kvwire: agent '%s': a peer died while writing into its UCX shared-memory queue, which then delivers "
+          "nothing; it opened a new UCX worker (new address: agents that load it must load its new metadata)\n",
+          agentName_.c_str());
+  // The old worker can still send (only its receive queue is blocked): the agents it served hear
+  // goodbye now instead of after their liveness probe.
+  std::swap(worker_, old);
+  sayGoodbye(20'000'000ull);
+  std::swap(worker_, old);
+  // Nothing of the old worker is touched again (UCX may hold requests on it that never complete):
+  // it is left open, with the state that pointed into it.
+  abandoned_.push_back(old);
+  requests_.clear();
+  closing_.clear();
+  endpointsToClose_.clear();
+  goodbyes_.clear();
+  failedConnections_.clear();
+  failedPeers_.clear();
+  handshakes_.clear();
+  handshakeBytes_ = 0;
+  inbound_.clear();
+  openWrites_.clear();
+  readSends_.clear();
+  refusedWrites_.clear();
+  controlRecvBytes_ = 0;
+  byesPending_ = 0;
+  std::vector<std::string> lost;  // connections served on the old worker: over (their agents hear BYE)
+  for (auto& [reply, c] : connections_)
+    if (c.ep != nullptr && std::find(lost.begin(), lost.end(), c.name) == lost.end()) lost.push_back(c.name);
+  connections_.clear();
+  connectionByOwnEp_.clear();
+  for (auto& [ep, peer] : peersByEp_) {  // the host reconnects them on the new worker
+    peer->ep_ = nullptr;
+    peer->failed_ = true;
+    peer->waiting_.clear();
+  }
+  peersByEp_.clear();
+  if (canaryEp_ != nullptr) {  // it led to the old address
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    void* req = ucp_ep_close_nbx(canaryEp_, &p);
+    if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
+    canaryEp_ = nullptr;
+  }
+  canaryToken_ = 0;
+  receiveBlocked_ = false;
+  ++rebuilds_;
+  host_->workerRebuilt(lost, Status(Code::RemoteDisconnect,
+                              "this agent's UCX shared-memory receive queue was blocked by a peer that died while writing "
+                              "into it; the agent opened a new UCX worker, and what was in flight on the old one failed"));
 }
 
 void UcxBackendImpl::settleIfQuiet(const TransferRef& t) {
