@@ -175,11 +175,12 @@ Result<PeerView> Agent::loadPeer(const uint8_t* blob, size_t size) {
       return Status(Code::Mismatch, "metadata of peer '" + md.name + "' is stale (generation " +
                                         std::to_string(md.generation) + ", loaded " +
                                         std::to_string(p.md.generation) + ")");
-    if (md.generation > p.md.generation && md.workerAddress != p.md.workerAddress) {
-      // The same instance on a new UCX worker (it rebuilt its worker): a new connection; what was in
-      // flight on the old one fails (it cannot complete there).
+    if (md.generation > p.md.generation && (md.workerAddress != p.md.workerAddress || p.failed)) {
+      // The same instance on a new UCX worker (it rebuilt its worker), or after its connection
+      // failed: a new connection; what was in flight on the old one fails (it cannot complete there).
       auto conn = backend_->connect(md, p.key);
       if (!conn.isOk()) return conn.status();
+      p.conn->markGone();  // closed without waiting on a worker that may never answer again
       failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + md.name + "' moved to a new UCX worker"));
       p.conn = std::move(conn.value());
       p.failed = false;
@@ -391,6 +392,7 @@ void Agent::connectionLost(const std::string& name, uint64_t agentId, Status sta
     if (p.md.agentId == agentId && !p.failed) {
       p.failed = true;
       p.failure = status;
+      p.conn->markGone();
       failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + name + "' disconnected: " + status.message()));
     }
   }

@@ -43,6 +43,8 @@ class BackendPeer {
   virtual Status updateRegions(const AgentMetadata& md) = 0;
   // The path Auto resolves to for this remote region.
   virtual Path choosePath(uint32_t remoteRegionId, Path requested, Status* why) = 0;
+  // The peer is gone (it said goodbye, or moved to a new endpoint): close without waiting on it.
+  virtual void markGone() = 0;
 };
 
 struct BackendOptions {

@@ -82,6 +82,7 @@ class UcxPeer : public BackendPeer {
   ~UcxPeer() override;
   Status updateRegions(const AgentMetadata& md) override;
   Path choosePath(uint32_t remoteRegionId, Path requested, Status* why) override;
+  void markGone() override { failed_ = true; }
 
   UcxBackendImpl* backend_;
   uint64_t key_;
@@ -348,6 +349,13 @@ class UcxBackendImpl : public Backend {
   ucp_worker_h canary_ = nullptr;
   ucp_ep_h canaryEp_ = nullptr;
   uint64_t canaryToken_ = 0;  // in flight (0: none)
+  uint64_t canaryHeader_ = 0;
+  uint64_t receivedSinceCanary_ = 0;  // messages this worker received meanwhile: a blocked queue delivers none
+  // Rebuilds in a row after which the new worker had received nothing at all: 3 such, and the agent
+  // stops (receiveBlocked_) — the check itself, not a dying peer, would be failing then.
+  uint64_t receivedOnWorker_ = 0;
+  int idleRebuilds_ = 0;
+  static constexpr int kMaxIdleRebuilds = 3;
   uint64_t canarySentNs_ = 0;
   int canaryTicks_ = 0;       // liveness ticks (each after a progress of this worker) since it was sent
   bool receiveBlocked_ = false;
@@ -387,6 +395,7 @@ class UcxBackendImpl : public Backend {
   std::unordered_map<uint64_t, std::unique_ptr<CopyJob>> copyJobs_;  // by transfer id
   std::mutex copiedMutex_;
   std::vector<uint64_t> copied_;  // finished by the pool, settled by progress()
+  std::atomic<ucp_worker_h> signalWorker_{nullptr};  // the worker pool threads wake (replaced in a rebuild)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -397,7 +406,8 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   agentId_ = options.agentId;
   secret_ = options.secret;
   // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
-  const std::string& tls = options.transports;
+  const char* envTls = std::getenv("UCX_TLS");
+  const std::string tls = !options.transports.empty() ? options.transports : envTls ? envTls : "";
   const bool sharedMemory = tls.empty() || tls.find("shm") != std::string::npos || tls.find("all") != std::string::npos ||
                             tls.find("posix") != std::string::npos || tls.find("sysv") != std::string::npos;
   if (sharedMemory) setenv("UCX_MM_ERROR_HANDLING", "y", 0);
@@ -444,6 +454,7 @@ Status UcxBackendImpl::openWorker() {
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
   ucs_status_t st = ucp_worker_create(ctx_->context, &wp, &worker_);
   if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_create", st)};
+  signalWorker_ = worker_;
   st = ucp_worker_get_efd(worker_, &efd_);
   if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_get_efd", st)};
 
@@ -711,6 +722,7 @@ UcxPeer::~UcxPeer() {
 }
 
 Status UcxPeer::updateRegions(const AgentMetadata& md) {
+  if (ep_ == nullptr) return {Code::RemoteDisconnect, "peer '" + name_ + "': its connection belonged to a UCX worker this agent replaced"};
   std::unordered_map<uint32_t, RemoteRegionRef> next;
   for (const auto& info : md.regions) {
     auto it = regions_.find(info.id);
@@ -1053,7 +1065,7 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
         std::lock_guard<std::mutex> lock(copiedMutex_);
         copied_.push_back(id);
       }
-      ucp_worker_signal(worker_);  // thread-safe: wakes the event loop
+      ucp_worker_signal(signalWorker_.load());  // thread-safe: wakes the event loop (the current worker)
     });
   }
 }
@@ -1196,14 +1208,26 @@ void UcxBackendImpl::checkLiveness() {
   const uint64_t now = monotonicNs();
   if (now - lastLivenessCheckNs_ < kLivenessTickNs) return;
   lastLivenessCheckNs_ = now;
-  if (canaryToken_ != 0 && ++canaryTicks_ >= 3 && now - canarySentNs_ > kCanaryNs) {
+  if (canaryToken_ != 0 && ++canaryTicks_ >= 3 && now - canarySentNs_ > kCanaryNs && !shuttingDown_) {
     canaryToken_ = 0;
-    rebuildWorker();
-    return;  // everything checked here belonged to the old worker
+    if (receivedSinceCanary_ == 0) {  // a queue that delivers anything is not blocked (only busy)
+      idleRebuilds_ = rebuilds_ > 0 && receivedOnWorker_ == 0 ? idleRebuilds_ + 1 : 0;
+      if (idleRebuilds_ >= kMaxIdleRebuilds) {
+        if (!receiveBlocked_)
+          fprintf(stderr, "kvwire: agent '%s': %d new UCX workers in a row received nothing before their queue looked "
+                  "blocked; it stops opening new ones: close it and create a new agent\n", agentName_.c_str(), idleRebuilds_);
+        receiveBlocked_ = true;
+      } else {
+        rebuildWorker();
+        return;  // everything checked here belonged to the old worker
+      }
+    }
   }
   std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
   for (auto& [id, a] : active_) waiting.insert(a.ep);
   for (auto& [ep, peer] : peersByEp_) {
+    if (!peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() && now - peer->waitingSinceNs_ > kProbeAfterNs)
+      sendCanary(now);  // the handshake's answers may be stuck in a blocked queue
     if (!peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() && now - peer->waitingSinceNs_ > kHandshakeNs)
       failPeer(*peer, Status(Code::RemoteDisconnect, "it did not complete the authenticated handshake within " +
                                                          std::to_string(kHandshakeNs / 1'000'000'000ull) +
@@ -1255,8 +1279,11 @@ void UcxBackendImpl::sendCanary(uint64_t now) {
   }
   if (canaryEp_ == nullptr) {
     ucp_ep_params_t ep{};
-    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.address = reinterpret_cast<const ucp_address_t*>(address_.data());
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // a force close (in a rebuild, at the end) needs it
+    ep.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};
+    ep.err_handler.arg = nullptr;
     if (ucp_ep_create(canary_, &ep, &canaryEp_) != UCS_OK) {
       canaryEp_ = nullptr;
       sharedMemory_ = false;
@@ -1266,10 +1293,10 @@ void UcxBackendImpl::sendCanary(uint64_t now) {
   while (canaryToken_ == 0) getrandom(&canaryToken_, sizeof canaryToken_, 0);
   canarySentNs_ = now;
   canaryTicks_ = 0;
-  static uint64_t header;  // UCX reads it until the send completes; one canary is in flight at a time
-  header = canaryToken_;
+  canaryHeader_ = canaryToken_;  // UCX reads it until the send completes; one canary is in flight at a time
+  receivedSinceCanary_ = 0;
   ucp_request_param_t p{};
-  void* req = ucp_am_send_nbx(canaryEp_, kAmCanary, &header, sizeof header, nullptr, 0, &p);
+  void* req = ucp_am_send_nbx(canaryEp_, kAmCanary, &canaryHeader_, sizeof canaryHeader_, nullptr, 0, &p);
   if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);  // completes on its own; progress() drives the canary worker
   else if (UCS_PTR_IS_ERR(req)) canaryToken_ = 0;
 }
@@ -1289,6 +1316,7 @@ void UcxBackendImpl::rebuildWorker() {
   if (Status st = openWorker(); !st) {
     if (worker_ != nullptr && worker_ != old) ucp_worker_destroy(worker_);
     worker_ = old;
+    signalWorker_ = old;
     efd_ = oldEfd;
     address_ = oldAddress;
     receiveBlocked_ = true;  // stuck for good: said by health() and by the failures
@@ -1343,6 +1371,7 @@ void UcxBackendImpl::rebuildWorker() {
   }
   canaryToken_ = 0;
   receiveBlocked_ = false;
+  receivedOnWorker_ = 0;
   ++rebuilds_;
   host_->workerRebuilt(lost, Status(Code::RemoteDisconnect,
                               "this agent's UCX shared-memory receive queue was blocked by a peer that died while writing "
@@ -1366,6 +1395,8 @@ ucs_status_t refuse(const ucp_am_recv_param_t* param, ucs_status_t why) {
 ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t headerLength, void* data, size_t length,
                                       const ucp_am_recv_param_t* param) {
   ucp_ep_h reply = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : nullptr;
+  ++receivedSinceCanary_;
+  ++receivedOnWorker_;
   // A closing agent serves nothing new (a late HELLO would open an endpoint nobody closes).
   if (shuttingDown_) return refuse(param, UCS_ERR_CANCELED);
   // With a secret, only a connection that completed the handshake is served. Replies (ACK, read
