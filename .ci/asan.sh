@@ -34,7 +34,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan
 echo "kvwire: sanitizer run of $(LD_PRELOAD="$asan $ubsan" node -e 'console.log(require("./dist").ucxVersion())' 2>/dev/null | sed 's/^/UCX /')"
 set +e
 LD_PRELOAD="$asan $ubsan" npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/bounds.test.ts test/limits.test.ts \
-  test/hostile.test.ts test/security.test.ts test/metadata-fuzz.test.ts test/kv-transfer.test.ts test/kv-early-stop.test.ts "$@"
+  test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts test/kv-transfer.test.ts test/kv-early-stop.test.ts "$@"
 status=$?
 set -e
 if compgen -G "$reports/*" >/dev/null; then

@@ -493,6 +493,14 @@ export class Agent extends EventEmitter {
     return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0 };
   }
 
+  /**
+   * @internal Tests only: opens a new UCX worker now, the path a blocked shared-memory receive queue
+   * takes (see `health`), so that path can be tested without killing peers until one blocks it.
+   */
+  _rebuildTransportForTest(): void {
+    this.#open().rebuildTransport();
+  }
+
   /** Notifications dropped because `notifications()` was not read fast enough (oldest first). */
   get droppedNotifications(): number {
     return this.#dropped;

@@ -55,6 +55,7 @@ export interface NativeAgent {
   notify(peer: string, message: Uint8Array): void;
   close(): Promise<void>;
   setRef(ref: boolean): void;
+  rebuildTransport(): void;
   securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; receiveBlocked: boolean; rebuilds: number };
 }
 

@@ -108,6 +108,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value SetRef(const Napi::CallbackInfo& info);
   Napi::Value SecurityCounters(const Napi::CallbackInfo& info);
+  Napi::Value RebuildTransport(const Napi::CallbackInfo& info);
 
   bool ensureOpen(Napi::Env env);
   Napi::Object regionObject(Napi::Env env, const kvwire::RegionInfo& r);
@@ -147,7 +148,8 @@ Napi::Function AgentWrap::Init(Napi::Env env) {
                       InstanceMethod("forgetPeer", &AgentWrap::ForgetPeer), InstanceMethod("post", &AgentWrap::Post),
                       InstanceMethod("cancel", &AgentWrap::Cancel), InstanceMethod("notify", &AgentWrap::Notify),
                       InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef),
-                      InstanceMethod("securityCounters", &AgentWrap::SecurityCounters)});
+                      InstanceMethod("securityCounters", &AgentWrap::SecurityCounters),
+                      InstanceMethod("rebuildTransport", &AgentWrap::RebuildTransport)});
 }
 
 // new NativeAgent(name, { transports, devices, secret, progress, spinWindowUs }, onSettled, onNotification)
@@ -566,6 +568,15 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("receiveBlocked", Napi::Boolean::New(env, agent_ && agent_->receiveBlocked()));
   out.Set("rebuilds", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->rebuilds()) : 0));
   return out;
+}
+
+// rebuildTransport(): the agent opens a new UCX worker as if its shared-memory queue were blocked
+// (tests drive that path with it; nothing else should).
+Napi::Value AgentWrap::RebuildTransport(const Napi::CallbackInfo& info) {
+  if (!ensureOpen(info.Env())) return info.Env().Undefined();
+  agent_->rebuildTransport();
+  schedule();  // results are delivered, and the new event fd polled, from the loop
+  return info.Env().Undefined();
 }
 
 Napi::Value AgentWrap::SetRef(const Napi::CallbackInfo& info) {

@@ -78,6 +78,9 @@ class Agent : public BackendHost {
   SecurityCounters securityCounters() const { return backend_ ? backend_->securityCounters() : SecurityCounters{}; }
   bool receiveBlocked() const { return backend_ && backend_->receiveBlocked(); }
   uint64_t rebuilds() const { return backend_ ? backend_->rebuilds() : 0; }
+  void rebuildTransport() {  // tests: the path a blocked shared-memory queue takes, on demand
+    if (backend_ && !closing_) backend_->rebuild();
+  }
   size_t inFlight() const { return transfers_.size(); }
   // Closing in two steps, so the caller can keep progressing (on its event loop) while UCX
   // finishes what it owns: beginClose settles every transfer with ERR_CANCELED, drops peers and

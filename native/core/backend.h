@@ -91,6 +91,8 @@ class Backend {
   // writing into it): only a new agent recovers.
   virtual bool receiveBlocked() const = 0;
   virtual uint64_t rebuilds() const = 0;  // times the transport endpoint was replaced (workerRebuilt)
+  // Replaces the transport endpoint now, as a blocked receive queue does (tests of that path).
+  virtual void rebuild() = 0;
   // Force-closes every connection and cancels what can be canceled; progress then drains the rest.
   virtual void shutdown() = 0;
 };

@@ -181,6 +181,7 @@ class UcxBackendImpl : public Backend {
   }
   SecurityCounters securityCounters() const override { return counters_; }
   bool receiveBlocked() const override { return receiveBlocked_; }
+  void rebuild() override { rebuildWorker(); }
   uint64_t rebuilds() const override { return rebuilds_; }
   void shutdown() override;
 
@@ -376,9 +377,14 @@ class UcxBackendImpl : public Backend {
   void reportLost(const std::string& name, uint64_t agentId, const char* why);
   // Tells every peer and connection that this agent is closing, and gives the messages up to
   // `budgetNs` to leave (a peer then fails our transfers at once instead of after UCX keepalive).
-  void sayGoodbye(uint64_t budgetNs);
+  void sayGoodbye(uint64_t budgetNs, bool moved = false);
   int byesPending_ = 0;
-  std::vector<std::pair<ucp_ep_h, uint64_t>> goodbyes_;  // (reply ep, agent id) that said BYE, handled after progress
+  struct Goodbye {
+    ucp_ep_h reply;
+    uint64_t agentId;
+    bool moved;
+  };
+  std::vector<Goodbye> goodbyes_;  // BYEs, handled after progress
   std::unordered_map<ucp_ep_h, UcxPeer*> peersByEp_;
   std::vector<std::pair<uint64_t, Status>> failedPeers_;              // reported after progress returns
   std::vector<ucp_ep_h> failedConnections_;                            // target-side, handled likewise
@@ -504,7 +510,7 @@ ucs_status_t UcxBackendImpl::dropAm(void*, const void*, size_t, void*, size_t, c
   return UCS_OK;
 }
 
-void UcxBackendImpl::sayGoodbye(uint64_t budgetNs) {
+void UcxBackendImpl::sayGoodbye(uint64_t budgetNs, bool moved) {
   std::vector<ucp_ep_h> eps;
   for (auto& [ep, peer] : peersByEp_)
     if (ep && !peer->failed_) eps.push_back(ep);
@@ -513,7 +519,7 @@ void UcxBackendImpl::sayGoodbye(uint64_t budgetNs) {
   for (ucp_ep_h ep : eps) {
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kBye;
-    ucx::ByeHeader h{agentId_};
+    ucx::ByeHeader h{agentId_, moved ? 1u : 0u};
     op->setHeader(h);
     ++byesPending_;
     send(ep, ucx::kAmBye, std::move(op), nullptr, 0, true);
@@ -1331,7 +1337,7 @@ void UcxBackendImpl::rebuildWorker() {
   // The old worker can still send (only its receive queue is blocked): the agents it served hear
   // goodbye now instead of after their liveness probe.
   std::swap(worker_, old);
-  sayGoodbye(20'000'000ull);
+  sayGoodbye(20'000'000ull, true);
   std::swap(worker_, old);
   // Nothing of the old worker is touched again (UCX may hold requests on it that never complete):
   // it is left open, with the state that pointed into it.
@@ -1521,7 +1527,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       auto it = connections_.find(reply);
       // Only the instance that said HELLO on this connection can say goodbye on it.
       if (it == connections_.end() || it->second.agentId != h.agentId) return;
-      goodbyes_.emplace_back(reply, h.agentId);  // endpoints are closed outside UCX's callbacks
+      goodbyes_.push_back({reply, h.agentId, h.moved != 0});  // endpoints are closed outside UCX's callbacks
       return;
     }
     case ucx::kAmWriteCommit: {
@@ -2084,12 +2090,15 @@ bool UcxBackendImpl::progress() {
     any = true;
   }
   for (ucp_ep_h own : std::exchange(failedConnections_, {})) connectionFailed(own);
-  for (auto& [reply, agentId] : std::exchange(goodbyes_, {})) {
+  for (const Goodbye& bye : std::exchange(goodbyes_, {})) {
     // UCX may have reused the endpoint for a newcomer since: only the instance that said BYE goes.
-    auto it = connections_.find(reply);
-    if (it == connections_.end() || it->second.agentId != agentId) continue;
-    const auto [name, known] = dropConnection(reply);
-    reportLost(name, known, "it closed");
+    auto it = connections_.find(bye.reply);
+    if (it == connections_.end() || it->second.agentId != bye.agentId) continue;
+    const auto [name, known] = dropConnection(bye.reply);
+    if (bye.moved)  // its new worker may already have said HELLO: the old address is over all the same
+      host_->connectionLost(name, known, Status(Code::RemoteDisconnect, "it moved to a new UCX worker (load its new metadata)"));
+    else
+      reportLost(name, known, "it closed");
     any = true;
   }
   for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);

@@ -63,6 +63,7 @@ struct AuthHeader {  // data: MAC_I
 };
 struct ByeHeader {
   uint64_t agentId;  // the closing instance: a loaded peer of another instance is left alone
+  uint32_t moved;    // 1: not closing, moved to a new UCX worker (new address: load its metadata again)
 };
 struct PingHeader {  // PING and PONG
   uint64_t token;
