@@ -56,13 +56,14 @@ describe('authenticated connections (secret)', () => {
       cleanup.push(() => me.close());
       const peer = me.loadPeer(Buffer.from(t.metadata, 'base64'));
       const mine = me.register(Buffer.alloc(1 << 16, 0x5a), { name: 'mine' });
+      const noted = target.waitEvent('notification');
       // Posted at once: they wait (natively) for the handshake, then go out in order.
       const [w, r] = [
         me.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { notify: 'wrote' }),
         me.read(mine.descriptors([8192], [4096]), peer.region('kv').descriptors([4096], [4096])),
       ];
       await Promise.all([w, r]);
-      const note = await target.waitEvent('notification');
+      const note = await noted;
       expect(note).toMatchObject({ from: 'sec-initiator', message: 'wrote' });
       const [theirs, ours] = await Promise.all([
         target.ok('hash', { offsets: [0, 4096], lengths: [4096, 4096] }),

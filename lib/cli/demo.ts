@@ -36,7 +36,9 @@ class Worker {
   readonly child: ChildProcess;
   #waiting = new Map<string, (m: any) => void>();
   constructor(script: string, readonly name: string) {
-    this.child = fork(path.join(__dirname, script), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    // The workers' stdout (UCX logs there by default) goes to stderr: stdout carries the demo's own
+    // output only (with --json, one JSON line; a UCX warning once broke it).
+    this.child = fork(path.join(__dirname, script), [], { stdio: ['ignore', 2, 'inherit', 'ipc'] });
     this.child.on('message', (m: any) => {
       const key = `${m.t}:${m.req ?? ''}`;
       const done = this.#waiting.get(key);
