@@ -1,8 +1,10 @@
-import { fork, type ChildProcess } from 'node:child_process';
+import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'vitest';
-import { KvwireError } from '../lib';
+import { KvwireError, ucxVersion } from '../lib';
 
 export interface PeerReply {
   ok: boolean;
@@ -194,4 +196,36 @@ export function openMetadata(sealed: Uint8Array, secret: string): Buffer {
   const decipher = createDecipheriv('aes-256-gcm', metadataKey(secret), b.subarray(4, 16)).setAAD(Buffer.from('KVWS'));
   decipher.setAuthTag(b.subarray(b.length - 16));
   return Buffer.concat([decipher.update(b.subarray(16, b.length - 16)), decipher.final()]);
+}
+
+// The hostile-peer tool (test/hostile/hostile_peer.cc), built next to the addon this run loads
+// (npm run build:native; the UCX 1.22 smoke and the sanitizer lane build their own).
+const addonDir = path.dirname(process.env.KVWIRE_ADDON ? path.resolve(process.env.KVWIRE_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'kvwire.node'));
+export const HOSTILE_TOOL = path.join(addonDir, 'kvwire_hostile_peer');
+const [ucxMajor, ucxMinor] = ucxVersion().split('.').map(Number);
+// UCX 1.13 itself crashes on an active message id >= 32768, before any handler of kvwire's runs (a
+// UCX bug, measured with this tool; UCX 1.22 drops them): there, those ids are left out.
+export const UCX_113 = ucxMajor === 1 && ucxMinor < 22;
+
+/** Starts the tool against the agent whose (plain) metadata this is: `<scenario> [args]`. */
+export function startHostileTool(transports: string, metadata: Uint8Array, args: string[], timeoutMs?: number): ChildProcess {
+  const file = path.join(mkdtempSync(path.join(tmpdir(), 'kvwire-hostile-')), 'md.bin');
+  writeFileSync(file, metadata);
+  return execFile(HOSTILE_TOOL, [file, ...args], {
+    // Shared memory with peer error handling needs UCX_MM_ERROR_HANDLING (kvwire sets it for itself).
+    env: { ...process.env, ...(UCX_113 ? { HOSTILE_MAX_ID: '32767' } : {}), UCX_TLS: transports, UCX_MM_ERROR_HANDLING: 'y', UCX_WARN_UNUSED_ENV_VARS: 'n' },
+    timeout: timeoutMs,
+  });
+}
+
+/** Runs the tool to its end; resolves with how many messages it sent (rejects if it failed). */
+export async function runHostileTool(transports: string, metadata: Uint8Array, ...args: string[]): Promise<number> {
+  const child = startHostileTool(transports, metadata, args, 120_000);
+  let stdout = '';
+  child.stdout!.on('data', (d) => (stdout += d));
+  let stderr = '';
+  child.stderr!.on('data', (d) => (stderr += d));
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  if (code !== 0) throw new Error(`${HOSTILE_TOOL} ${args.join(' ')} exited with ${code}: ${stderr.trim()}`);
+  return Number(/sent (\d+) messages/.exec(stdout)?.[1] ?? 0);
 }

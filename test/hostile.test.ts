@@ -2,38 +2,13 @@
 // wire protocol) against agents in their own processes: the target never crashes, never writes
 // outside its regions or into a read-only one, completes nothing for a forger, and keeps serving a
 // legitimate peer afterwards.
-import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import * as path from 'node:path';
-import { promisify } from 'node:util';
+import { existsSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Agent, ucxVersion } from '../lib';
-import { PeerProcess } from './helpers';
+import { Agent } from '../lib';
+import { HOSTILE_TOOL, PeerProcess, runHostileTool, startHostileTool, UCX_113 } from './helpers';
 
-// Built next to the addon this run loads (npm run build:native; the UCX 1.22 smoke builds its own).
-const addonDir = path.dirname(process.env.KVWIRE_ADDON ? path.resolve(process.env.KVWIRE_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'kvwire.node'));
-const tool = path.join(addonDir, 'kvwire_hostile_peer');
-const [major, minor] = ucxVersion().split('.').map(Number);
-// UCX 1.13 itself crashes on an active message id >= 32768, before any handler of kvwire's runs (a
-// UCX bug, measured with this tool; UCX 1.22 drops them): there, those ids are left out.
-const ucx113 = major === 1 && minor < 22;
-const toolEnv = ucx113 ? { HOSTILE_MAX_ID: '32767' } : {};
-
-function metadataFile(base64: string): string {
-  const file = path.join(mkdtempSync(path.join(tmpdir(), 'kvwire-hostile-')), 'md.bin');
-  writeFileSync(file, Buffer.from(base64, 'base64'));
-  return file;
-}
-
-async function attack(transports: string, metadata: string, ...args: string[]): Promise<number> {
-  const { stdout } = await promisify(execFile)(tool, [metadataFile(metadata), ...args], {
-    // Shared memory with peer error handling needs UCX_MM_ERROR_HANDLING (kvwire sets it for itself).
-    env: { ...process.env, ...toolEnv, UCX_TLS: transports, UCX_MM_ERROR_HANDLING: 'y', UCX_WARN_UNUSED_ENV_VARS: 'n' },
-    timeout: 120_000,
-  });
-  return Number(/sent (\d+) messages/.exec(stdout)?.[1] ?? 0);
-}
+const attack = (transports: string, base64Metadata: string, ...args: string[]) =>
+  runHostileTool(transports, Buffer.from(base64Metadata, 'base64'), ...args);
 
 const cleanup: (() => Promise<void> | void)[] = [];
 afterEach(async () => {
@@ -42,11 +17,11 @@ afterEach(async () => {
 
 describe('hostile peer', () => {
   it('the tool is built', () => {
-    expect(existsSync(tool), `${tool} (npm run build:native builds it)`).toBe(true);
+    expect(existsSync(HOSTILE_TOOL), `${HOSTILE_TOOL} (npm run build:native builds it)`).toBe(true);
   });
 
   for (const transports of ['shm,self', 'tcp']) {
-    it(`malformed messages of every type (${transports}${ucx113 ? '; ids >= 32768 left out on UCX 1.13' : ''}): no crash, no write outside a region, still serving`, async () => {
+    it(`malformed messages of every type (${transports}${UCX_113 ? '; ids >= 32768 left out on UCX 1.13' : ''}): no crash, no write outside a region, still serving`, async () => {
       const target = new PeerProcess('hostile-target', {}, 'fixtures/hostile-target.cjs');
       cleanup.push(() => target.close());
       const { metadata } = await target.ok('init', { name: 'hostile-target', transports });
@@ -74,9 +49,7 @@ describe('hostile peer', () => {
     const { metadata } = await target.ok('init', { name: 'flood-target', transports });
     const before = (await target.ok('check')).rss;
     // The flooder holds its connection open (not progressing) while the target is measured.
-    const child = execFile(tool, [metadataFile(metadata), 'flood', '100000', '4000'], {
-      env: { ...process.env, ...toolEnv, UCX_TLS: transports, UCX_MM_ERROR_HANDLING: 'y', UCX_WARN_UNUSED_ENV_VARS: 'n' },
-    });
+    const child = startHostileTool(transports, Buffer.from(metadata, 'base64'), ['flood', '100000', '4000']);
     const exited = new Promise((resolve) => child.on('exit', resolve));
     await new Promise<void>((resolve, reject) => {
       child.stdout!.on('data', (d) => String(d).includes('flooded') && resolve());

@@ -2,35 +2,16 @@
 // challenge-response (native/backends/ucx/wire.h). Real agents in their own processes, and the
 // hostile-peer tool (test/hostile/hostile_peer.cc) as a process that can reach the worker but does
 // not hold the secret.
-import { execFile, spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Agent, KvwireError, ucxVersion } from '../lib';
-import { openMetadata, PeerProcess, sealMetadata } from './helpers';
-
-const addonDir = path.dirname(process.env.KVWIRE_ADDON ? path.resolve(process.env.KVWIRE_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'kvwire.node'));
-const tool = path.join(addonDir, 'kvwire_hostile_peer');
-const [major, minor] = ucxVersion().split('.').map(Number);
-const toolEnv = major === 1 && minor < 22 ? { HOSTILE_MAX_ID: '32767' } : {}; // see hostile.test.ts
+import { Agent, KvwireError } from '../lib';
+import { openMetadata, PeerProcess, runHostileTool, sealMetadata } from './helpers';
 
 // The tool gets the target's worker address from its metadata, opened here: the test knows the
 // secret; a real outsider would have to learn the address some other way (or scan for it).
-async function attack(transports: string, metadata: string, ...args: string[]): Promise<number> {
-  return attackWith(transports, openMetadata(Buffer.from(metadata, 'base64'), SECRET), ...args);
-}
-
-async function attackWith(transports: string, plainMetadata: Buffer, ...args: string[]): Promise<number> {
-  const file = path.join(mkdtempSync(path.join(tmpdir(), 'kvwire-security-')), 'md.bin');
-  writeFileSync(file, plainMetadata);
-  const { stdout } = await promisify(execFile)(tool, [file, ...args], {
-    env: { ...process.env, ...toolEnv, UCX_TLS: transports, UCX_MM_ERROR_HANDLING: 'y', UCX_WARN_UNUSED_ENV_VARS: 'n' },
-    timeout: 120_000,
-  });
-  return Number(/sent (\d+) messages/.exec(stdout)?.[1] ?? 0);
-}
+const attack = (transports: string, metadata: string, ...args: string[]) =>
+  runHostileTool(transports, openMetadata(Buffer.from(metadata, 'base64'), SECRET), ...args);
 
 const SECRET = 'correct horse battery staple';
 const cleanup: (() => Promise<unknown> | void)[] = [];
@@ -180,7 +161,7 @@ describe('authenticated connections (secret)', () => {
     it(`a raw UCX PUT with the published key over tcp ${withSecret ? 'does not land on an agent with a secret' : 'lands on an agent without a secret (the trust model says so)'}`, async () => {
       const { target, metadata } = await secretTarget(withSecret ? 'rma-sealed' : 'rma-open', 'tcp', withSecret ? SECRET : null);
       const plain = withSecret ? openMetadata(Buffer.from(metadata, 'base64'), SECRET) : Buffer.from(metadata, 'base64');
-      expect(await attackWith('tcp', plain, 'rmaput')).toBe(1);
+      expect(await runHostileTool('tcp', plain, 'rmaput')).toBe(1);
       await new Promise((r) => setTimeout(r, 200));
       expect(target.child.exitCode).toBeNull();
       const after = await target.ok('check');

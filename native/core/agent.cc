@@ -175,25 +175,23 @@ Result<PeerView> Agent::loadPeer(const uint8_t* blob, size_t size) {
       return Status(Code::Mismatch, "metadata of peer '" + md.name + "' is stale (generation " +
                                         std::to_string(md.generation) + ", loaded " +
                                         std::to_string(p.md.generation) + ")");
-    if (md.generation > p.md.generation && (md.workerAddress != p.md.workerAddress || p.failed)) {
-      // The same instance on a new UCX worker (it rebuilt its worker), or after its connection
-      // failed: a new connection; what was in flight on the old one fails (it cannot complete there).
-      auto conn = backend_->connect(md, p.key);
-      if (!conn.isOk()) return conn.status();
-      p.conn->markGone();  // closed without waiting on a worker that may never answer again
-      failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + md.name + "' moved to a new UCX worker"));
-      p.conn = std::move(conn.value());
-      p.failed = false;
-      p.failure = Status::ok();
+    if (md.generation > p.md.generation) {
+      if (md.workerAddress != p.md.workerAddress || p.failed) {
+        // The same instance on a new UCX worker (it rebuilt its worker), or after its connection
+        // failed: a new connection; what was in flight on the old one fails (it cannot complete there).
+        auto conn = backend_->connect(md, p.key);
+        if (!conn.isOk()) return conn.status();
+        p.conn->markGone();  // closed without waiting on a worker that may never answer again
+        failPeerTransfers(p.key, Status(Code::RemoteDisconnect, "peer '" + md.name + "' moved to a new UCX worker"));
+        p.conn = std::move(conn.value());
+        p.failed = false;
+        p.failure = Status::ok();
+      } else {
+        Status st = p.conn->updateRegions(md);
+        if (!st) return st;
+      }
       p.md = std::move(md);
-      p.regionIndex.clear();
-      for (size_t i = 0; i < p.md.regions.size(); ++i) p.regionIndex[p.md.regions[i].id] = i;
-    } else if (md.generation > p.md.generation) {
-      Status st = p.conn->updateRegions(md);
-      if (!st) return st;
-      p.md = std::move(md);
-      p.regionIndex.clear();
-      for (size_t i = 0; i < p.md.regions.size(); ++i) p.regionIndex[p.md.regions[i].id] = i;
+      indexRegions(p);
     }
     return viewOf(p);
   }
@@ -208,7 +206,7 @@ Result<PeerView> Agent::loadPeer(const uint8_t* blob, size_t size) {
   if (!conn.isOk()) return conn.status();
   entry->conn = std::move(conn.value());
   entry->md = std::move(md);
-  for (size_t i = 0; i < entry->md.regions.size(); ++i) entry->regionIndex[entry->md.regions[i].id] = i;
+  indexRegions(*entry);
   PeerView view = viewOf(*entry);
   peers_[view.name] = std::move(entry);
   return view;
@@ -339,6 +337,11 @@ Status Agent::failedPeerStatus(const std::string& name, const Status& failure) {
   if (failure.code() == Code::RemoteDisconnect || failure.isOk())
     return Status(Code::RemoteDisconnect, "peer '" + name + "' is disconnected: " + failure.message());
   return Status(failure.code(), "peer '" + name + "': " + failure.message());
+}
+
+void Agent::indexRegions(PeerEntry& p) {
+  p.regionIndex.clear();
+  for (size_t i = 0; i < p.md.regions.size(); ++i) p.regionIndex[p.md.regions[i].id] = i;
 }
 
 void Agent::failPeerTransfers(uint64_t peerKey, const Status& status) {

@@ -110,6 +110,7 @@ class Agent : public BackendHost {
     std::unordered_map<uint32_t, size_t> regionIndex;  // region id -> md.regions index
   };
   Agent(std::string name, AgentCallbacks callbacks);
+  static void indexRegions(PeerEntry& p);  // region id -> md.regions index
   void failPeerTransfers(uint64_t peerKey, const Status& status);
   static Status failedPeerStatus(const std::string& name, const Status& failure);
   // Ends a transfer with `status`, as soon as none of its bytes can land any more.

@@ -232,7 +232,6 @@ class UcxBackendImpl : public Backend {
   // from many endpoints can still crowd out a real handshake (it then fails after kHandshakeNs).
   static constexpr size_t kMaxHandshakes = 1024;
   static constexpr size_t kMaxHandshakeBytes = 16u << 20;
-  size_t handshakeBytes_ = 0;
   static constexpr size_t kMaxAddressBytes = 64u << 10;  // a worker address in HELLO (as in metadata)
   static constexpr uint64_t kHandshakeNs = 3'000'000'000ull;
   std::unordered_map<ucp_ep_h, Handshake> handshakes_;  // by reply ep
@@ -345,6 +344,7 @@ class UcxBackendImpl : public Backend {
   // one a canary over the same FIFO; if it has not arrived kCanaryNs later, the receive queue is
   // blocked: peers that do not answer are failed with that diagnosis, and health() reports it.
   void sendCanary(uint64_t now);
+  void closeCanaryEndpoint();  // force-closes it (and forgets it), waiting briefly
   static ucs_status_t onCanary(void* arg, const void* header, size_t headerLength, void* data, size_t length,
                                const ucp_am_recv_param_t* param);
   ucp_worker_h canary_ = nullptr;
@@ -481,24 +481,17 @@ Status UcxBackendImpl::openWorker() {
       {ucx::kAmPong, &onAm<ucx::kAmPong>},           {ucx::kAmChallenge, &onAm<ucx::kAmChallenge>},
       {ucx::kAmAuth, &onAm<ucx::kAmAuth>},
   };
-  for (const auto& [id, cb] : handlers) {
+  // UCX 1.13 calls whatever lies in its handler table for an id it has a slot for but no handler
+  // (the table grows in blocks of 16): one message with id 0 crashed an agent (test/hostile). Every
+  // id below kAmIdBlock gets a handler: kvwire's, the canary's, or one that drops the message.
+  for (uint16_t id = 0; id < kAmIdBlock; ++id) {
+    ucp_am_recv_callback_t cb = id == kAmCanary ? &onCanary : &dropAm;
+    for (const auto& [known, handler] : handlers)
+      if (known == id) cb = handler;
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
     hp.id = id;
     hp.cb = cb;
-    hp.arg = this;
-    st = ucp_worker_set_am_recv_handler(worker_, &hp);
-    if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_set_am_recv_handler", st)};
-  }
-  // UCX 1.13 calls whatever lies in its handler table for an id it has a slot for but no handler
-  // (the table grows in blocks of 16): one message with id 0 crashed an agent (test/hostile). Every
-  // id of the first block gets a handler that drops the message.
-  for (uint16_t id = 0; id < kAmIdBlock; ++id) {
-    if (std::any_of(std::begin(handlers), std::end(handlers), [&](const auto& h) { return h.first == id; })) continue;
-    ucp_am_handler_param_t hp{};
-    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
-    hp.id = id;
-    hp.cb = id == kAmCanary ? &onCanary : &dropAm;
     hp.arg = this;
     st = ucp_worker_set_am_recv_handler(worker_, &hp);
     if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_set_am_recv_handler", st)};
@@ -541,7 +534,6 @@ void UcxBackendImpl::shutdown() {
   connections_.clear();
   connectionByOwnEp_.clear();
   handshakes_.clear();
-  handshakeBytes_ = 0;
   active_.clear();
   inbound_.clear();
   openWrites_.clear();
@@ -565,16 +557,7 @@ UcxBackendImpl::~UcxBackendImpl() {
   }
   inbound_.clear();
   openWrites_.clear();
-  if (canaryEp_) {
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    void* req = ucp_ep_close_nbx(canaryEp_, &p);
-    if (UCS_PTR_IS_PTR(req)) {
-      while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(canary_);
-      ucp_request_free(req);
-    }
-  }
+  closeCanaryEndpoint();
   if (canary_) ucp_worker_destroy(canary_);
   if (worker_) ucp_worker_destroy(worker_);
   if (!abandoned_.empty()) {  // workers given up in a rebuild stay, and so does their context
@@ -1232,9 +1215,10 @@ void UcxBackendImpl::checkLiveness() {
   std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
   for (auto& [id, a] : active_) waiting.insert(a.ep);
   for (auto& [ep, peer] : peersByEp_) {
-    if (!peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() && now - peer->waitingSinceNs_ > kProbeAfterNs)
-      sendCanary(now);  // the handshake's answers may be stuck in a blocked queue
-    if (!peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() && now - peer->waitingSinceNs_ > kHandshakeNs)
+    const uint64_t handshakeWaitNs =
+        !peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() ? now - peer->waitingSinceNs_ : 0;
+    if (handshakeWaitNs > kProbeAfterNs) sendCanary(now);  // the handshake's answers may be stuck in a blocked queue
+    if (handshakeWaitNs > kHandshakeNs)
       failPeer(*peer, Status(Code::RemoteDisconnect, "it did not complete the authenticated handshake within " +
                                                          std::to_string(kHandshakeNs / 1'000'000'000ull) +
                                                          " s (gone, or it does not hold this agent's secret)"));
@@ -1269,6 +1253,19 @@ void UcxBackendImpl::heardFrom(ucp_ep_h ep) {
   if (it == peersByEp_.end()) return;
   it->second->lastHeardNs_ = monotonicNs();
   it->second->pingSentNs_ = 0;
+}
+
+void UcxBackendImpl::closeCanaryEndpoint() {
+  if (canaryEp_ == nullptr) return;
+  ucp_request_param_t p{};
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_EP_CLOSE_FLAG_FORCE;  // it needs nothing from the other side
+  void* req = ucp_ep_close_nbx(canaryEp_, &p);
+  canaryEp_ = nullptr;
+  if (!UCS_PTR_IS_PTR(req)) return;
+  const uint64_t deadline = monotonicNs() + 100'000'000ull;
+  while (ucp_request_check_status(req) == UCS_INPROGRESS && monotonicNs() < deadline) ucp_worker_progress(canary_);
+  ucp_request_free(req);  // if still closing, UCX finishes it on its own
 }
 
 void UcxBackendImpl::sendCanary(uint64_t now) {
@@ -1349,7 +1346,6 @@ void UcxBackendImpl::rebuildWorker() {
   failedConnections_.clear();
   failedPeers_.clear();
   handshakes_.clear();
-  handshakeBytes_ = 0;
   inbound_.clear();
   openWrites_.clear();
   readSends_.clear();
@@ -1367,14 +1363,7 @@ void UcxBackendImpl::rebuildWorker() {
     peer->waiting_.clear();
   }
   peersByEp_.clear();
-  if (canaryEp_ != nullptr) {  // it led to the old address
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    void* req = ucp_ep_close_nbx(canaryEp_, &p);
-    if (UCS_PTR_IS_PTR(req)) ucp_request_free(req);
-    canaryEp_ = nullptr;
-  }
+  closeCanaryEndpoint();  // it led to the old address
   canaryToken_ = 0;
   receiveBlocked_ = false;
   receivedOnWorker_ = 0;
@@ -1675,24 +1664,22 @@ void UcxBackendImpl::challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::s
   // nameConnection decides whether it ended): an unproven HELLO changes nothing that is served.
   // A HELLO on an endpoint with a pending handshake starts over (UCX may have reused the endpoint
   // of one that went away mid-handshake).
-  if (auto pending = handshakes_.find(reply); pending != handshakes_.end()) {
-    handshakeBytes_ -= pending->second.address.size();
-    handshakes_.erase(pending);
-  }
+  handshakes_.erase(reply);
   const uint64_t now = monotonicNs();
+  size_t bytes = 0;  // the addresses pending handshakes hold
   for (auto it = handshakes_.begin(); it != handshakes_.end();) {  // expired: their AUTH is refused anyway
     if (now - it->second.startedNs > kHandshakeNs) {
-      handshakeBytes_ -= it->second.address.size();
       it = handshakes_.erase(it);
     } else {
+      bytes += it->second.address.size();
       ++it;
     }
   }
-  while (!handshakes_.empty() && (handshakes_.size() >= kMaxHandshakes || handshakeBytes_ + addressLength > kMaxHandshakeBytes)) {
+  while (!handshakes_.empty() && (handshakes_.size() >= kMaxHandshakes || bytes + addressLength > kMaxHandshakeBytes)) {
     auto oldest = std::min_element(handshakes_.begin(), handshakes_.end(), [](const auto& a, const auto& b) {
       return a.second.startedNs < b.second.startedNs;
     });
-    handshakeBytes_ -= oldest->second.address.size();
+    bytes -= oldest->second.address.size();
     handshakes_.erase(oldest);
   }
   Handshake& hs = handshakes_[reply];
@@ -1704,7 +1691,6 @@ void UcxBackendImpl::challenge(ucp_ep_h reply, const ucx::HelloHeader& h, std::s
   hs.agentId = h.agentId;
   std::memcpy(hs.initiatorNonce, h.nonce, sizeof hs.initiatorNonce);
   hs.address.assign(address, address + addressLength);
-  handshakeBytes_ += addressLength;
   hs.startedNs = now;
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
@@ -1759,7 +1745,6 @@ void UcxBackendImpl::handleAuth(ucp_ep_h reply, const ucx::AuthHeader& a, const 
   }
   Handshake hs = std::move(it->second);
   handshakes_.erase(it);
-  handshakeBytes_ -= hs.address.size();
   const Digest want = mac("kvwire/3 auth", hs.initiatorNonce, hs.targetNonce, hs.agentId, agentId_, hs.name, agentName_, &hs.address);
   if (!digestsEqual(want.data(), proof)) {
     ++counters_.failedHandshakes;
@@ -1934,48 +1919,42 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
     }
     sources[i] = {src.value(), s.length};
   }
-  // Messages this read sends: runs of small segments go packed, up to kPackBytesMax each.
-  size_t messages = 0;
-  for (uint32_t i = 0; i < h.segments;) {
-    ++messages;
-    if (sources[i].second > ucx::kPackSegmentMax) {
-      ++i;
-      continue;
-    }
+  // The message that starts at segment i ends before the returned one: a large segment alone, or a
+  // run of small segments packed up to kPackBytesMax.
+  const auto messageEnd = [&](uint32_t i) {
+    if (sources[i].second > ucx::kPackSegmentMax) return i + 1;
     for (size_t packed = 0; i < h.segments && sources[i].second <= ucx::kPackSegmentMax &&
                             packed + sources[i].second <= ucx::kPackBytesMax;
          ++i)
       packed += sources[i].second;
-  }
+    return i;
+  };
+  size_t messages = 0;
+  for (uint32_t i = 0; i < h.segments; i = messageEnd(i)) ++messages;
   auto sending = readSends_.find(reply);
   if ((sending == readSends_.end() ? 0 : sending->second) + messages > kMaxReadSendsPerConnection) {
     sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::Unavailable, "too many reads in flight on this connection"));
     return;
   }
   for (uint32_t i = 0; i < h.segments;) {
+    const uint32_t end = messageEnd(i);
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kReadDataSend;
     op->hold = hold;
     op->servedOn = reply;
     ++readSends_[reply];
-    if (sources[i].second <= ucx::kPackSegmentMax) {
-      // A run of small segments goes back as one message.
-      const uint32_t first = i;
-      while (i < h.segments && sources[i].second <= ucx::kPackSegmentMax &&
-             op->payload.size() + sources[i].second <= ucx::kPackBytesMax) {
-        op->payload.append(reinterpret_cast<const char*>(sources[i].first), sources[i].second);
-        ++i;
-      }
-      ucx::PackedReadHeader ph{h.transferId, first, i - first};
+    if (sources[i].second <= ucx::kPackSegmentMax) {  // a run of small segments goes back as one message
+      for (uint32_t j = i; j < end; ++j) op->payload.append(reinterpret_cast<const char*>(sources[j].first), sources[j].second);
+      ucx::PackedReadHeader ph{h.transferId, i, end - i};
       op->setHeader(ph);
       const std::string& payload = op->payload;
       if (!send(reply, ucx::kAmReadPacked, std::move(op), payload.data(), payload.size(), false)) return;
-      continue;
+    } else {
+      ucx::ReadDataHeader rh{h.transferId, i};
+      op->setHeader(rh);
+      if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false)) return;
     }
-    ucx::ReadDataHeader rh{h.transferId, i};
-    op->setHeader(rh);
-    if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false)) return;
-    ++i;
+    i = end;
   }
   sendStatus(reply, ucx::kAmReadDone, h.transferId, Status::ok());
 }
