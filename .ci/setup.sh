@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
-for pkg in libucx-dev ucx-utils pkg-config cmake g++ make libgtest-dev; do
+# python3-pip: the UCX 1.22 wheel (smoke and sanitizer lanes); libasan8, libubsan1: the sanitizer lane.
+for pkg in libucx-dev ucx-utils pkg-config cmake g++ make libgtest-dev python3-pip libasan8 libubsan1; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -108,6 +108,16 @@ void rmaPut(const FirstRegion& region) {
   ucp_rkey_destroy(rkey);
 }
 
+void fillRandom(std::mt19937_64& rng, void* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) static_cast<uint8_t*>(p)[i] = static_cast<uint8_t>(rng());
+}
+
+std::vector<uint8_t> randomBytes(std::mt19937_64& rng, size_t n) {
+  std::vector<uint8_t> b(n);
+  fillRandom(rng, b.data(), n);
+  return b;
+}
+
 void onSent(void* request, ucs_status_t, void*) {
   --pending;
   ucp_request_free(request);
@@ -164,16 +174,13 @@ void hello() {
 
 void malformed(uint32_t seed) {
   std::mt19937_64 rng(seed);
-  auto bytes = [&](size_t n) {
-    std::vector<uint8_t> b(n);
-    for (auto& x : b) x = static_cast<uint8_t>(rng());
-    return b;
-  };
+  auto bytes = [&](size_t n) { return randomBytes(rng, n); };
   hello();
   // 1. Every message id (and unknown ones) with headers of the wrong size and junk data. HELLO is
   //    left out here: its address bytes reach ucp_ep_create (see below).
   const uint16_t ids[] = {0, 255, 256, 1000, 32768, 65534, kAmWrite, kAmWriteCommit, kAmAck, kAmReadRequest, kAmReadData, kAmReadDone,
-                          kAmNotify, kAmWritePacked, kAmReadPacked, kAmBye, kAmPing, kAmPong, kAmChallenge, kAmAuth, 99, 65535};
+                          kAmNotify, kAmWritePacked, kAmReadPacked, kAmBye, kAmPing, kAmPong, kAmChallenge, kAmAuth,
+                          16 /* the canary's id (kvwire's own check of its receive queue) */, 99, 65535};
   const size_t headerSizes[] = {0, 1, 7, 8, 11, 12, 15, 16, 19, 20, 23, 24, 31, 32, 33, 47, 48, 49, 64, 200};
   const size_t dataSizes[] = {0, 1, 17, 1024, 4096, 9000, 65536};
   // HOSTILE_MAX_ID: the highest message id sent (UCX 1.13 itself crashes on ids >= 32768, before
@@ -239,7 +246,7 @@ void malformed(uint32_t seed) {
     send(kAmReadData, rd, bytes(rng() % 2 ? 4096 : 9000));
     PackedReadHeader pr{static_cast<uint64_t>(i), static_cast<uint32_t>(rng()), static_cast<uint32_t>(rng() % 5)};
     send(kAmReadPacked, pr, bytes(rng() % 2048));
-    ByeHeader bye{rng()};  // not this connection's instance: must be ignored
+    ByeHeader bye{rng(), static_cast<uint32_t>(i % 2)};  // not this connection's instance (said to be closing or moved): ignored
     send(kAmBye, bye, {});
   }
   drain();
@@ -272,25 +279,21 @@ void forge(uint64_t count) {
 // PING and a BYE. The target must serve none of it.
 void unauthenticated(uint64_t rounds) {
   std::mt19937_64 rng(rounds);
-  auto bytes = [&](size_t n) {
-    std::vector<uint8_t> b(n);
-    for (auto& x : b) x = static_cast<uint8_t>(rng());
-    return b;
-  };
+  auto bytes = [&](size_t n) { return randomBytes(rng, n); };
   std::vector<uint8_t> block(4096, 0xEE);
   const std::string claimed = "legit";
   for (uint64_t r = 0; r < rounds; ++r) {
     AuthHeader early{};
-    for (auto& x : early.targetNonce) x = static_cast<uint8_t>(rng());
+    fillRandom(rng, early.targetNonce, sizeof early.targetNonce);
     send(kAmAuth, early, bytes(kMacBytes));
     HelloHeader h{kWireVersion, static_cast<uint32_t>(claimed.size()), 0, rng(), {}, 1};
-    for (auto& x : h.nonce) x = static_cast<uint8_t>(rng());
+    fillRandom(rng, h.nonce, sizeof h.nonce);
     std::vector<uint8_t> data(claimed.begin(), claimed.end());
     auto garbage = bytes(1 + rng() % 512);
     data.insert(data.end(), garbage.begin(), garbage.end());
     send(kAmHello, h, data);
     AuthHeader a{};
-    for (auto& x : a.targetNonce) x = static_cast<uint8_t>(rng());
+    fillRandom(rng, a.targetNonce, sizeof a.targetNonce);
     send(kAmAuth, a, bytes(kMacBytes));
     send(kAmAuth, a, bytes(rng() % 64));
     const uint64_t id = rng() | 1;
