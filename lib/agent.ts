@@ -52,6 +52,11 @@ export interface SecurityCounters {
   droppedUnauthenticated: number;
   /** Handshake proofs that did not verify (a peer without this agent's secret). */
   failedHandshakes: number;
+  /**
+   * Peer worker addresses refused before UCX parsed them (UCX aborts the process on some malformed
+   * ones): in HELLO messages, and in metadata given to `loadPeer` (which then fails ERR_INVALID_PARAM).
+   */
+  refusedAddresses: number;
 }
 
 /** A notification from a peer; `from` comes from the connection, not from the message. */
@@ -479,7 +484,11 @@ export class Agent extends EventEmitter {
   /** What this agent's trust boundary refused so far (zeros once closed). */
   get security(): SecurityCounters {
     const c = this.#native?.securityCounters();
-    return { droppedUnauthenticated: c?.droppedUnauthenticated ?? 0, failedHandshakes: c?.failedHandshakes ?? 0 };
+    return {
+      droppedUnauthenticated: c?.droppedUnauthenticated ?? 0,
+      failedHandshakes: c?.failedHandshakes ?? 0,
+      refusedAddresses: c?.refusedAddresses ?? 0,
+    };
   }
 
   /**

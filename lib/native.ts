@@ -56,7 +56,7 @@ export interface NativeAgent {
   close(): Promise<void>;
   setRef(ref: boolean): void;
   rebuildTransport(): void;
-  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; receiveBlocked: boolean; rebuilds: number };
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number };
 }
 
 interface Addon {

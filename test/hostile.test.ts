@@ -42,6 +42,30 @@ describe('hostile peer', () => {
     });
   }
 
+  for (const transports of ['shm,self', 'tcp']) {
+    it(`HELLOs with random, other-version, truncated and over-long worker addresses, at a target without a secret, are refused before UCX parses them (${transports})`, async () => {
+      const target = new PeerProcess('addr-target', {}, 'fixtures/hostile-target.cjs');
+      cleanup.push(() => target.close());
+      const { metadata } = await target.ok('init', { name: 'addr-target', transports });
+      // 4 per round: without the check, the first alone (random bytes) aborted UCX 1.13 in 88% of
+      // tries (ucp_address_unpack: "addr version"), so the target died within the first round.
+      const sent = await attack(transports, metadata, 'badaddress', '150');
+      expect(sent).toBe(600);
+      expect(target.child.exitCode).toBeNull();
+      const after = await target.ok('check');
+      expect(after.security.refusedAddresses).toBe(600);
+      expect(after).toMatchObject({ guards: true, readOnlyIntact: true });
+      const legit = await Agent.create({ name: 'legit', ucx: { transports } });
+      cleanup.push(() => legit.close());
+      const peer = legit.loadPeer(Buffer.from(metadata, 'base64'));
+      const mine = legit.register(Buffer.alloc(8192).fill(0x35, 0, 4096), { name: 'mine' });
+      await legit.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { notify: 'after' });
+      await legit.read(mine.descriptors([4096], [4096]), peer.region('kv').descriptors([0], [4096]));
+      expect(mine.bytes.subarray(4096).every((x) => x === 0x35)).toBe(true);
+      expect((await target.ok('check')).security.refusedAddresses).toBe(600); // a real address passes
+    });
+  }
+
   it('a peer that opens 200,000 WRITEs it never finishes and asks for reads it never takes: bounded state, still serving', async () => {
     const transports = 'shm,self';
     const target = new PeerProcess('flood-target', {}, 'fixtures/hostile-target.cjs');

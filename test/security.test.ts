@@ -57,7 +57,7 @@ describe('authenticated connections (secret)', () => {
         ),
       ]);
       expect(theirs.hash).toBe(ours);
-      expect(me.security).toEqual({ droppedUnauthenticated: 0, failedHandshakes: 0 });
+      expect(me.security).toEqual({ droppedUnauthenticated: 0, failedHandshakes: 0, refusedAddresses: 0 });
     });
   }
 

@@ -558,13 +558,14 @@ Napi::Value AgentWrap::Notify(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// securityCounters() -> { droppedUnauthenticated, failedHandshakes } (zeros once closed)
+// securityCounters() -> { droppedUnauthenticated, failedHandshakes, refusedAddresses, ... } (zeros once closed)
 Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const kvwire::SecurityCounters c = agent_ ? agent_->securityCounters() : kvwire::SecurityCounters{};
   Napi::Object out = Napi::Object::New(env);
   out.Set("droppedUnauthenticated", Napi::Number::New(env, static_cast<double>(c.droppedUnauthenticated)));
   out.Set("failedHandshakes", Napi::Number::New(env, static_cast<double>(c.failedHandshakes)));
+  out.Set("refusedAddresses", Napi::Number::New(env, static_cast<double>(c.refusedAddresses)));
   out.Set("receiveBlocked", Napi::Boolean::New(env, agent_ && agent_->receiveBlocked()));
   out.Set("rebuilds", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->rebuilds()) : 0));
   return out;

@@ -60,6 +60,7 @@ struct BackendOptions {
 struct SecurityCounters {
   uint64_t droppedUnauthenticated = 0;  // messages on a connection that had not authenticated
   uint64_t failedHandshakes = 0;        // handshake proofs that did not verify
+  uint64_t refusedAddresses = 0;        // peer worker addresses that failed the check before UCX (HELLO, metadata)
 };
 
 class Backend {

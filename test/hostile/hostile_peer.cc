@@ -8,6 +8,10 @@
 //   kvwire_hostile_peer <metadata file> unauth <rounds>    at a target with a secret: HELLOs with garbage
 //                                                          addresses, wrong proofs, then every data-plane
 //                                                          message, on a connection that never authenticated
+//   kvwire_hostile_peer <metadata file> badaddress <rounds>  at a target without a secret: HELLOs whose worker
+//                                                          address is random, of another format version,
+//                                                          truncated, or followed by junk (each aborted UCX's
+//                                                          parser before kvwire checked addresses)
 //   kvwire_hostile_peer <metadata file> rmaput             a UCX PUT of 0xEE bytes at the start of the target's
 //                                                          first region, with its published key: no kvwire
 //                                                          message at all (over tcp UCX emulates it in software)
@@ -319,6 +323,39 @@ void unauthenticated(uint64_t rounds) {
   drain();
 }
 
+// HELLOs well formed but for their worker address, which UCX must never be given: random bytes (88%
+// of them aborted ucp_ep_create on UCX 1.13), this tool's own address with another format version
+// (assertion "addr version"), cut short (UCX reads past the end: it takes no length), or followed by
+// junk. Half claim a name, half a fresh random one.
+void badAddresses(uint64_t rounds) {
+  std::mt19937_64 rng(rounds);
+  for (uint64_t r = 0; r < rounds; ++r) {
+    for (int kind = 0; kind < 4; ++kind) {
+      std::vector<uint8_t> address;
+      switch (kind) {
+        case 0: address = randomBytes(rng, 1 + rng() % 512); break;
+        case 1:
+          address = ownAddress;
+          address[0] = static_cast<uint8_t>((address[0] & 0xf0) | (2 + rng() % 14));
+          break;
+        case 2: address.assign(ownAddress.begin(), ownAddress.begin() + 1 + rng() % (ownAddress.size() - 1)); break;
+        default: {
+          address = ownAddress;
+          auto junk = randomBytes(rng, 1 + rng() % 64);
+          address.insert(address.end(), junk.begin(), junk.end());
+        }
+      }
+      const std::string name = rng() % 2 ? "legit" : "n" + std::to_string(rng());
+      HelloHeader h{kWireVersion, static_cast<uint32_t>(name.size()), 0, rng(), {}, 0};
+      fillRandom(rng, h.nonce, sizeof h.nonce);
+      std::vector<uint8_t> data(name.begin(), name.end());
+      data.insert(data.end(), address.begin(), address.end());
+      send(kAmHello, h, data);
+    }
+  }
+  drain();
+}
+
 // Opens WRITEs it never finishes (segments and commits for fresh random ids) and asks for reads it
 // never takes, then stays connected without progressing for `holdMs`, so the target's state for
 // this connection can be measured at its largest. Prints "flooded" when it starts holding.
@@ -346,7 +383,7 @@ void flood(uint64_t count, int holdMs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 3) die("usage: kvwire_hostile_peer <metadata file> malformed [seed] | forge <count> | flood <count> <ms> | unauth <rounds>");
+  if (argc < 3) die("usage: kvwire_hostile_peer <metadata file> malformed [seed] | forge <count> | flood <count> <ms> | unauth <rounds> | badaddress <rounds> | rmaput");
   std::ifstream in(argv[1], std::ios::binary);
   std::vector<uint8_t> md((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const std::string scenario = argv[2];
@@ -392,6 +429,8 @@ int main(int argc, char** argv) {
     rmaPut(region);
   else if (scenario == "unauth")
     unauthenticated(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100);
+  else if (scenario == "badaddress")
+    badAddresses(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100);
   else if (scenario == "flood")
     flood(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 100000, argc > 4 ? std::atoi(argv[4]) : 3000);
   else

@@ -1,0 +1,88 @@
+// A peer's UCX worker address is checked before UCX parses it (native/backends/ucx/address_check.h):
+// ucp_ep_create takes no length and aborts the process on some malformed addresses. The fuzz tool
+// (test/hostile/address_fuzz.cc) hands every address the check accepts to ucp_ep_create in a forked
+// child, so a crash is counted instead of killing anything; with `all` it also tries the rejected
+// ones, which shows what the check stops.
+import { execFile } from 'node:child_process';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Agent } from '../lib';
+import { HOSTILE_TOOL, reseal, thrown } from './helpers';
+
+const FUZZ_TOOL = path.join(path.dirname(HOSTILE_TOOL), 'kvwire_address_fuzz');
+const cleanup: (() => Promise<void> | void)[] = [];
+afterEach(async () => {
+  for (const c of cleanup.splice(0)) await c();
+});
+
+async function fuzz(transports: string, cases: number, seed: number, all: boolean) {
+  const { stdout } = await promisify(execFile)(FUZZ_TOOL, [String(cases), String(seed), ...(all ? ['all'] : [])], {
+    env: { ...process.env, UCX_TLS: transports, UCX_WARN_UNUSED_ENV_VARS: 'n' },
+    timeout: 120_000,
+    maxBuffer: 1 << 24,
+  });
+  return JSON.parse(stdout.trim().split('\n').pop()!);
+}
+
+// Where the worker address lies in a plain metadata blob (native/core/metadata.cc): header 12, name
+// str8, agent id and generation u64, backend str8, then the address as blob32.
+function addressAt(blob: Buffer): number {
+  let p = 12;
+  p += 1 + blob[p];
+  p += 16;
+  p += 1 + blob[p];
+  return p + 4;
+}
+
+describe('worker addresses are checked before UCX parses them', () => {
+  for (const transports of ['shm,self,tcp', 'tcp']) {
+    const cases = transports === 'tcp' ? 1200 : 3000;
+    it(`${cases} mutated and random addresses (${transports}): none the check accepts crashes UCX; every real one is accepted; unchecked, many would`, { timeout: 180_000 }, async () => {
+      const r = await fuzz(transports, cases, 17, true);
+      const { reasons, ...summary } = r;
+      console.log(`address fuzz (${transports}): ${JSON.stringify(summary)}; ${Object.keys(reasons).length} kinds of refusal`);
+      expect(r.validRejected).toBe(0);
+      expect(r.crashed).toBe(0);
+      expect(r.accepted).toBeGreaterThan(cases / 10); // real addresses with harmless changes still pass
+      expect(r.rejected).toBeGreaterThan(cases / 4);
+      // The same candidates without the check: UCX aborts on a good share of them.
+      expect(r.crashedRejected).toBeGreaterThan(cases / 40);
+    });
+  }
+
+  it('loadPeer refuses a well-formed, correctly checksummed blob whose worker address is malformed, with ERR_INVALID_PARAM naming it', async () => {
+    const transports = 'shm,self';
+    const target = await Agent.create({ name: 'addr-md-target', ucx: { transports } });
+    const loader = await Agent.create({ name: 'addr-md-loader', ucx: { transports } });
+    cleanup.push(() => target.close(), () => loader.close());
+    target.allocate(4096, { name: 'kv' });
+    const blob = Buffer.from(target.metadata());
+    const at = addressAt(blob);
+    const length = blob.readUInt32LE(at - 4);
+    // A blob whose address is `address` instead (its length field and checksum made right).
+    const withAddress = (address: Buffer) => {
+      const size = Buffer.alloc(4);
+      size.writeUInt32LE(address.length);
+      const out = Buffer.concat([blob.subarray(0, at - 4), size, address, blob.subarray(at + length)]);
+      out.writeUInt32LE(out.length - 12 - 8, 8); // the header's body length (header 12, checksum 8)
+      return reseal(out);
+    };
+    const real = blob.subarray(at, at + length);
+    const variants: [string, Buffer][] = [
+      ['another format version', withAddress(Buffer.concat([Buffer.from([(real[0] & 0xf0) | 0x07]), real.subarray(1)]))],
+      ['cut short', withAddress(real.subarray(0, length - 10))],
+      ['followed by junk', withAddress(Buffer.concat([real, Buffer.from('junk')]))],
+    ];
+    for (const [what, bad] of variants) {
+      const err = thrown(() => loader.loadPeer(bad));
+      expect(err.code, what).toBe('ERR_INVALID_PARAM');
+      expect(err.message, what).toMatch(/worker address is malformed/);
+    }
+    expect(loader.security.refusedAddresses).toBe(variants.length);
+    // The real blob still loads and serves.
+    const peer = loader.loadPeer(blob);
+    const mine = loader.allocate(4096, { name: 'mine' });
+    await loader.read(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]));
+  });
+});
