@@ -1,6 +1,8 @@
 // Fuzzes kvwire's UCX worker-address check (native/backends/ucx/address_check.cc) against UCX itself.
 //
 //   kvwire_address_fuzz <cases> [seed] [all]
+//   kvwire_address_fuzz print [ms]         this UCX's worker address, in hex (then stays alive `ms`)
+//   kvwire_address_fuzz check <hex>        the check's verdict on an address (e.g. another UCX release's)
 //
 // Builds candidate addresses from this process's real worker addresses (random bytes, real addresses
 // with 1-4 bytes changed or set to boundary values, truncated, extended, spliced) and checks each with
@@ -57,7 +59,9 @@ std::string tryConnect(ucp_worker_h w, const std::vector<uint8_t>& address) {
     if (devnull >= 0) dup2(devnull, STDOUT_FILENO);
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
-    ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
+    std::vector<uint8_t> padded(address);  // as kvwire hands addresses to UCX (kAddressPadding)
+    padded.resize(padded.size() + kvwire::ucx::kAddressPadding);
+    ep.address = reinterpret_cast<const ucp_address_t*>(padded.data());
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     ucp_ep_h e = nullptr;
     const ucs_status_t st = ucp_ep_create(w, &ep, &e);
@@ -73,6 +77,7 @@ std::string tryConnect(ucp_worker_h w, const std::vector<uint8_t>& address) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "";
   const long cases = argc > 1 ? std::atol(argv[1]) : 1000;
   const unsigned long seed = argc > 2 ? std::strtoul(argv[2], nullptr, 10) : 1;
   const bool all = argc > 3 && std::string(argv[3]) == "all";
@@ -88,6 +93,21 @@ int main(int argc, char** argv) {
   if (!checker.ok()) {
     std::printf("{\"disabled\":\"%s\"}\n", checker.disabledBecause().c_str());
     return 3;
+  }
+  if (mode == "print") {
+    for (uint8_t b : addressOf(self)) std::printf("%02x", b);
+    std::printf("\n");
+    std::fflush(stdout);
+    if (argc > 2) usleep(static_cast<useconds_t>(std::atol(argv[2])) * 1000);  // its FIFO exists while it lives
+    return 0;
+  }
+  if (mode == "check" && argc > 2) {
+    std::vector<uint8_t> a;
+    for (const char* p = argv[2]; p[0] && p[1]; p += 2) a.push_back(static_cast<uint8_t>(std::strtoul(std::string(p, 2).c_str(), nullptr, 16)));
+    const std::string why = checker.check(a.data(), a.size());
+    std::printf("{\"accepted\":%s,\"reason\":\"%s\",\"connect\":\"%s\"}\n", why.empty() ? "true" : "false", why.c_str(),
+                tryConnect(self, a).c_str());
+    return 0;
   }
   std::vector<std::vector<uint8_t>> real;
   for (int i = 0; i < 4; ++i) real.push_back(addressOf(makeWorker(ctx)));
@@ -105,7 +125,7 @@ int main(int argc, char** argv) {
   for (long i = 0; i < cases; ++i) {
     const auto& base = real[rng() % real.size()];
     std::vector<uint8_t> a;
-    switch (i % 6) {
+    switch (i % 7) {
       case 0: a.resize(1 + rng() % 512); for (auto& b : a) b = static_cast<uint8_t>(rng()); break;
       case 1: case 2: {  // a few bytes changed
         a = base;
@@ -118,6 +138,10 @@ int main(int argc, char** argv) {
         break;
       }
       case 4: a.assign(base.begin(), base.begin() + rng() % base.size()); break;  // truncated
+      case 5:  // the header's flags (they decide what follows)
+        a = base;
+        a[0] ^= static_cast<uint8_t>(0x10 << (rng() % 4));
+        break;
       default: {  // extended or spliced
         a = base;
         const auto& other = real[rng() % real.size()];

@@ -1,9 +1,7 @@
 #include "backends/ucx/address_check.h"
 
-#include <fcntl.h>
 #include <sys/shm.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <cinttypes>
 #include <cmath>
@@ -80,12 +78,10 @@ int64_t segmentBytes(uint16_t csum, uint64_t segment) {
     std::snprintf(path, sizeof path, "/dev/shm/ucx_shm_posix_%" PRIx64, mmid);
   else
     return -1;
-  const int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) return -1;
+  // stat, not open: opening whatever a peer names (a device, a FIFO) could itself have effects.
   struct stat st {};
-  const bool ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
-  close(fd);
-  return ok ? static_cast<int64_t>(st.st_size) : -1;
+  if (stat(path, &st) != 0 || !S_ISREG(st.st_mode)) return -1;
+  return static_cast<int64_t>(st.st_size);
 }
 
 std::string at(const char* what, size_t offset) { return std::string(what) + " at byte " + std::to_string(offset); }
@@ -111,10 +107,6 @@ AddressChecker::AddressChecker(const std::vector<uint8_t>& own) {
     disabled_ = "this UCX's own worker address does not follow the format kvwire checks (" + why + ")";
     return;
   }
-  if (learned.empty()) {
-    disabled_ = "this UCX's own worker address lists no transport";
-    return;
-  }
   profile_ = std::move(learned);
   ok_ = true;
   disabled_.clear();
@@ -135,8 +127,11 @@ std::string AddressChecker::walk(const uint8_t* address, size_t length, const Pr
     return "format version " + std::to_string(version) + " (kvwire accepts UCX's default worker address format, v1; is UCX_ADDRESS_VERSION set?)";
   const uint8_t flags = address[0] >> kHeaderShift;  // version and header flags share the first byte
   Reader r{address, length, 1};
-  if (flags & ~(kHeaderDebugInfo | kHeaderUuid | kHeaderClientId | kHeaderAmOnly)) return at("unknown header flags", 1);
-  if ((flags & kHeaderUuid) && !r.take(8)) return "truncated worker id";
+  // UCX reads a v1 address's 8-byte worker id whether or not the header says it is there (it unpacks
+  // with the worker-id flag on); every address ucp_worker_get_address packed since UCX 1.12 has the
+  // flag. One without it would be walked here from byte 1 and parsed by UCX from byte 9.
+  if (!(flags & kHeaderUuid)) return "no worker id (UCX >= 1.12 always packs one)";
+  if (!r.take(8)) return "truncated worker id";
   if ((flags & kHeaderClientId) && !r.take(8)) return "truncated client id";
   if (flags & kHeaderDebugInfo) {
     uint8_t nameLength;
@@ -157,7 +152,9 @@ std::string AddressChecker::walk(const uint8_t* address, size_t length, const Pr
     if ((dev & kDevNumPaths) && !r.byte(&paths)) return at("truncated path count", deviceAt);
     if (paths == 0) return at("device with no path", deviceAt);
     if ((dev & kDevSysDevice) && !r.byte(&sysDevice)) return at("truncated system device", deviceAt);
+    const size_t deviceAddressAt = r.pos;
     if (!r.take(deviceLength)) return at("device address runs past the end", deviceAt);
+    const std::vector<uint8_t> deviceAddress(address + deviceAddressAt, address + r.pos);
     for (bool lastTransport = emptyDevice; !lastTransport;) {
       if (++entries > kMaxEntries) return "more than " + std::to_string(kMaxEntries) + " transport entries";
       const size_t entryAt = r.pos;
@@ -173,31 +170,29 @@ std::string AddressChecker::walk(const uint8_t* address, size_t length, const Pr
       // A worker address (not an endpoint's) never carries endpoint addresses.
       if (iface & kIfaceHasEpAddress) return at("endpoint address in a worker address", entryAt);
       if (!r.take(ifaceLength)) return at("interface address runs past the end", entryAt);
+      uint64_t segment = 0;  // shared memory: the receive FIFO's segment id
+      const bool sharedMemory = (csum == kPosix || csum == kSysv) && ifaceLength >= sizeof segment;
+      if (sharedMemory) std::memcpy(&segment, address + r.pos - ifaceLength, sizeof segment);
       if (learn != nullptr) {
-        Transport& t = (*learn)[csum];
-        t.deviceLengths.insert(deviceLength);
-        t.ifaceLengths.insert(ifaceLength);
-        if ((csum == kPosix || csum == kSysv) && ifaceLength >= 8) {
-          uint64_t segment = 0;
-          std::memcpy(&segment, address + r.pos - ifaceLength, sizeof segment);
-          t.segmentBytes = segmentBytes(csum, segment);  // this process's own FIFO
-        }
+        if (sharedMemory) (*learn)[csum] = {deviceAddress, segment, segmentBytes(csum, segment)};
         continue;
       }
-      auto k = known->find(csum);
-      if (k == known->end()) continue;  // a transport this process lacks: UCX skips it
-      if (!k->second.deviceLengths.count(deviceLength)) return at("device address of an unexpected length", deviceAt);
-      if (!k->second.ifaceLengths.count(ifaceLength)) return at("interface address of an unexpected length", entryAt);
       if (!saneAttributes(address + attrAt)) return at("transport attributes out of range", entryAt);
-      if (csum == kPosix || csum == kSysv) {
-        uint64_t segment = 0;
-        if (ifaceLength < sizeof segment) return at("shared-memory interface address too short", entryAt);
-        std::memcpy(&segment, address + r.pos - ifaceLength, sizeof segment);
-        const int64_t bytes = segmentBytes(csum, segment);
-        if (bytes < 0) return at("shared-memory segment that cannot be opened", entryAt);
-        if (k->second.segmentBytes > 0 && bytes < k->second.segmentBytes)
-          return at("shared-memory segment smaller than a receive FIFO", entryAt);
+      // Shared memory UCX will use: same host and namespaces as this process, which UCX tells by the
+      // device address (its system id). Anything else UCX does not reach, so it is not looked at.
+      auto k = known->find(csum);
+      if (k == known->end() || k->second.deviceAddress != deviceAddress) continue;
+      if (!sharedMemory) return at("shared-memory interface address too short", entryAt);
+      // A posix id without the procfs or shm_open flag names a file in UCX_POSIX_DIR: fine where this
+      // process works that way too; otherwise UCX asserts on it ("mm_posix.c: dir != NULL").
+      if (csum == kPosix && !(segment & (kPosixProcfs | kPosixShmOpen))) {
+        if (k->second.segment & (kPosixProcfs | kPosixShmOpen)) return at("shared-memory segment of no known kind", entryAt);
+        continue;  // file mode on both sides: the file lives in a directory only UCX's config names
       }
+      const int64_t bytes = segmentBytes(csum, segment);
+      if (bytes < 0) return at("shared-memory segment that cannot be opened", entryAt);
+      if (k->second.segmentBytes > 0 && bytes < k->second.segmentBytes)
+        return at("shared-memory FIFO smaller than this process's (peers must run the same UCX release and UCX_MM_FIFO_SIZE)", entryAt);
     }
   }
   if (r.pos != length) return at("trailing bytes", r.pos);

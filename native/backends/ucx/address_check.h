@@ -8,25 +8,35 @@
 //
 // The walk follows UCX's worker address format (version 1, what ucp_worker_get_address packs by
 // default in UCX 1.13 through 1.22, non-unified mode) field by field, bounded by the given length, and
-// refuses anything a worker address from ucp_worker_get_address never holds: another format version
-// (UCX_ADDRESS_VERSION=v2 addresses are refused: see address_check.cc), unknown header flags, endpoint
-// addresses, more entries than UCX allows, trailing bytes. For every transport this process has too
-// (matched by UCX's transport-name checksum), the device and interface address lengths must be ones
-// this process's own address uses for it, and the transport's packed attributes (times, bandwidth) must be finite and in range.
-// Transports this process does not have are skipped by UCX and only checked for framing.
+// refuses what a worker address from ucp_worker_get_address never holds: another format version
+// (UCX_ADDRESS_VERSION=v2 addresses are refused: see address_check.cc), no worker id, endpoint
+// addresses, more entries than UCX allows, trailing bytes; and transport attributes that are not
+// finite and in range (UCX asserts on the scores they make). Lengths of device and interface
+// addresses are not compared with this process's (they legitimately differ across hosts, address
+// families, namespaces and UCX releases). Shared-memory entries that UCX will use (same host and
+// namespaces: their device address equals this process's) must name a receive FIFO that exists and
+// is at least as large as this process's own.
 //
-// The profile of what is "known" is learned from this process's own worker address; if that one does
-// not walk (a UCX whose format this code does not know, or UCX_UNIFIED_MODE=y), the checker is
-// disabled and says so, and callers must not parse untrusted addresses at all.
+// What the walk cannot rule out (UCX trusts what a well-formed address says): an address that names
+// another process's file or FIFO of the right size, or mixes interfaces of several real workers, can
+// still make UCX write there or abort; and UCX's transports may read a few bytes past an interface
+// address, so callers hand UCX a copy with zeroed padding (kAddressPadding).
+//
+// If this process's own address does not walk (a UCX whose format this code does not know, or
+// UCX_UNIFIED_MODE=y), the checker is disabled and says so, and callers must not parse untrusted
+// addresses at all.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
 namespace kvwire::ucx {
+
+// Zero bytes after a copy of a peer's address handed to UCX: its transports read namespace ids and
+// the like past an interface address when flags in it say so (found by review, SIGSEGV at a guard page).
+constexpr size_t kAddressPadding = 256;
 
 class AddressChecker {
  public:
@@ -40,10 +50,10 @@ class AddressChecker {
   std::string check(const uint8_t* address, size_t length) const;
 
  private:
-  struct Transport {
-    std::set<size_t> deviceLengths;
-    std::set<size_t> ifaceLengths;
-    int64_t segmentBytes = -1;  // shared memory: this process's own receive FIFO segment
+  struct Transport {  // this process's own shared-memory transport (posix, sysv)
+    std::vector<uint8_t> deviceAddress;  // UCX's system id for this host (and namespaces)
+    uint64_t segment = 0;                // its receive FIFO's segment id
+    int64_t segmentBytes = -1;           // and that segment's size
   };
   using Profile = std::map<uint16_t, Transport>;  // by transport-name checksum
   // Walks `address`; checks known transports against `known`, or (when `learn` is set) records them.

@@ -421,6 +421,19 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   if (sharedMemory) setenv("UCX_MM_ERROR_HANDLING", "y", 0);
   sharedMemory_ = sharedMemory;
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
+  // tcp with peer error handling (which kvwire needs to hear of dead peers) gets no zero-copy
+  // rendezvous lanes from UCX: large messages go in copies of UCX_TCP_TX_SEG_SIZE, 8 KiB by default.
+  // 64 KiB is the most that stays compatible: a receiver asserts (tcp_ep.c "hdr->length <=
+  // rx_seg_size") on a segment larger than its UCX_TCP_RX_SEG_SIZE, 64 KiB by default in UCX 1.13 and
+  // 1.22, so a larger one would crash peers that keep UCX's defaults (older kvwire builds, plain UCX
+  // programs). Measured (ucx_perftest tag_bw, 1 MiB, tcp, -e): UCX 1.22 1.6 -> 5.6 GB/s, UCX 1.13
+  // 3.8 -> 6.5 GB/s; kvwire bench tcp in the README. Only where tcp may be used (UCX warns about UCX_*
+  // variables nothing reads), never over the caller's own setting. (ucp_config_modify would keep it
+  // off the environment, but UCX 1.13 does not apply tcp keys given that way: "invalid configuration".)
+  const bool excluding = !tls.empty() && tls[0] == '^';
+  const bool mentionsTcp = tls.find("tcp") != std::string::npos;
+  if (tls.empty() || tls.find("all") != std::string::npos || (excluding ? !mentionsTcp : mentionsTcp))
+    setenv("UCX_TCP_TX_SEG_SIZE", "64k", 0);
 
   ucp_config_t* config = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
@@ -687,7 +700,9 @@ Result<std::unique_ptr<BackendPeer>> UcxBackendImpl::connect(const AgentMetadata
   ucp_ep_params_t ep{};
   ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                   UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  ep.address = reinterpret_cast<const ucp_address_t*>(md.workerAddress.data());
+  std::vector<uint8_t> padded(md.workerAddress);  // see kAddressPadding
+  padded.resize(padded.size() + ucx::kAddressPadding);
+  ep.address = reinterpret_cast<const ucp_address_t*>(padded.data());
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
   ep.err_handler.arg = this;
@@ -1785,9 +1800,11 @@ void UcxBackendImpl::acceptConnection(ucp_ep_h reply, const std::string& name, u
     sendHello(reply, true, initiatorNonce, std::string());
     return;
   }
+  std::vector<uint8_t> padded(address, address + addressLength);  // see kAddressPadding
+  padded.resize(addressLength + ucx::kAddressPadding);
   ucp_ep_params_t ep{};
   ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  ep.address = reinterpret_cast<const ucp_address_t*>(address);
+  ep.address = reinterpret_cast<const ucp_address_t*>(padded.data());
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = &UcxBackendImpl::onEndpointError;
   ep.err_handler.arg = this;
