@@ -33,8 +33,11 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$reports/asan:allo
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan"
 echo "kvwire: sanitizer run of $(LD_PRELOAD="$asan $ubsan" node -e 'console.log(require("./dist").ucxVersion())' 2>/dev/null | sed 's/^/UCX /')"
 set +e
-LD_PRELOAD="$asan $ubsan" npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/bounds.test.ts test/limits.test.ts \
-  test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts test/kv-transfer.test.ts test/kv-early-stop.test.ts "$@"
+# The peer-death soak (fewer rounds) exercises closing an agent whose UCX workers still hold requests
+# from killed peers, including workers given up in rebuilds (releaseWorker).
+LD_PRELOAD="$asan $ubsan" KVWIRE_SOAK_ROUNDS=${KVWIRE_SOAK_ROUNDS:-20} npx vitest run test/transfer.test.ts test/lifecycle.test.ts \
+  test/bounds.test.ts test/limits.test.ts test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts \
+  test/kv-transfer.test.ts test/kv-early-stop.test.ts test/peer-death-soak.test.ts "$@"
 status=$?
 set -e
 if compgen -G "$reports/*" >/dev/null; then

@@ -117,6 +117,7 @@ struct RequestContext {
     kControl, kWriteData, kReadDataSend, kInboundWrite, kInboundRead, kFlush, kNotify, kControlRecv, kBye
   } kind;
   UcxBackendImpl* backend = nullptr;
+  bool orphaned = false;                // its worker is being destroyed: nothing to do but free it
   TransferRef transfer;                 // initiator side
   LocalRegionRef hold;                  // memory that must stay mapped while UCX uses it
   RemoteRegionRef remote;               // rkey an RMA transfer uses
@@ -160,7 +161,21 @@ class UcxBackendImpl : public Backend {
   // progressed or destroyed again: UCX may still hold requests on it) and a new one opened; every
   // transfer in flight fails, connections served end, and the host reconnects loaded peers.
   void rebuildWorker();
-  std::vector<ucp_worker_h> abandoned_;
+  // A worker given up in a rebuild, with what UCX still held on it: released when the agent closes
+  // (by then no peer, transfer or key of it is left), the contexts before the worker.
+  struct Abandoned {
+    ucp_worker_h worker = nullptr;
+    std::vector<RequestContext*> requests;
+  };
+  std::vector<Abandoned> abandoned_;
+  // Destroys a worker with requests UCX never completed. ucp_worker_destroy calls back for some of
+  // them (pending sends it purges: measured, 1.13) and not for others (receives from a dead peer: it
+  // only warns "was not returned to mpool"): each context is marked orphaned first, so a callback
+  // just frees it, and the rest are freed after. A key a context still holds is kept, not destroyed:
+  // UCX 1.22 returns keys to the pool of the worker they were unpacked on, which is gone by then.
+  void releaseWorker(ucp_worker_h worker, std::vector<RequestContext*>& requests);
+  std::unordered_set<RequestContext*> orphans_;
+  static void freeOrphan(RequestContext* op);
   const char* name() const override { return "ucx"; }
   Result<std::unique_ptr<BackendMemory>> allocate(uint64_t length) override;
   Result<std::unique_ptr<BackendMemory>> registerMemory(uint8_t* ptr, uint64_t length) override;
@@ -567,25 +582,38 @@ UcxBackendImpl::~UcxBackendImpl() {
   shutdown();
   const uint64_t deadline = monotonicNs() + 500'000'000ull;
   while ((!requests_.empty() || !closing_.empty()) && monotonicNs() < deadline) progress();
-  if (!requests_.empty() || !closing_.empty()) {
-    // UCX 1.13 aborts the process when a worker is destroyed with requests it has not finished
-    // (a peer stopped mid-rendezvous). Leaking this one worker and its context is the lesser harm.
-    fprintf(stderr, "kvwire: agent '%s' closed with %zu UCX requests unfinished (%zu closing); its UCX worker is leaked\n",
-            agentName_.c_str(), requests_.size(), closing_.size());
-    static std::vector<std::shared_ptr<ContextHolder>> leaked;
-    leaked.push_back(ctx_);
-    worker_ = nullptr;
-  }
+  // What is still unfinished now never will be (a peer died mid-rendezvous: UCX keeps its receive
+  // forever). It goes with the worker; it used to keep the worker and its context alive for good.
+  std::vector<RequestContext*> unfinished;
+  for (auto& [req, op] : requests_) unfinished.push_back(op);
+  requests_.clear();
+  closing_.clear();  // UCX's own requests, freed with the worker
   inbound_.clear();
   openWrites_.clear();
   closeCanaryEndpoint();
   if (canary_) ucp_worker_destroy(canary_);
-  if (worker_) ucp_worker_destroy(worker_);
-  if (!abandoned_.empty()) {  // workers given up in a rebuild stay, and so does their context
-    static std::vector<std::shared_ptr<ContextHolder>> keep;
-    keep.push_back(ctx_);
-  }
+  if (worker_) releaseWorker(worker_, unfinished);
+  for (Abandoned& a : abandoned_) releaseWorker(a.worker, a.requests);
   // ctx_ is released last, after every UcxMemory that shares it.
+}
+
+void UcxBackendImpl::releaseWorker(ucp_worker_h worker, std::vector<RequestContext*>& requests) {
+  for (RequestContext* op : requests) {
+    op->orphaned = true;
+    orphans_.insert(op);
+  }
+  requests.clear();
+  ucp_worker_destroy(worker);
+  for (RequestContext* op : orphans_) freeOrphan(op);
+  orphans_.clear();
+}
+
+void UcxBackendImpl::freeOrphan(RequestContext* op) {
+  if (op->remote) {
+    static std::vector<RemoteRegionRef>* kept = new std::vector<RemoteRegionRef>;  // see releaseWorker
+    kept->push_back(std::move(op->remote));
+  }
+  delete op;
 }
 
 Result<std::unique_ptr<BackendMemory>> UcxBackendImpl::map(uint8_t* ptr, uint64_t length, bool allocate) {
@@ -843,6 +871,12 @@ bool UcxBackendImpl::send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> 
 void UcxBackendImpl::onSendDone(void* request, ucs_status_t st, void* user) {
   auto* op = static_cast<RequestContext*>(user);
   UcxBackendImpl* self = op->backend;
+  if (op->orphaned) {  // called back from ucp_worker_destroy (releaseWorker)
+    self->orphans_.erase(op);
+    ucp_request_free(request);
+    freeOrphan(op);
+    return;
+  }
   self->requests_.erase(request);
   ucp_request_free(request);
   self->completeOp(std::unique_ptr<RequestContext>(op), st);
@@ -1365,9 +1399,11 @@ void UcxBackendImpl::rebuildWorker() {
   std::swap(worker_, old);
   sayGoodbye(20'000'000ull, true);
   std::swap(worker_, old);
-  // Nothing of the old worker is touched again (UCX may hold requests on it that never complete):
-  // it is left open, with the state that pointed into it.
-  abandoned_.push_back(old);
+  // Nothing of the old worker is touched again until the agent closes (UCX may hold requests on it
+  // that never complete): it is left open, with the state that pointed into it (releaseWorker).
+  Abandoned gone{old, {}};
+  for (auto& [req, op] : requests_) gone.requests.push_back(op);
+  abandoned_.push_back(std::move(gone));
   requests_.clear();
   closing_.clear();
   endpointsToClose_.clear();
