@@ -169,10 +169,12 @@ class UcxBackendImpl : public Backend {
   };
   std::vector<Abandoned> abandoned_;
   // Destroys a worker with requests UCX never completed. ucp_worker_destroy calls back for some of
-  // them (pending sends it purges: measured, 1.13) and not for others (receives from a dead peer: it
-  // only warns "was not returned to mpool"): each context is marked orphaned first, so a callback
-  // just frees it, and the rest are freed after. A key a context still holds is kept, not destroyed:
-  // UCX 1.22 returns keys to the pool of the worker they were unpacked on, which is gone by then.
+  // them (sends pending on its endpoints, purged when it destroys them: measured, 1.13) and not for
+  // others (receives from a dead peer: UCX 1.13 only warns "was not returned to mpool"): each
+  // context is marked orphaned first, so a callback just frees it, and the rest are freed after. A
+  // key a context still holds is kept, not destroyed: UCX (1.13 and 1.22) returns keys to a pool of
+  // the worker they were unpacked on, which is gone by then. (Such a key is an RMA transfer's, in
+  // flight when its worker was given up; its mapping of the peer's memory stays for the process.)
   void releaseWorker(ucp_worker_h worker, std::vector<RequestContext*>& requests);
   std::unordered_set<RequestContext*> orphans_;
   static void freeOrphan(RequestContext* op);
@@ -378,6 +380,7 @@ class UcxBackendImpl : public Backend {
   int canaryTicks_ = 0;       // liveness ticks (each after a progress of this worker) since it was sent
   bool receiveBlocked_ = false;
   bool sharedMemory_ = false;
+  bool tcpSegments_ = false;  // open this worker's tcp interfaces with 64 KiB send segments (init)
   uint64_t rebuilds_ = 0;
   static constexpr uint64_t kCanaryNs = 500'000'000ull;
   static constexpr uint64_t kProbeAfterNs = 1'000'000'000ull;
@@ -424,6 +427,26 @@ class UcxBackendImpl : public Backend {
 // ---------------------------------------------------------------------------------------------
 // Set-up
 
+// Whether a UCX_TLS-style list may select a transport of `names`: empty and "all" select every one;
+// "^a,b" every one but those listed.
+static bool mayUse(const std::string& tls, std::initializer_list<const char*> names) {
+  if (tls.empty()) return true;
+  const bool excluding = tls[0] == '^';
+  bool listed = false, all = false;
+  size_t start = excluding ? 1 : 0;
+  while (start <= tls.size()) {
+    size_t end = tls.find(',', start);
+    if (end == std::string::npos) end = tls.size();
+    std::string token = tls.substr(start, end - start);
+    token.erase(0, token.find_first_not_of(" \t"));
+    token.erase(token.find_last_not_of(" \t") + 1);
+    if (token == "all") all = true;
+    for (const char* n : names) listed = listed || token == n;
+    start = end + 1;
+  }
+  return excluding ? !listed : (listed || all);
+}
+
 Status UcxBackendImpl::init(const BackendOptions& options) {
   agentName_ = options.agentName;
   agentId_ = options.agentId;
@@ -431,8 +454,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   // Peer-failure detection on shared memory needs these; respect a caller's own UCX_* setting.
   const char* envTls = std::getenv("UCX_TLS");
   const std::string tls = !options.transports.empty() ? options.transports : envTls ? envTls : "";
-  const bool sharedMemory = tls.empty() || tls.find("shm") != std::string::npos || tls.find("all") != std::string::npos ||
-                            tls.find("posix") != std::string::npos || tls.find("sysv") != std::string::npos;
+  const bool sharedMemory = mayUse(tls, {"shm", "sm", "mm", "posix", "sysv", "xpmem"});
   if (sharedMemory) setenv("UCX_MM_ERROR_HANDLING", "y", 0);
   sharedMemory_ = sharedMemory;
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
@@ -442,13 +464,11 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   // rx_seg_size") on a segment larger than its UCX_TCP_RX_SEG_SIZE, 64 KiB by default in UCX 1.13 and
   // 1.22, so a larger one would crash peers that keep UCX's defaults (older kvwire builds, plain UCX
   // programs). Measured (ucx_perftest tag_bw, 1 MiB, tcp, -e): UCX 1.22 1.6 -> 5.6 GB/s, UCX 1.13
-  // 3.8 -> 6.5 GB/s; kvwire bench tcp in the README. Only where tcp may be used (UCX warns about UCX_*
-  // variables nothing reads), never over the caller's own setting. (ucp_config_modify would keep it
-  // off the environment, but UCX 1.13 does not apply tcp keys given that way: "invalid configuration".)
-  const bool excluding = !tls.empty() && tls[0] == '^';
-  const bool mentionsTcp = tls.find("tcp") != std::string::npos;
-  if (tls.empty() || tls.find("all") != std::string::npos || (excluding ? !mentionsTcp : mentionsTcp))
-    setenv("UCX_TCP_TX_SEG_SIZE", "64k", 0);
+  // 3.8 -> 6.5 GB/s; kvwire bench tcp in the README. Set in the environment only while this agent's
+  // worker opens its interfaces (openWorker), where tcp may be used, and never when the caller set
+  // either segment size (TX must not exceed RX, or UCX refuses the interface). (ucp_config_modify
+  // would avoid the environment, but UCX 1.13 does not apply tcp keys given that way.)
+  tcpSegments_ = mayUse(tls, {"tcp"}) && !std::getenv("UCX_TCP_TX_SEG_SIZE") && !std::getenv("UCX_TCP_RX_SEG_SIZE");
 
   ucp_config_t* config = nullptr;
   ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
@@ -488,7 +508,11 @@ Status UcxBackendImpl::openWorker() {
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  // Only for this worker's interfaces (see init): not inherited by child processes, not seen by
+  // other UCX users of this process.
+  if (tcpSegments_) setenv("UCX_TCP_TX_SEG_SIZE", "64k", 1);
   ucs_status_t st = ucp_worker_create(ctx_->context, &wp, &worker_);
+  if (tcpSegments_) unsetenv("UCX_TCP_TX_SEG_SIZE");
   if (st != UCS_OK) return {Code::Backend, ucsMessage("ucp_worker_create", st)};
   signalWorker_ = worker_;
   st = ucp_worker_get_efd(worker_, &efd_);
@@ -587,7 +611,8 @@ UcxBackendImpl::~UcxBackendImpl() {
   std::vector<RequestContext*> unfinished;
   for (auto& [req, op] : requests_) unfinished.push_back(op);
   requests_.clear();
-  closing_.clear();  // UCX's own requests, freed with the worker
+  for (void* req : closing_) ucp_request_free(req);  // UCX frees them when done, or with the worker
+  closing_.clear();
   inbound_.clear();
   openWrites_.clear();
   closeCanaryEndpoint();
@@ -609,8 +634,10 @@ void UcxBackendImpl::releaseWorker(ucp_worker_h worker, std::vector<RequestConte
 }
 
 void UcxBackendImpl::freeOrphan(RequestContext* op) {
-  if (op->remote) {
-    static std::vector<RemoteRegionRef>* kept = new std::vector<RemoteRegionRef>;  // see releaseWorker
+  if (op->remote) {  // see releaseWorker; agents may close at once on several threads
+    static std::mutex* keptMutex = new std::mutex;
+    static std::vector<RemoteRegionRef>* kept = new std::vector<RemoteRegionRef>;
+    std::lock_guard<std::mutex> lock(*keptMutex);
     kept->push_back(std::move(op->remote));
   }
   delete op;
