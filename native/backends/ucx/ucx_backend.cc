@@ -1432,6 +1432,7 @@ void UcxBackendImpl::rebuildWorker() {
   for (auto& [req, op] : requests_) gone.requests.push_back(op);
   abandoned_.push_back(std::move(gone));
   requests_.clear();
+  for (void* req : closing_) ucp_request_free(req);  // freed by UCX when done, or with the old worker
   closing_.clear();
   endpointsToClose_.clear();
   goodbyes_.clear();
@@ -1848,12 +1849,19 @@ void UcxBackendImpl::handleAuth(ucp_ep_h reply, const ucx::AuthHeader& a, const 
 void UcxBackendImpl::acceptConnection(ucp_ep_h reply, const std::string& name, uint64_t agentId, const uint8_t* address,
                                       size_t addressLength, const uint8_t* initiatorNonce, const uint8_t* targetNonce) {
   // UCX's parser aborts the process on some malformed addresses (address_check.h): a HELLO whose
-  // address fails the check comes from no kvwire (every real address passes) and is refused whole.
-  // Where this UCX's addresses cannot be checked, one that only the HELLO vouches for (no secret)
-  // is never parsed: the connection is served on the endpoint its messages arrive on.
+  // address fails the check is refused whole (a real kvwire's address passes, unless it is truly
+  // incompatible, e.g. a UCX 1.13 peer's smaller shared-memory FIFO seen from UCX 1.22). Where this
+  // UCX's addresses cannot be checked, one that only the HELLO vouches for (no secret) is never
+  // parsed: the connection is served on the endpoint its messages arrive on.
   const std::string bad = addressChecker_.check(address, addressLength);
   if (!bad.empty() && addressChecker_.ok()) {
-    ++counters_.refusedAddresses;
+    if (counters_.refusedAddresses++ == 0) {
+      std::string who = name.substr(0, 64);  // the sender's claim: printable characters only
+      for (char& c : who) c = (c >= 0x20 && c < 0x7f) ? c : '?';
+      fprintf(stderr, "kvwire: agent '%s' refused a HELLO from '%s' whose UCX worker address is malformed (%s); "
+              "further ones are only counted (agent.security.refusedAddresses)\n",
+              agentName_.c_str(), who.c_str(), bad.c_str());
+    }
     return;
   }
   const bool parse = bad.empty() || !secret_.empty();
