@@ -118,6 +118,12 @@ struct RequestContext {
   } kind;
   UcxBackendImpl* backend = nullptr;
   bool orphaned = false;                // its worker is being destroyed: nothing to do but free it
+  // Between callbackParam and track: the UCX call that takes this context has not returned yet. A
+  // callback then (UCX completing inside the call yet returning a request anyway: possible for
+  // ucp_am_recv_data_nbx in UCX 1.13 and 1.22, found by review) is recorded, and track() finishes it.
+  bool posting = false;
+  bool completedInline = false;
+  ucs_status_t inlineStatus = UCS_OK;
   TransferRef transfer;                 // initiator side
   LocalRegionRef hold;                  // memory that must stay mapped while UCX uses it
   RemoteRegionRef remote;               // rkey an RMA transfer uses
@@ -871,11 +877,15 @@ ucp_request_param_t UcxBackendImpl::callbackParam(RequestContext* op, bool recv)
   else
     p.cb.send = &UcxBackendImpl::onSendDone;
   p.user_data = op;
+  op->posting = true;  // every caller passes the result of the UCX call straight to track()
   return p;
 }
 
 void UcxBackendImpl::track(void* req, RequestContext* op) {
-  if (req == nullptr)
+  op->posting = false;
+  if (op->completedInline)  // its callback ran inside the call: req, if any, is already freed
+    completeOp(std::unique_ptr<RequestContext>(op), op->inlineStatus);
+  else if (req == nullptr)
     completeOp(std::unique_ptr<RequestContext>(op), UCS_OK);
   else if (UCS_PTR_IS_ERR(req))
     completeOp(std::unique_ptr<RequestContext>(op), UCS_PTR_STATUS(req));
@@ -902,6 +912,12 @@ void UcxBackendImpl::onSendDone(void* request, ucs_status_t st, void* user) {
     self->orphans_.erase(op);
     ucp_request_free(request);
     freeOrphan(op);
+    return;
+  }
+  if (op->posting) {  // inside the UCX call that took it (see RequestContext::posting)
+    op->completedInline = true;
+    op->inlineStatus = st;
+    ucp_request_free(request);
     return;
   }
   self->requests_.erase(request);
