@@ -4,7 +4,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'vitest';
-import { KvwireError, ucxVersion } from '../lib';
+import { Agent, KvwireError, ucxVersion } from '../lib';
 
 export interface PeerReply {
   ok: boolean;
@@ -228,4 +228,29 @@ export async function runHostileTool(transports: string, metadata: Uint8Array, .
   const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
   if (code !== 0) throw new Error(`${HOSTILE_TOOL} ${args.join(' ')} exited with ${code}: ${stderr.trim()}`);
   return Number(/sent (\d+) messages/.exec(stdout)?.[1] ?? 0);
+}
+
+/**
+ * A legitimate agent (named `name`, holding `secret` if given) loads the target's metadata (base64) and
+ * is served both ways: a 4 KiB WRITE of `fill` bytes into the target's region 'kv' (with `notify`, if
+ * given), read back and checked. What a test asserts after an attack on the target. Returns the agent
+ * (the caller closes it).
+ */
+export async function expectServedBothWays(
+  transports: string,
+  metadata: string,
+  options: { name?: string; secret?: string; fill: number; notify?: string },
+): Promise<Agent> {
+  const legit = await Agent.create({ name: options.name ?? 'legit', secret: options.secret, ucx: { transports } });
+  try {
+    const peer = legit.loadPeer(Buffer.from(metadata, 'base64'));
+    const mine = legit.register(Buffer.alloc(8192).fill(options.fill, 0, 4096), { name: 'mine' });
+    await legit.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), options.notify === undefined ? {} : { notify: options.notify });
+    await legit.read(mine.descriptors([4096], [4096]), peer.region('kv').descriptors([0], [4096]));
+    expect(mine.bytes.subarray(4096).every((x) => x === options.fill)).toBe(true);
+    return legit;
+  } catch (e) {
+    await legit.close();
+    throw e;
+  }
 }

@@ -5,7 +5,7 @@
 import { existsSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent } from '../lib';
-import { HOSTILE_TOOL, PeerProcess, runHostileTool, startHostileTool, UCX_113 } from './helpers';
+import { expectServedBothWays, HOSTILE_TOOL, PeerProcess, runHostileTool, startHostileTool, UCX_113 } from './helpers';
 
 const attack = (transports: string, base64Metadata: string, ...args: string[]) =>
   runHostileTool(transports, Buffer.from(base64Metadata, 'base64'), ...args);
@@ -31,13 +31,8 @@ describe('hostile peer', () => {
       const after = await target.ok('check');
       expect(after).toMatchObject({ guards: true, readOnlyIntact: true });
       // A legitimate peer is still served, both ways.
-      const legit = await Agent.create({ name: 'legit', ucx: { transports } });
+      const legit = await expectServedBothWays(transports, metadata, { fill: 0x33 });
       cleanup.push(() => legit.close());
-      const peer = legit.loadPeer(Buffer.from(metadata, 'base64'));
-      const mine = legit.register(Buffer.alloc(8192).fill(0x33, 0, 4096), { name: 'mine' });
-      await legit.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]));
-      await legit.read(mine.descriptors([4096], [4096]), peer.region('kv').descriptors([0], [4096]));
-      expect(mine.bytes.subarray(4096).every((x) => x === 0x33)).toBe(true);
       expect((await target.ok('check')).guards).toBe(true);
     });
   }
@@ -55,13 +50,8 @@ describe('hostile peer', () => {
       const after = await target.ok('check');
       expect(after.security.refusedAddresses).toBe(600);
       expect(after).toMatchObject({ guards: true, readOnlyIntact: true });
-      const legit = await Agent.create({ name: 'legit', ucx: { transports } });
+      const legit = await expectServedBothWays(transports, metadata, { fill: 0x35, notify: 'after' });
       cleanup.push(() => legit.close());
-      const peer = legit.loadPeer(Buffer.from(metadata, 'base64'));
-      const mine = legit.register(Buffer.alloc(8192).fill(0x35, 0, 4096), { name: 'mine' });
-      await legit.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { notify: 'after' });
-      await legit.read(mine.descriptors([4096], [4096]), peer.region('kv').descriptors([0], [4096]));
-      expect(mine.bytes.subarray(4096).every((x) => x === 0x35)).toBe(true);
       expect((await target.ok('check')).security.refusedAddresses).toBe(600); // a real address passes
     });
   }

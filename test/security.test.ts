@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, KvwireError } from '../lib';
-import { openMetadata, PeerProcess, runHostileTool, sealMetadata } from './helpers';
+import { expectServedBothWays, openMetadata, PeerProcess, runHostileTool, sealMetadata } from './helpers';
 
 // The tool gets the target's worker address from its metadata, opened here: the test knows the
 // secret; a real outsider would have to learn the address some other way (or scan for it).
@@ -142,13 +142,8 @@ describe('authenticated connections (secret)', () => {
       expect(await attack(transports, metadata, 'malformed', '3')).toBeGreaterThan(10_000);
       expect(await target.ok('check')).toMatchObject({ kvIntact: true, guards: true, readOnlyIntact: true, notifications: 0 });
       // A peer holding the secret is still served, both ways.
-      const legit = await Agent.create({ name: 'legit', secret: SECRET, ucx: { transports } });
+      const legit = await expectServedBothWays(transports, metadata, { secret: SECRET, fill: 0x33, notify: 'real' });
       cleanup.push(() => legit.close());
-      const peer = legit.loadPeer(Buffer.from(metadata, 'base64'));
-      const mine = legit.register(Buffer.alloc(8192).fill(0x33, 0, 4096), { name: 'mine' });
-      await legit.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { notify: 'real' });
-      await legit.read(mine.descriptors([4096], [4096]), peer.region('kv').descriptors([0], [4096]));
-      expect(mine.bytes.subarray(4096).every((x) => x === 0x33)).toBe(true);
       const final = await target.ok('check');
       expect(final).toMatchObject({ guards: true, notifications: 1 });
     });
