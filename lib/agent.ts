@@ -29,12 +29,23 @@ export interface AgentOptions {
    * that can reach this agent's UCX worker is trusted (README: Security and reliability).
    */
   secret?: string | Uint8Array;
+  /**
+   * Same-host one-sided copies (path 'cma', default true): a peer on this host that proved which
+   * process it is may copy into and out of this agent's registered regions itself, with Linux
+   * process_vm_readv/writev, without waking this agent; and this agent does so into such peers.
+   * The kernel allows it only between processes that could ptrace each other (same user), which
+   * could reach all of each other's memory anyway. Access rights are checked by the initiator.
+   * Needs a shared-memory transport (UCX_TLS 'shm', 'sm', 'cma' or all); off: active messages.
+   */
+  cma?: boolean;
 }
 
 /** See {@link Agent.health}. */
 export interface AgentHealth {
   receiveBlocked: boolean;
   rebuilds: number;
+  /** Deregistered regions still held for a same-host peer's one-sided copies (see `health`). */
+  retiredRegions: number;
 }
 
 /**
@@ -178,6 +189,7 @@ export class Agent extends EventEmitter {
         secret: this.#secret ?? undefined,
         progress: options.progress ?? 'event',
         spinWindowUs: options.spinWindowUs,
+        cma: options.cma ?? true,
       },
       (rows, errors) => this.#onSettled(rows, errors),
       (from, messages) => this.#onNotifications(from, messages),
@@ -209,6 +221,7 @@ export class Agent extends EventEmitter {
       'spinWindowUs',
       'must be a non-negative number',
     );
+    check(options.cma === undefined || typeof options.cma === 'boolean', 'cma', `must be a boolean, got ${typeof options.cma}`);
     if (options.secret !== undefined) {
       const secret = toBytes('secret', options.secret);
       check(secret.byteLength > 0 && secret.byteLength <= MAX_SECRET_BYTES, 'secret', `must be 1..${MAX_SECRET_BYTES} bytes, got ${secret.byteLength}`);
@@ -294,7 +307,9 @@ export class Agent extends EventEmitter {
 
   /**
    * Removes a region. Transfers already using it finish first; new ones fail with ERR_NOT_FOUND.
-   * Peers learn of it when they load this agent's next metadata.
+   * Peers learn of it when they load this agent's next metadata; same-host peers that copy into it
+   * themselves (path 'cma') are told at once, and its memory stays referenced until they confirm
+   * their copies ended (`health.retiredRegions`).
    */
   deregister(region: Region): void {
     check(region instanceof Region, 'region', 'must be a Region of this agent');
@@ -495,11 +510,14 @@ export class Agent extends EventEmitter {
    * `rebuilds`: how often this agent replaced its UCX worker because a peer died while writing into
    * its shared-memory receive queue (which then delivers nothing, from anyone): see the 'rebuilt'
    * event. `receiveBlocked`: that happened and no new worker could be opened — only a new agent
-   * recovers (README: Security and reliability).
+   * recovers (README: Security and reliability). `retiredRegions`: deregistered regions whose memory
+   * is still held because a same-host peer granted path 'cma' has not yet confirmed that its copies
+   * into them ended (it is told at once; a peer whose connection is gone is waited for until its
+   * process ends, or this agent closes).
    */
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();
-    return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0 };
+    return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0 };
   }
 
   /**

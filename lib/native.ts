@@ -26,6 +26,7 @@ export interface NativeAgentOptions {
   secret?: Buffer;
   progress?: 'event' | 'poll';
   spinWindowUs?: number;
+  cma?: boolean;
 }
 
 /** Row layout of the Float64Array passed to onSettled, one row per settled transfer. */
@@ -56,7 +57,7 @@ export interface NativeAgent {
   close(): Promise<void>;
   setRef(ref: boolean): void;
   rebuildTransport(): void;
-  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number };
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number };
 }
 
 interface Addon {

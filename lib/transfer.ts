@@ -1,7 +1,7 @@
 import { KvwireError } from './errors';
 
-export type TransferPath = 'direct' | 'am' | 'rma';
-export const PATH_NAMES: readonly (TransferPath | 'auto')[] = ['auto', 'direct', 'am', 'rma'];
+export type TransferPath = 'direct' | 'am' | 'rma' | 'cma';
+export const PATH_NAMES: readonly (TransferPath | 'auto')[] = ['auto', 'direct', 'am', 'rma', 'cma'];
 
 /** What a settled transfer reports. */
 export interface TransferStats {
@@ -11,7 +11,11 @@ export interface TransferStats {
   descriptors: number;
   /** Runs after coalescing adjacent descriptors (what went on the wire). */
   segments: number;
-  /** How the bytes moved: 'direct' (mapped peer memory), 'am' (active-message rendezvous) or 'rma'. */
+  /**
+   * How the bytes moved: 'direct' (peer memory mapped here, memcpy), 'cma' (a same-host peer's
+   * registered memory, copied by this process with process_vm_readv/writev), 'am' (active-message
+   * rendezvous, served by the peer) or 'rma'.
+   */
   path: TransferPath;
   /** Validate + plan + post, microseconds. */
   postUs: number;

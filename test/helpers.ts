@@ -78,7 +78,7 @@ export class PeerProcess {
     });
   }
 
-  async init(opts: { transports?: string; memory: 'allocated' | 'registered'; size: number; access?: string; progress?: string }) {
+  async init(opts: { transports?: string; memory: 'allocated' | 'registered'; size: number; access?: string; progress?: string; cma?: boolean }) {
     const r = await this.ok('init', { name: this.name, ...opts });
     this.metadata = r.metadata;
     return r;

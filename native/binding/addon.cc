@@ -163,6 +163,7 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
   kvwire::BackendOptions bo;
   if (opts.Get("transports").IsString()) bo.transports = opts.Get("transports").As<Napi::String>();
   if (opts.Get("devices").IsString()) bo.devices = opts.Get("devices").As<Napi::String>();
+  if (opts.Get("cma").IsBoolean()) bo.cma = opts.Get("cma").As<Napi::Boolean>().Value();
   if (opts.Get("secret").IsBuffer()) {
     auto secret = opts.Get("secret").As<Napi::Buffer<uint8_t>>();
     bo.secret.assign(reinterpret_cast<const char*>(secret.Data()), secret.Length());
@@ -506,7 +507,7 @@ Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
   if (!ensureOpen(env)) return env.Undefined();
   kvwire::TransferRequest rq;
   rq.op = info[0].As<Napi::Number>().Uint32Value() == 0 ? kvwire::Op::Read : kvwire::Op::Write;
-  rq.path = static_cast<kvwire::Path>(info[1].As<Napi::Number>().Uint32Value() & 3);
+  rq.path = static_cast<kvwire::Path>(std::min<uint32_t>(info[1].As<Napi::Number>().Uint32Value(), 4));
   rq.localRegion = info[2].As<Napi::Number>().Uint32Value();
   std::vector<uint64_t> lo, ll, ro, rl;
   if (!readOffsets(env, info[3], "local offset", &lo) || !readOffsets(env, info[4], "local length", &ll) ||
@@ -568,6 +569,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("refusedAddresses", Napi::Number::New(env, static_cast<double>(c.refusedAddresses)));
   out.Set("receiveBlocked", Napi::Boolean::New(env, agent_ && agent_->receiveBlocked()));
   out.Set("rebuilds", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->rebuilds()) : 0));
+  out.Set("retiredRegions", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->retiredRegions()) : 0));
   return out;
 }
 

@@ -20,6 +20,7 @@ const char* pathName(Path path) {
     case Path::Direct: return "direct";
     case Path::ActiveMessage: return "am";
     case Path::Rma: return "rma";
+    case Path::Cma: return "cma";
   }
   return "unknown";
 }
@@ -136,6 +137,7 @@ Status Agent::deregister(uint32_t regionId) {
   auto it = regions_.find(regionId);
   if (it == regions_.end()) return {Code::NotFound, "region " + std::to_string(regionId) + " is not registered"};
   it->second->live = false;  // transfers that hold it finish first; then the memory goes
+  backend_->regionDeregistered(it->second);  // peers that copy one-sidedly may hold it a while longer
   regions_.erase(it);
   ++generation_;
   return Status::ok();
@@ -252,7 +254,9 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
   auto segs = planSegments(rq.local, lb, local->ptr(), rq.remote, rb);
   if (!segs.isOk()) return segs.status();
   Status why;
-  Path path = peer.conn->choosePath(rq.remoteRegion, rq.path, &why);
+  uint64_t bytes = 0;
+  for (const Segment& s : segs.value()) bytes += s.length;
+  Path path = peer.conn->choosePath(rq.remoteRegion, rq.path, bytes, segs.value().size(), &why);
   if (!why) return why;
 
   auto t = std::make_shared<TransferState>();

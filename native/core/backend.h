@@ -42,7 +42,8 @@ class BackendPeer {
   // Refresh the per-region state (keys, mappings) from newer metadata of the same peer instance.
   virtual Status updateRegions(const AgentMetadata& md) = 0;
   // The path Auto resolves to for this remote region.
-  virtual Path choosePath(uint32_t remoteRegionId, Path requested, Status* why) = 0;
+  // `segments` of `bytes` in all: the shape of the batch, for a backend whose paths differ by size.
+  virtual Path choosePath(uint32_t remoteRegionId, Path requested, uint64_t bytes, size_t segments, Status* why) = 0;
   // The peer is gone (it said goodbye, or moved to a new endpoint): close without waiting on it.
   virtual void markGone() = 0;
 };
@@ -54,6 +55,8 @@ struct BackendOptions {
   uint64_t agentId = 0;     // this instance, as the metadata publishes it
   // With a secret, a connection is served only after a mutual HMAC challenge-response (wire.h).
   std::string secret;
+  // Same-host peers may copy into and out of this agent's registered regions themselves (Linux CMA).
+  bool cma = true;
 };
 
 // What the trust boundary refused (cumulative).
@@ -73,6 +76,11 @@ class Backend {
   virtual Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) = 0;
   // Starts moving a planned transfer; completion arrives through BackendHost::transferFinished.
   virtual Status post(BackendPeer& peer, const TransferRef& t) = 0;
+  // A region was deregistered. A backend whose peers reach it without this agent (one-sided
+  // copies) keeps `region` (and so its memory) until they have all stopped.
+  virtual void regionDeregistered(const LocalRegionRef& region) { (void)region; }
+  // Deregistered regions still kept for such peers.
+  virtual uint64_t retiredRegions() const { return 0; }
   virtual Status notify(BackendPeer& peer, const std::string& message) = 0;
   // Notifies an agent that connected to this one by name (one whose metadata we never loaded).
   virtual Status notifyConnection(const std::string& name, const std::string& message) = 0;

@@ -184,7 +184,8 @@ void malformed(uint32_t seed) {
   //    left out here: its address bytes reach ucp_ep_create (see below).
   const uint16_t ids[] = {0, 255, 256, 1000, 32768, 65534, kAmWrite, kAmWriteCommit, kAmAck, kAmReadRequest, kAmReadData, kAmReadDone,
                           kAmNotify, kAmWritePacked, kAmReadPacked, kAmBye, kAmPing, kAmPong, kAmChallenge, kAmAuth,
-                          16 /* the canary's id (kvwire's own check of its receive queue) */, 99, 65535};
+                          kAmCmaProbe, kAmCmaProof, kAmRevoke, kAmRevokeAck,
+                          31 /* the canary's id (kvwire's own check of its receive queue) */, 99, 65535};
   const size_t headerSizes[] = {0, 1, 7, 8, 11, 12, 15, 16, 19, 20, 23, 24, 31, 32, 33, 47, 48, 49, 64, 200};
   const size_t dataSizes[] = {0, 1, 17, 1024, 4096, 9000, 65536};
   // HOSTILE_MAX_ID: the highest message id sent (UCX 1.13 itself crashes on ids >= 32768, before

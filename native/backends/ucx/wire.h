@@ -22,7 +22,22 @@ enum AmId : uint16_t {
   kAmPong = 13,        // target -> initiator: yes (the ping's token)
   kAmChallenge = 14,   // target -> initiator: prove you hold the secret (and here is my proof)
   kAmAuth = 15,        // initiator -> target: my proof; the target serves the connection from now on
+  kAmCmaProbe = 16,    // initiator -> target: may I copy your registered regions myself? (a nonce to store)
+  kAmCmaProof = 17,    // target -> initiator: yes, I am pid P and your nonce is at address A (or no)
+  kAmRevoke = 18,      // target -> initiator: stop copying region R; answer when your copies into it ended
+  kAmRevokeAck = 19,   // initiator -> target: no copy of mine touches region R any more
 };
+
+// Same-host one-sided copies (path 'cma'), for regions UCX cannot map into the peer (registered
+// memory). The initiator sends PROBE {token, its pid, nonce N}; the target stores N in its own
+// memory and answers PROOF {token, its pid P, address A}; the initiator reads 16 bytes at A in
+// process P with process_vm_readv and uses the path only if they are N. So the process it will
+// copy into is the one answering on this connection (a peer cannot name another process: it would
+// have to write N into it), in this process's pid namespace, and the kernel lets this process
+// reach it (same user, ptrace rules). From then on the target is not involved in transfers, so
+// deregistering a region sends REVOKE to every connection granted the path, and the region's
+// memory is kept until each answers REVOKE_ACK (after its copies into the region ended), or its
+// process is gone.
 
 // The authenticated handshake (both sides hold the agent `secret`):
 //   initiator -> target   HELLO      name, agent id, nonce A, worker address
@@ -43,7 +58,7 @@ constexpr size_t kMacBytes = 32;
 constexpr uint32_t kPackSegmentMax = 1u << 10;
 constexpr size_t kPackBytesMax = 8u << 10;
 
-constexpr uint32_t kWireVersion = 3;
+constexpr uint32_t kWireVersion = 4;  // 4: CMA probe, proof and revocation
 
 #pragma pack(push, 1)
 struct HelloHeader {  // data: the sender's name, then its worker address (a reply: then its bind MAC, if auth)
@@ -67,6 +82,21 @@ struct ByeHeader {
 };
 struct PingHeader {  // PING and PONG
   uint64_t token;
+};
+struct CmaProbeHeader {
+  uint64_t token;  // random: names this grant in PROOF, REVOKE and REVOKE_ACK
+  uint64_t pid;    // the initiator's pid (the target keeps a revoked region while it lives)
+  uint8_t nonce[kNonceBytes];
+};
+struct CmaProofHeader {
+  uint64_t token;
+  uint64_t pid;      // the target's pid; 0: refused
+  uint64_t address;  // where the nonce is, in the target
+};
+struct RevokeHeader {  // REVOKE and REVOKE_ACK
+  uint64_t token;
+  uint64_t seq;
+  uint32_t regionId;
 };
 struct WriteHeader {
   uint64_t transferId;

@@ -1,0 +1,111 @@
+// Path 'cma': a same-host initiator copies into and out of a peer's registered memory itself
+// (process_vm_readv/writev) once the peer proved which process it is. Real processes, real UCX.
+// What must hold: the path is granted only where it may be (shared memory, not turned off), the
+// bytes are right, a deregistered region receives nothing once the agent stops holding it, and a
+// peer that dies mid-copy fails the transfer instead of hanging it.
+import { afterEach, describe, expect, it } from 'vitest';
+import { PeerProcess, connect } from './helpers';
+
+const SIZE = 32 << 20;
+const procs: PeerProcess[] = [];
+async function pair(opts: { a?: { cma?: boolean }; b?: { cma?: boolean }; transports?: string } = {}) {
+  const a = new PeerProcess('cma-init');
+  const b = new PeerProcess('cma-target');
+  procs.push(a, b);
+  const transports = opts.transports ?? 'shm,self';
+  await Promise.all([
+    a.init({ transports, memory: 'registered', size: SIZE, ...opts.a }),
+    b.init({ transports, memory: 'registered', size: SIZE, ...opts.b }),
+  ]);
+  await connect(a, b);
+  return { a, b };
+}
+afterEach(async () => {
+  await Promise.all(procs.splice(0).map((p) => p.close().catch(() => p.kill())));
+});
+
+describe('path cma', () => {
+  it('is granted between shared-memory agents and moves the right bytes both ways, large and small', async () => {
+    const { a, b } = await pair();
+    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+    await Promise.all([a.ok('fill', { seed: 11 }), b.ok('fill', { seed: 12 })]);
+    // 4 MiB blocks (auto: cma, on the copy pool), 3,000 small ones by explicit path (inline, more
+    // iovecs than the kernel takes in one call), READ and WRITE.
+    const cases = [
+      { lengths: [4 << 20, 4 << 20], localOffsets: [0, 8 << 20], remoteOffsets: [16 << 20, 4 << 20], path: undefined },
+      {
+        lengths: Array.from({ length: 3000 }, (_, i) => 64 + (i % 7) * 512),
+        localOffsets: Array.from({ length: 3000 }, (_, i) => i * 8192),
+        remoteOffsets: Array.from({ length: 3000 }, (_, i) => (16 << 20) + i * 4096 + (i % 3)),
+        path: 'cma',
+      },
+    ];
+    for (const c of cases) {
+      for (const op of ['write', 'read'] as const) {
+        const [src, srcOffsets, dst, dstOffsets] = op === 'write' ? [a, c.localOffsets, b, c.remoteOffsets] : [b, c.remoteOffsets, a, c.localOffsets];
+        const want = (await src.ok('hash', { offsets: srcOffsets, lengths: c.lengths })).hash;
+        expect((await dst.ok('hash', { offsets: dstOffsets, lengths: c.lengths })).hash).not.toBe(want);
+        const notified = b.waitEvent('notification', 10_000);
+        const notify = JSON.stringify({ offsets: c.remoteOffsets, lengths: c.lengths });
+        const r = await a.ok('transfer', { op, peer: b.name, localOffsets: c.localOffsets, remoteOffsets: c.remoteOffsets, lengths: c.lengths, path: c.path, notify });
+        expect(r.stats.path).toBe('cma');
+        expect((await dst.ok('hash', { offsets: dstOffsets, lengths: c.lengths })).hash).toBe(want);
+        // The notification is sent after the copy: the target hashes its bytes when it arrives.
+        expect((await notified).hash).toBe((await b.ok('hash', { offsets: c.remoteOffsets, lengths: c.lengths })).hash);
+        await Promise.all([a.ok('fill', { seed: 21 }), b.ok('fill', { seed: 22 })]);
+      }
+    }
+  });
+
+  it('is not granted when the target turns it off, nor over tcp; auto then uses active messages', async () => {
+    for (const opts of [{ b: { cma: false } }, { transports: 'tcp' }]) {
+      const { a, b } = await pair(opts);
+      const r = await a.ok('cmaReady', { peer: b.name, ms: 300 });
+      expect(r).toMatchObject({ ready: false, code: 'ERR_UNAVAILABLE' });
+      expect(r.message).toMatch(/path 'cma' needs a peer on this host/);
+      const s = await a.ok('transfer', { op: 'write', peer: b.name, localOffsets: [0], remoteOffsets: [0], lengths: [4 << 20] });
+      expect(s.stats.path).toBe('am');
+      await Promise.all(procs.splice(0).map((p) => p.close()));
+    }
+  });
+
+  it('a deregistered region: the target holds it until the initiator confirms, then nothing lands in it', async () => {
+    const { a, b } = await pair();
+    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+    await a.ok('fill', { seed: 5 });
+    // The initiator writes 4 MiB blocks back to back by cma while the target deregisters.
+    const looping = a.waitEvent('looping');
+    const loop = a.ok('writeLoop', { peer: b.name, length: 4 << 20, ms: 1500 });
+    await looping;
+    await new Promise((r) => setTimeout(r, 200));
+    const { health } = await b.ok('deregister');
+    expect(health.retiredRegions).toBe(1); // held: a copy of the initiator may be running into it
+    const until = Date.now() + 5000;
+    let retired = 1;
+    while (retired !== 0 && Date.now() < until) {
+      await new Promise((r) => setTimeout(r, 20));
+      retired = (await b.ok('health')).health.retiredRegions;
+    }
+    expect(retired).toBe(0); // the initiator confirmed
+    const after = (await b.ok('hashKept')).hash;
+    const { paths, codes } = await loop;
+    expect(paths.cma).toBeGreaterThan(0);
+    // After the revocation its WRITEs went to the target, which refused them: the region is gone.
+    expect(Object.keys(codes)).toEqual(['ERR_NOT_FOUND']);
+    expect((await b.ok('hashKept')).hash).toBe(after);
+  });
+
+  it('a target killed during cma copies fails them with ERR_REMOTE_DISCONNECT; none hangs', async () => {
+    const { a, b } = await pair();
+    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+    const looping = a.waitEvent('looping');
+    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500 });
+    await looping;
+    await new Promise((r) => setTimeout(r, 100));
+    b.kill();
+    const { paths, codes } = await loop;
+    expect(paths.cma).toBeGreaterThan(0);
+    expect(codes.ERR_REMOTE_DISCONNECT).toBeGreaterThan(0);
+    expect(Object.keys(codes)).toEqual(['ERR_REMOTE_DISCONNECT']);
+  });
+});
