@@ -1,0 +1,101 @@
+#!/usr/bin/env node
+// `kvwire bench` against both UCX builds in one command, one table: Debian's UCX 1.13 (build/) and
+// PyPI's UCX 1.22 with CUDA transports (build-ucx122/, built by .ci/ucx-smoke.sh), each with the
+// ucx_perftest of the same UCX as its baseline. Every other argument goes to `kvwire bench` as is.
+//   node bench/ucx-builds.cjs [--builds 1.13,1.22] [kvwire bench options...]
+// e.g. node bench/ucx-builds.cjs --transport shm,tcp --block 64K,1M,4M --runs 3 --latency-samples 0 --idle-seconds 0
+'use strict';
+const { spawn, execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const path = require('node:path');
+
+const root = path.join(__dirname, '..');
+let args = process.argv.slice(2);
+let wanted = ['1.13', '1.22'];
+const at = args.indexOf('--builds');
+if (at >= 0) {
+  wanted = (args[at + 1] ?? '').split(',').filter(Boolean);
+  args = [...args.slice(0, at), ...args.slice(at + 2)];
+}
+for (const w of wanted) if (!['1.13', '1.22'].includes(w)) throw new Error(`--builds: '${w}' is not one of 1.13, 1.22`);
+
+function buildEnv(version) {
+  if (version === '1.13') {
+    const addon = path.join(root, 'build/Release/kvwire.node');
+    return fs.existsSync(addon) ? { env: { KVWIRE_ADDON: addon } } : { skipped: `${addon} not built (npm run build)` };
+  }
+  const addon = path.join(root, 'build-ucx122/Release/kvwire.node');
+  if (!fs.existsSync(addon)) return { skipped: `${addon} not built (bash .ci/ucx-smoke.sh builds it)` };
+  const ucx = execFileSync('bash', [path.join(root, '.ci/fetch-ucx122.sh')], { encoding: 'utf8' }).trim();
+  return {
+    env: {
+      KVWIRE_ADDON: addon,
+      // ucx_perftest of the same UCX as the addon, for the baseline column.
+      PATH: `${path.join(ucx, 'bin')}:${process.env.PATH}`,
+      LD_LIBRARY_PATH: [path.join(ucx, 'lib'), process.env.LD_LIBRARY_PATH].filter(Boolean).join(':'),
+    },
+  };
+}
+
+function runBench(version, env) {
+  return new Promise((resolve, reject) => {
+    process.stderr.write(`== UCX ${version}\n`);
+    const child = spawn(process.execPath, [path.join(root, 'dist/cli/index.js'), 'bench', '--json', ...args], {
+      env: { ...process.env, ...env, UCX_WARN_UNUSED_ENV_VARS: 'n' },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    child.on('exit', (code) => {
+      try {
+        if (code !== 0) throw new Error(`kvwire bench on UCX ${version} exited ${code}`);
+        resolve(JSON.parse(out));
+      } catch (e) {
+        reject(e);
+      }
+    });
+  });
+}
+
+const size = (n) => (n >= 1 << 20 ? `${n / (1 << 20)} MiB` : n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
+const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 100)}%`);
+
+(async () => {
+  const results = {};
+  for (const version of wanted) {
+    const b = buildEnv(version);
+    if (b.skipped) {
+      console.log(`UCX ${version}: skipped: ${b.skipped}`);
+      continue;
+    }
+    results[version] = await runBench(version, b.env);
+  }
+  const versions = Object.keys(results);
+  if (!versions.length) process.exit(1);
+  const key = (c) => `${c.transport}|${c.memory}|${c.pattern}|${c.op}|${c.block}|${c.batch}`;
+  const rows = new Map();
+  for (const v of versions)
+    for (const c of results[v].cells) {
+      const k = key(c);
+      if (!rows.has(k)) rows.set(k, { transport: c.transport, memory: c.memory, pattern: c.pattern, op: c.op.toUpperCase(), block: size(c.block), batch: c.batch });
+      const row = rows.get(k);
+      row[`${v} path`] = c.path;
+      row[`${v} GB/s`] = c.batch === 10_000 ? `${c.nsPerDescriptor} ns/desc` : c.gbps;
+      row[`${v} vs perftest`] = c.vs.perftest.ratio === null ? 'n/a' : `${pct(c.vs.perftest.ratio)} ${c.vs.perftest.test}`;
+      if (c.vs.nixl) row[`${v} vs NIXL`] = c.vs.nixl.ratio === null ? 'n/a' : `${c.vs.nixl.ratio.toFixed(2)}x`;
+    }
+  if (versions.length === 2)
+    for (const row of rows.values()) {
+      const [x, y] = versions.map((v) => row[`${v} GB/s`]);
+      if (typeof x === 'number' && typeof y === 'number' && x > 0) row[`${versions[1]} / ${versions[0]}`] = `${(y / x).toFixed(2)}x`;
+    }
+  console.log(`kvwire bench on UCX ${versions.map((v) => results[v].ucx).join(' and ')}, ${results[versions[0]].machine.cpus} CPUs`);
+  console.table([...rows.values()]);
+  for (const v of versions) {
+    console.log(`UCX ${results[v].ucx} targets:`);
+    console.table(results[v].targets.map((t) => ({ id: t.id, case: t.case, target: t.target, measured: t.measured, met: t.met === null ? 'n/a' : t.met ? 'yes' : 'NO' })));
+  }
+})().catch((e) => {
+  console.error(e.message);
+  process.exit(1);
+});
