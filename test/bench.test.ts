@@ -1,6 +1,6 @@
 // `kvwire bench` runs in the suite with a tiny sweep; its JSON is checked for shape and sanity (every
 // cell moved bytes; every ratio is a number or says why it is missing). Timings are not asserted.
-import { execFile, execFileSync, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -13,14 +13,31 @@ const run = promisify(execFile);
 const TINY = ['--block', '4K,64K', '--runs', '1', '--run-ms', '20'];
 
 async function bench(...args: string[]): Promise<BenchResult> {
-  const { stdout } = await run(process.execPath, [cli, 'bench', '--json', ...args], { timeout: 150_000, maxBuffer: 16 << 20 });
+  return benchWith(process.env, ...args);
+}
+
+async function benchWith(env: NodeJS.ProcessEnv, ...args: string[]): Promise<BenchResult> {
+  const { stdout } = await run(process.execPath, [cli, 'bench', '--json', ...args], { timeout: 150_000, maxBuffer: 16 << 20, env });
   return JSON.parse(stdout);
 }
+
+/** Whether NIXL's Python API imports here (the same probe `kvwire bench --baseline nixl` uses). */
+function nixlImportable(): boolean {
+  const r = spawnSync(process.env.KVWIRE_PYTHON || 'python3', [path.join(__dirname, '..', 'lib', 'cli', 'nixl-peer.py'), 'probe'], { encoding: 'utf8', timeout: 60_000 });
+  try {
+    return JSON.parse(r.stdout).ok === true;
+  } catch {
+    return false;
+  }
+}
+
+const NIXL_TINY = ['--transport', 'shm', '--memory', 'registered', '--op', 'write,read', '--block', '64K', '--runs', '1', '--run-ms', '100',
+  '--no-baselines', '--latency-samples', '0', '--idle-seconds', '0', '--baseline', 'nixl'];
 
 function expectSaneCell(c: Cell): void {
   expect(c.gbps).toBeGreaterThan(0);
   expect(c.runsGbps.length).toBeGreaterThan(0);
-  expect(['direct', 'am', 'rma']).toContain(c.path);
+  expect(['direct', 'am', 'rma', 'cma']).toContain(c.path);
   for (const k of ['prepUs', 'postUs', 'transferUs'] as const) {
     expect(c[k].p50).toBeGreaterThanOrEqual(0);
     expect(c[k].p99).toBeGreaterThanOrEqual(c[k].p50);
@@ -108,6 +125,49 @@ describe('kvwire bench', () => {
     expect(code).toBe(0);
   }, 120_000);
 
+  it('--baseline nixl: kvwire ÷ NIXL per cell when NIXL imports, else every cell says why not', async () => {
+    const r = await bench(...NIXL_TINY);
+    expect(r.options.extraBaselines).toEqual(['nixl']);
+    const sweep = r.cells.filter((c) => c.batch !== 10_000);
+    expect(sweep).toHaveLength(2);
+    const p1 = r.targets.find((t) => t.id === 'P1')!;
+    expect(p1.target).toBe('>= 1.0x NIXL');
+    if (nixlImportable()) {
+      // One NIXL measurement per (transport, op, block), content checked before it was timed.
+      expect(r.baselines.nixl.map((n) => `${n.transport} ${n.op} ${n.block}`).sort()).toEqual(['shm read 65536', 'shm write 65536']);
+      for (const n of r.baselines.nixl) {
+        expect('gbps' in n, JSON.stringify(n)).toBe(true);
+        if ('gbps' in n) {
+          expect(n.gbps).toBeGreaterThan(0);
+          expect(n.progress).toMatch(/progress thread/);
+        }
+      }
+      for (const c of sweep) {
+        expect(c.vs.nixl!.ratio).toBeGreaterThan(0);
+        expect(c.vs.nixl!.gbps).toBeGreaterThan(0);
+      }
+      expect(p1.met === true || p1.met === false).toBe(true);
+    } else {
+      for (const c of sweep) expect(c.vs.nixl!.skipped).toMatch(/NIXL not installed \(pip install --no-deps nixl-cu12 numpy\)/);
+      expect(p1.met).toBeNull();
+    }
+    // The descriptor-rate cell has no NIXL counterpart, and says so.
+    expect(r.cells.find((c) => c.batch === 10_000)!.vs.nixl).toEqual({ ratio: null, skipped: 'descriptor-rate cell' });
+  }, 60_000);
+
+  it('--baseline nixl without NIXL (no such interpreter): skipped with the install command, the bench still runs', async () => {
+    const r = await benchWith({ ...process.env, KVWIRE_PYTHON: '/nonexistent/python3' }, ...NIXL_TINY);
+    const sweep = r.cells.filter((c) => c.batch !== 10_000);
+    expect(sweep).toHaveLength(2);
+    for (const c of sweep) {
+      expect(c.gbps).toBeGreaterThan(0);
+      expect(c.vs.nixl).toEqual({ ratio: null, skipped: 'NIXL not installed (pip install --no-deps nixl-cu12 numpy)' });
+    }
+    expect(r.baselines.nixl.length).toBeGreaterThan(0);
+    for (const n of r.baselines.nixl) expect('skipped' in n && n.skipped).toMatch(/NIXL not installed/);
+    expect(r.targets.find((t) => t.id === 'P1')).toMatchObject({ measured: 'not measured in this run', met: null });
+  }, 60_000);
+
   it('rejects bad options naming the option, with a non-zero exit', () => {
     for (const [args, message] of [
       [['--block', '3X'], /'3X' is not a size/],
@@ -115,6 +175,7 @@ describe('kvwire bench', () => {
       [['--runs', '0'], /--runs must be an integer >= 1/],
       [['--layout', 'cold'], /--layout takes one of spread, hot/],
       [['--serve', 'a', '--peer', 'b'], /--serve and --peer/],
+      [['--baseline', 'bogus'], /--baseline: 'bogus' is not one of nixl/],
     ] as const) {
       let status = 0;
       let stderr = '';

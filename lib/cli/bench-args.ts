@@ -1,14 +1,16 @@
 // Command-line options of `kvwire bench`, checked with errors that name the option.
 import { parseArgs } from 'node:util';
-import { parseSize, type BenchOptions, type Pattern, type Transport } from './bench';
+import { parseSize, type BenchOptions, type ExtraBaseline, type Pattern, type Transport } from './bench';
 import type { MemoryKind, Op } from './bench-node';
 
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
          [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--no-baselines]
-         [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE]
+         [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE] [--baseline nixl]
          [--serve FILE --host IP | --peer FILE]
-         throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines`;
+         throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines;
+         --baseline nixl also runs NIXL agents on the same pairwise cells and reports kvwire / NIXL
+         (needs NIXL's Python package: pip install --no-deps nixl-cu12 numpy; else 'skipped')`;
 
 const DEFAULT_BLOCKS = '4K,16K,64K,256K,1M,4M,16M,64M';
 
@@ -46,6 +48,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       progress: { type: 'string', default: 'event' },
       layout: { type: 'string', default: 'spread' },
       'no-baselines': { type: 'boolean', default: false },
+      baseline: { type: 'string' },
       'latency-samples': { type: 'string', default: '2000' },
       'idle-seconds': { type: 'string', default: '3' },
       json: { type: 'boolean', default: false },
@@ -72,6 +75,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     progress: oneOf('progress', v.progress!, ['event', 'poll'] as const),
     layout: oneOf('layout', v.layout!, ['spread', 'hot'] as const),
     baselines: !v['no-baselines'],
+    extraBaselines: v.baseline === undefined ? [] : list<ExtraBaseline>('baseline', v.baseline, ['nixl']),
     latencySamples: positive('latency-samples', v['latency-samples']!, 0),
     idleSeconds: positive('idle-seconds', v['idle-seconds']!, 0),
     json: v.json!,

@@ -1,6 +1,7 @@
 // `kvwire bench`: kvwire's transfer paths swept over block size, batch, READ/WRITE, memory kind,
 // transport and pattern, between real processes, each cell next to its baselines measured in the
-// same run (ucx_perftest, a plain Node `net` socket, single-thread memcpy), as ratios.
+// same run (ucx_perftest, a plain Node `net` socket, single-thread memcpy; NIXL with `--baseline
+// nixl`), as ratios.
 import { fork, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -9,10 +10,13 @@ import { ucxVersion } from '../index';
 import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
 import { init as initNode, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
 import { chartSvg } from './chart';
+import { nixlCell, nixlProgress, probeNixl, type NixlResult } from './nixl';
 import { median, percentile } from './stats';
 
 export type Pattern = 'pairwise' | 'many-to-one' | 'one-to-many';
 export type Transport = 'shm' | 'tcp';
+/** Baselines run only when asked for (`--baseline`): other transfer libraries. */
+export type ExtraBaseline = 'nixl';
 
 export interface BenchOptions {
   transports: Transport[];
@@ -30,6 +34,8 @@ export interface BenchOptions {
   layout: 'spread' | 'hot';
   progress: 'event' | 'poll';
   baselines: boolean;
+  /** `--baseline nixl`: NIXL agents on the same pairwise cells, in the same run. */
+  extraBaselines: ExtraBaseline[];
   /** Samples of the 4 KiB WRITE + notification ping-pong per progress mode; 0 skips it. */
   latencySamples: number;
   /** Seconds of idle CPU measurement with a connected peer; 0 skips it. */
@@ -119,6 +125,8 @@ export interface Cell {
     perftest: { test: string; ratio: number | null; skipped?: string; pairwiseBaseline?: true };
     socket: { ratio: number | null; skipped?: string };
     memcpy: { ratio: number | null; skipped?: string };
+    /** With `--baseline nixl`: kvwire ÷ NIXL on the same transport, op, block and batch (DRAM both sides). */
+    nixl?: { ratio: number | null; gbps?: number; skipped?: string };
   };
 }
 
@@ -135,6 +143,8 @@ export interface BenchResult {
     perftest: (PerftestResult & { transport: Transport; memory: MemoryKind; op: Op; block: number })[];
     socket: ({ op: Op; block: number; gbps: number; runs: number[] } | { op: Op; block: number; skipped: string })[];
     memcpy: { block: number; gbps: number; runs: number[] }[];
+    /** One per (transport, op, block) with `--baseline nixl`; both memory kinds compare against it. */
+    nixl: ({ transport: Transport; op: Op; block: number; batch: number } & NixlResult)[];
   };
   latency: { mode: 'event' | 'poll'; transport: Transport; size: number; p50Us: number; p99Us: number; samples: number }[];
   idle: { seconds: number; initiatorPercent: number; targetPercent: number } | null;
@@ -243,7 +253,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
     options: { ...opts, json: undefined, svg: undefined } as BenchResult['options'],
     remote: !!remote,
     cells: [],
-    baselines: { perftest: [], socket: [], memcpy: [] },
+    baselines: { perftest: [], socket: [], memcpy: [], nixl: [] },
     latency: [],
     idle: null,
     targets: [],
@@ -258,6 +268,18 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const socketCache = new Map<string, BenchResult['baselines']['socket'][number]>();
   const memcpyCache = new Map<number, BenchResult['baselines']['memcpy'][number]>();
   const perftestCache = new Map<string, PerftestResult>();
+  const nixlWanted = opts.extraBaselines.includes('nixl');
+  const nixlCache = new Map<string, NixlResult>();
+  let nixlOff: string | undefined; // why no NIXL cell can run at all
+  if (nixlWanted) {
+    const probe = remote ? undefined : await probeNixl();
+    if (remote) nixlOff = 'NIXL baseline runs on one host only (not with --peer)';
+    else if (probe && !probe.ok) nixlOff = probe.reason;
+    if (probe?.ok)
+      log(`NIXL baseline: ${probe.module} ${probe.version}, UCX backend (its own UCX), DRAM both sides, ` +
+        (nixlProgress() === 'event' ? 'progress thread waiting on events, 1 ms poll timeout' : 'progress thread spinning (poll timeout 0)'));
+    else log(`NIXL baseline skipped: ${nixlOff}${probe && !probe.ok && probe.detail ? ` (${probe.detail})` : ''}`);
+  }
   for (const [t, memory, pattern] of groups) {
     const g = await startGroup(opts, t, memory, pattern, remote);
     try {
@@ -290,6 +312,24 @@ export async function runBench(opts: BenchOptions): Promise<number> {
             if (!result.baselines.perftest.some((x) => x.transport === t && x.memory === memory && x.op === op && x.block === block))
               result.baselines.perftest.push({ ...pt, transport: t, memory, op, block });
           }
+          let nx: Cell['vs']['nixl'];
+          if (nixlWanted) {
+            if (nixlOff) nx = { ratio: null, skipped: nixlOff };
+            else if (pattern !== 'pairwise') nx = { ratio: null, skipped: 'NIXL baseline runs pairwise only' };
+            else {
+              // NIXL has one kind of host memory: both kvwire memory kinds compare against one measurement.
+              const key = `${t}|${op}|${block}`;
+              let n = nixlCache.get(key);
+              if (!n) {
+                n = await nixlCell({ transport: t, op, block, batch, slots: slotsFor(opts, batch), runs: opts.runs, runMs: opts.runMs });
+                nixlCache.set(key, n);
+                result.baselines.nixl.push({ transport: t, op, block, batch, ...n });
+                log(`    NIXL ${t} ${op.toUpperCase()} ${formatSize(block)} x ${batch}: ` +
+                  ('gbps' in n ? `${n.gbps.toFixed(2)} GB/s (runs ${n.runs.map((x) => x.toFixed(2)).join(', ')})` : `skipped: ${n.skipped}`));
+              }
+              nx = 'gbps' in n ? { ratio: ratio(s.gbps, n), gbps: round(n.gbps, 3) } : { ratio: null, skipped: n.skipped };
+            }
+          }
           const sock = socketCache.get(`${op}:${block}`);
           const mc = memcpyCache.get(block);
           const skipped = opts.baselines ? undefined : 'baselines off (--no-baselines)';
@@ -301,6 +341,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
                 : { test: 'none', ratio: null, skipped },
               socket: sock && 'gbps' in sock ? { ratio: ratio(s.gbps, sock) } : { ratio: null, skipped: skipped ?? (sock as any)?.skipped ?? 'no socket server' },
               memcpy: mc ? { ratio: ratio(s.gbps, mc) } : { ratio: null, skipped },
+              ...(nx ? { nixl: nx } : {}),
             },
           };
           result.cells.push(cell);
@@ -308,7 +349,8 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           const pr = cell.vs.perftest.ratio;
           log(`  [${String(done).padStart(String(total).length)}/${total}] ${t} ${memory} ${pattern} ${op.toUpperCase()} ` +
             `${formatSize(block)} x ${batch}: ${cell.gbps.toFixed(2)} GB/s (${cell.path})` +
-            (pr !== null ? `, ${Math.round(pr * 100)}% of ${cell.vs.perftest.test}` : ''));
+            (pr !== null ? `, ${Math.round(pr * 100)}% of ${cell.vs.perftest.test}` : '') +
+            (nx?.ratio != null ? `, ${nx.ratio.toFixed(2)}x NIXL` : ''));
         }
       }
       if (pattern === 'pairwise' && t === 'shm') {
@@ -316,7 +358,8 @@ export async function runBench(opts: BenchOptions): Promise<number> {
         const { block, batch } = DESCRIPTOR_CELL;
         const s = summarize(await runCell(opts, g, 'write', block, batch), { block, batch });
         result.cells.push({ transport: t, memory, pattern, op: 'write', block, batch, ...s,
-          vs: { perftest: { test: 'none', ratio: null, skipped: 'descriptor-rate cell' }, socket: { ratio: null, skipped: 'descriptor-rate cell' }, memcpy: { ratio: null, skipped: 'descriptor-rate cell' } } });
+          vs: { perftest: { test: 'none', ratio: null, skipped: 'descriptor-rate cell' }, socket: { ratio: null, skipped: 'descriptor-rate cell' }, memcpy: { ratio: null, skipped: 'descriptor-rate cell' },
+            ...(nixlWanted ? { nixl: { ratio: null, skipped: 'descriptor-rate cell' } } : {}) } });
         log(`  descriptor rate, ${t} ${memory}: ${batch} x ${block} B WRITE, ${s.nsPerDescriptor} ns per descriptor (${s.path})`);
       }
     } finally {
@@ -325,6 +368,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   }
   result.baselines.socket = [...socketCache.values()];
   result.baselines.memcpy = [...memcpyCache.values()];
+  if (nixlWanted && !result.baselines.nixl.length && nixlOff) result.baselines.nixl.push({ transport: opts.transports[0], op: opts.ops[0], block: opts.blocks[0], batch: autoBatch(opts.blocks[0], opts.batch), skipped: nixlOff });
   if (!remote && (opts.latencySamples > 0 || opts.idleSeconds > 0)) await latencyAndIdle(opts, result);
   result.targets = verdicts(result);
   if (opts.svg) {
@@ -397,6 +441,9 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
   for (const t of r.options.transports)
     add('T7', `1 MiB blocks vs a Node net socket, same processes, kvwire over ${t}`, '>= 5x faster',
       ratios(pair.filter((c) => c.transport === t && c.block === 1 << 20), 'socket'), (m) => m >= 5, (x) => `${x.toFixed(1)}x`);
+  if (r.options.extraBaselines?.includes('nixl'))
+    add('P1', 'every cell vs NIXL (same run)', '>= 1.0x NIXL', pair.map((c) => c.vs.nixl?.ratio).filter((x): x is number => typeof x === 'number'),
+      (m) => m >= 1, (x) => `${x.toFixed(2)}x`);
   return out;
 }
 
@@ -410,8 +457,14 @@ function printTables(r: BenchResult): void {
       'xfer p50/p99': `${c.transferUs.p50}/${c.transferUs.p99}`, 'ns/desc': c.nsPerDescriptor,
       'vs perftest': c.vs.perftest.ratio === null ? 'n/a' : `${fmt(c.vs.perftest.ratio)} ${c.vs.perftest.test}`,
       'vs socket': c.vs.socket.ratio === null ? 'n/a' : `${c.vs.socket.ratio.toFixed(1)}x`, 'vs memcpy': fmt(c.vs.memcpy.ratio),
+      ...(c.vs.nixl ? { 'NIXL GB/s': c.vs.nixl.gbps ?? 'n/a', 'vs NIXL': c.vs.nixl.ratio === null ? 'n/a' : `${c.vs.nixl.ratio.toFixed(2)}x` } : {}),
     })),
   );
+  const nixlSkipped = new Set([...r.baselines.nixl.map((n) => ('skipped' in n ? n.skipped : undefined)),
+    ...r.cells.filter((c) => c.batch !== DESCRIPTOR_CELL.batch).map((c) => c.vs.nixl?.skipped)].filter((x): x is string => !!x));
+  for (const s of nixlSkipped) console.log(`NIXL column skipped: ${s}`);
+  const nixlRun = r.baselines.nixl.find((n) => 'gbps' in n) as { progress: string; nixl: string } | undefined;
+  if (nixlRun) console.log(`NIXL: ${nixlRun.nixl}, UCX backend, DRAM both sides, ${nixlRun.progress}; request prepared once per cell and reposted per batch`);
   const skipped = new Set(r.baselines.perftest.filter((p) => 'skipped' in p).map((p) => (p as any).skipped));
   for (const s of skipped) console.log(`perftest column skipped: ${s}`);
   if (r.latency.length || r.idle) console.table([...r.latency.map((l) => ({ what: `4 KiB WRITE + notify, one way, ${l.mode}`, p50: `${l.p50Us} µs`, p99: `${l.p99Us} µs` })),
