@@ -4,7 +4,30 @@
 // bytes are right, a deregistered region receives nothing once the agent stops holding it, and a
 // peer that dies mid-copy fails the transfer instead of hanging it.
 import { afterEach, describe, expect, it } from 'vitest';
-import { PeerProcess, connect } from './helpers';
+import { Agent } from '../lib';
+import { PeerProcess, connect, reseal } from './helpers';
+
+/** Rewrites the first region of an unsigned metadata blob (fields as native/core/metadata.cc lays them out). */
+function forgeRegion(blob: Buffer, change: { access?: number; baseDelta?: bigint; length?: bigint }): Buffer {
+  const b = Buffer.from(blob);
+  let o = 12;
+  const str8 = () => (o += 1 + b[o]);
+  const blobField = () => (o += 4 + b.readUInt32LE(o));
+  str8(); // name
+  o += 16; // agent id, generation
+  str8(); // backend
+  blobField(); // worker address
+  expect(b.readUInt32LE(o)).toBeGreaterThan(0);
+  o += 4 + 4; // region count, region id
+  str8(); // region name
+  o += 1; // kind
+  if (change.access !== undefined) b[o] = change.access;
+  o += 1 + 1 + 4; // access, flags, device
+  if (change.baseDelta !== undefined) b.writeBigUInt64LE(b.readBigUInt64LE(o) + change.baseDelta, o);
+  o += 8;
+  if (change.length !== undefined) b.writeBigUInt64LE(change.length, o);
+  return reseal(b);
+}
 
 const SIZE = 32 << 20;
 const procs: PeerProcess[] = [];
@@ -107,5 +130,64 @@ describe('path cma', () => {
     expect(paths.cma).toBeGreaterThan(0);
     expect(codes.ERR_REMOTE_DISCONNECT).toBeGreaterThan(0);
     expect(Object.keys(codes)).toEqual(['ERR_REMOTE_DISCONNECT']);
+  });
+
+  it('forged metadata (wider, writable, shifted) gets no cma copy outside what the target itself grants', async () => {
+    const b = new PeerProcess('cma-victim');
+    procs.push(b);
+    await b.init({ transports: 'shm,self', memory: 'registered', size: 8 << 20, access: 'read' });
+    await b.ok('fill', { seed: 3 });
+    const whole = { offsets: [0], lengths: [8 << 20] };
+    const before = (await b.ok('hash', whole)).hash;
+    // The victim's real worker address and id, its read-only region widened by 1 MiB on each side and writable.
+    const forged = forgeRegion(Buffer.from(b.metadata, 'base64'), { access: 3, baseDelta: -(1n << 20n), length: 10n << 20n });
+    const me = await Agent.create({ name: 'cma-forger', ucx: { transports: 'shm,self' } });
+    try {
+      const mine = me.register(Buffer.alloc(10 << 20, 0x41), { name: 'src' });
+      const peer = me.loadPeer(forged);
+      // Wait for the grant: a 1-byte READ by cma inside what the victim really exports (forged offset 1 MiB = its 0).
+      let granted = false;
+      for (let i = 0; i < 300 && !granted; i++)
+        granted = await me.read(mine.descriptors([0], [1]), peer.region('kv').descriptors([1 << 20], [1]), { path: 'cma' }).then(
+          (s) => s.path === 'cma',
+          async (e) => (expect(e.code).toBe('ERR_UNAVAILABLE'), await new Promise((r) => setTimeout(r, 10)), false),
+        );
+      expect(granted).toBe(true);
+      // Every copy the forged region allows but the victim's own table does not goes to the victim, which refuses it.
+      const attempts = [
+        () => me.write(mine.descriptors([0], [8 << 20]), peer.region('kv').descriptors([1 << 20], [8 << 20])), // its read-only region
+        () => me.write(mine.descriptors([0], [4 << 20]), peer.region('kv').descriptors([0], [4 << 20]), { path: 'cma' }), // below it
+        () => me.read(mine.descriptors([0], [4 << 20]), peer.region('kv').descriptors([6 << 20], [4 << 20])), // past its end
+      ];
+      for (const attempt of attempts) {
+        const e = await attempt().then(() => null, (x) => x);
+        expect(e?.code).toMatch(/^ERR_(NOT_ALLOWED|INVALID_PARAM)$/);
+      }
+      expect((await b.ok('hash', whole)).hash).toBe(before);
+    } finally {
+      await me.close();
+    }
+  });
+
+  it('metadata loaded after the target deregistered the region (stale) gets no cma copy into it', async () => {
+    const { a, b } = await (async () => {
+      const a = new PeerProcess('cma-late');
+      const b = new PeerProcess('cma-gone');
+      procs.push(a, b);
+      await Promise.all([
+        a.init({ transports: 'shm,self', memory: 'registered', size: SIZE }),
+        b.init({ transports: 'shm,self', memory: 'registered', size: SIZE }),
+      ]);
+      return { a, b };
+    })();
+    await b.ok('deregister'); // nobody was granted yet: nothing is held, the region is simply gone
+    const kept = (await b.ok('hashKept')).hash;
+    await a.ok('load', { metadata: b.metadata }); // the stale description
+    await new Promise((r) => setTimeout(r, 200)); // the grant arrives
+    await a.ok('fill', { seed: 9 });
+    const r = await a.call('transfer', { op: 'write', peer: b.name, localOffsets: [0], remoteOffsets: [0], lengths: [4 << 20] });
+    expect(r.ok).toBe(false);
+    expect(r.error.code).toBe('ERR_NOT_FOUND');
+    expect((await b.ok('hashKept')).hash).toBe(kept);
   });
 });

@@ -87,6 +87,8 @@ void Agent::beginClose() {
     transferFinished(t, t->endStatus);
   }
   closing_ = true;
+  if (backend_)
+    for (auto& [id, r] : regions_) backend_->regionDeregistered(r);  // before the goodbyes
   if (backend_) backend_->shutdown();
   peers_.clear();
   regions_.clear();
@@ -113,6 +115,7 @@ Result<RegionInfo> Agent::allocate(const std::string& name, uint64_t length, uin
   region->info = {nextRegionId_++, name, MemKind::Dram, access, 0,
                   reinterpret_cast<uint64_t>(region->memory->ptr), length, true, region->memory->rkey};
   regions_[region->info.id] = region;
+  backend_->regionRegistered(region);
   ++generation_;
   return region->info;
 }
@@ -129,6 +132,7 @@ Result<RegionInfo> Agent::registerMemory(const std::string& name, uint8_t* ptr, 
   region->info = {nextRegionId_++, name, MemKind::Dram, access, 0, reinterpret_cast<uint64_t>(ptr), length, false,
                   region->memory->rkey};
   regions_[region->info.id] = region;
+  backend_->regionRegistered(region);
   ++generation_;
   return region->info;
 }

@@ -76,8 +76,10 @@ class Backend {
   virtual Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) = 0;
   // Starts moving a planned transfer; completion arrives through BackendHost::transferFinished.
   virtual Status post(BackendPeer& peer, const TransferRef& t) = 0;
-  // A region was deregistered. A backend whose peers reach it without this agent (one-sided
-  // copies) keeps `region` (and so its memory) until they have all stopped.
+  // A region was registered (its id is set), or deregistered (also each one at close). A backend
+  // whose peers reach regions without this agent (one-sided copies) publishes them, and keeps a
+  // deregistered one (and so its memory) until those peers have stopped.
+  virtual void regionRegistered(const LocalRegionRef& region) { (void)region; }
   virtual void regionDeregistered(const LocalRegionRef& region) { (void)region; }
   // Deregistered regions still kept for such peers.
   virtual uint64_t retiredRegions() const { return 0; }

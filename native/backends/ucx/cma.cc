@@ -1,5 +1,6 @@
 #include "cma.h"
 
+#include <sys/mman.h>
 #include <sys/uio.h>
 
 #include <cerrno>
@@ -68,6 +69,95 @@ bool cmaRead(pid_t pid, uint64_t remote, void* out, size_t length) {
   iovec l{out, length};
   iovec r{reinterpret_cast<void*>(remote), length};
   return process_vm_readv(pid, &l, 1, &r, 1, 0) == static_cast<ssize_t>(length);
+}
+
+CmaTable::~CmaTable() {
+  if (!entries_) return;
+  withdrawAll();
+  for (uint32_t i = 0; i < kGrants; ++i) std::memset(grants_[i].nonce, 0, sizeof grants_[i].nonce);
+  // Reserved for good, without memory or access: a late reader gets EFAULT.
+  madvise(entries_, bytes_, MADV_DONTNEED);
+  mprotect(entries_, bytes_, PROT_NONE);
+}
+
+bool CmaTable::init() {
+  bytes_ = sizeof(CmaEntry) * kSlots + sizeof(CmaGrant) * kGrants;
+  void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return false;
+  entries_ = static_cast<CmaEntry*>(p);
+  grants_ = reinterpret_cast<CmaGrant*>(entries_ + kSlots);
+  free_.reserve(kGrants);
+  for (int i = kGrants - 1; i >= 0; --i) free_.push_back(i);
+  return true;
+}
+
+void CmaTable::write(CmaEntry& e, uint32_t id, uint32_t access, uint64_t base, uint64_t length) {
+  const uint64_t seq = __atomic_load_n(&e.seq, __ATOMIC_RELAXED);
+  __atomic_store_n(&e.seq, seq + 1, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&e.id, id, __ATOMIC_RELAXED);
+  __atomic_store_n(&e.access, access, __ATOMIC_RELAXED);
+  __atomic_store_n(&e.base, base, __ATOMIC_RELAXED);
+  __atomic_store_n(&e.length, length, __ATOMIC_RELAXED);
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  __atomic_store_n(&e.seq, seq + 2, __ATOMIC_RELAXED);
+}
+
+void CmaTable::publish(uint32_t id, uint32_t access, uint64_t base, uint64_t length) {
+  if (!entries_ || access == 0) return;
+  CmaEntry& e = entries_[id % kSlots];
+  if (e.access != 0 && e.id != id) return;
+  write(e, id, access, base, length);
+}
+
+void CmaTable::withdraw(uint32_t id) {
+  if (!entries_) return;
+  CmaEntry& e = entries_[id % kSlots];
+  if (e.id == id && e.access != 0) write(e, id, 0, 0, 0);
+}
+
+void CmaTable::withdrawAll() {
+  if (!entries_) return;
+  for (uint32_t i = 0; i < kSlots; ++i)
+    if (entries_[i].access != 0) write(entries_[i], entries_[i].id, 0, 0, 0);
+}
+
+int CmaTable::grant(const uint8_t* nonce) {
+  if (!entries_ || free_.empty()) return -1;
+  const int slot = free_.back();
+  free_.pop_back();
+  CmaGrant& g = grants_[slot];
+  g.entries = reinterpret_cast<uint64_t>(entries_);
+  g.slots = kSlots;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  std::memcpy(g.nonce, nonce, sizeof g.nonce);
+  return slot;
+}
+
+void CmaTable::endGrant(int slot) {
+  if (!entries_ || slot < 0 || slot >= static_cast<int>(kGrants)) return;
+  std::memset(grants_[slot].nonce, 0, sizeof grants_[slot].nonce);
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  free_.push_back(slot);
+}
+
+CmaLookup cmaLookup(pid_t pid, uint64_t grant, const uint8_t* nonce, uint32_t id, CmaEntry* out) {
+  // Three reads, each ordered after the one before (a fence between system calls): the grant's
+  // nonce, then the entry's sequence number; the entry; its sequence number again. A consistent
+  // entry had the same even number before and after.
+  CmaGrant g{};
+  if (!cmaRead(pid, grant, &g, sizeof g) || std::memcmp(g.nonce, nonce, sizeof g.nonce) != 0 || g.slots == 0)
+    return CmaLookup::GrantGone;
+  const uint64_t at = g.entries + static_cast<uint64_t>(id % g.slots) * sizeof(CmaEntry);
+  uint64_t before = 0, after = 0;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  if (!cmaRead(pid, at, &before, sizeof before)) return CmaLookup::GrantGone;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  if (!cmaRead(pid, at, out, sizeof *out)) return CmaLookup::GrantGone;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  if (!cmaRead(pid, at, &after, sizeof after)) return CmaLookup::GrantGone;
+  if (before != after || (before & 1) != 0 || out->id != id || out->access == 0) return CmaLookup::NotPublished;
+  return CmaLookup::Ok;
 }
 
 }  // namespace kvwire::ucx

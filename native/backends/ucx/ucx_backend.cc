@@ -116,15 +116,14 @@ class UcxPeer : public BackendPeer {
   };
   std::vector<Waiting> waiting_;
   // Path 'cma' (wire.h): usable once the target proved, on this connection, which process it is.
+  // Every copy then checks the region's bounds and rights in the target's own table (cma.h).
   enum class Cma : uint8_t { Off, Probing, Ready } cma_ = Cma::Off;
   uint64_t cmaToken_ = 0;
   uint8_t cmaNonce_[ucx::kNonceBytes] = {};
   pid_t cmaPid_ = 0;
-  std::unordered_set<uint32_t> revoked_;  // regions the target deregistered: never copied one-sidedly again
+  uint64_t cmaGrant_ = 0;  // where the target keeps our grant
   static constexpr uint64_t kCmaSegmentMin = 256u << 10;  // mean segment size from which 'auto' picks cma
-  bool cmaUsable(const RemoteRegion& rr) const {
-    return cma_ == Cma::Ready && rr.info.kind == MemKind::Dram && !revoked_.count(rr.info.id);
-  }
+  bool cmaUsable(const RemoteRegion& rr) const { return cma_ == Cma::Ready && rr.info.kind == MemKind::Dram; }
 };
 
 // Everything a UCX request carries back to its completion callback.
@@ -206,6 +205,7 @@ class UcxBackendImpl : public Backend {
   std::vector<uint8_t> address() const override { return address_; }
   Result<std::unique_ptr<BackendPeer>> connect(const AgentMetadata& md, uint64_t peerKey) override;
   Status post(BackendPeer& peer, const TransferRef& t) override;
+  void regionRegistered(const LocalRegionRef& region) override;
   void regionDeregistered(const LocalRegionRef& region) override;
   uint64_t retiredRegions() const override { return retired_.size(); }
   Status notify(BackendPeer& peer, const std::string& message) override;
@@ -216,7 +216,7 @@ class UcxBackendImpl : public Backend {
   bool progress() override;
   bool arm() override;
   bool busy() const override {
-    if (!requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty()) return true;
+    if (!requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty() || !retired_.empty()) return true;
     for (const auto& [ep, peer] : peersByEp_)  // work waiting for a handshake needs its timeout checked
       if (!peer->waiting_.empty()) return true;
     return false;
@@ -255,35 +255,49 @@ class UcxBackendImpl : public Backend {
   Status postDirect(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
   // Path 'cma': the initiator copies with process_vm_readv/writev into the proven peer process.
   Status postCma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
-  // Runs a direct (pid 0: memcpy into the mapping) or cma copy on the pool.
-  void copyInBackground(const TransferRef& t, const RemoteRegionRef& rr, pid_t pid = 0, uint64_t cmaToken = 0);
+  // Runs a direct (pid 0: memcpy into the mapping at rr->mapped) or cma copy (into process pid, at
+  // remoteBase, under grant cmaToken) on the pool.
+  void copyInBackground(const TransferRef& t, const RemoteRegionRef& rr, pid_t pid = 0, uint64_t cmaToken = 0,
+                        uint64_t remoteBase = 0);
   // Path 'cma', target side (wire.h): grants given, by token; deregistered regions kept for them.
   void probeCma(UcxPeer& peer);
   void handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h);
   void handleCmaProof(const ucx::CmaProofHeader& h);
-  void handleRevoke(ucp_ep_h reply, const ucx::RevokeHeader& h);
+  void handleRevoke(const ucx::RevokeHeader& h);
   void handleRevokeAck(const ucx::RevokeHeader& h);
-  void sendRevokeAck(ucp_ep_h fallback, const ucx::RevokeHeader& h);
+  void sendRevokeAck(const ucx::RevokeHeader& h);
   void releaseRetired(bool checkProcesses);
+  void endGrant(uint64_t token);
   bool cmaAllowed_ = true;
+  ucx::CmaTable cmaTable_;  // what grantees may reach, read by them before every copy
   struct Grantee {
-    ucp_ep_h reply = nullptr;  // the connection it was granted on; null once that ended
-    pid_t pid = 0;             // the initiator's process, as it said
-    std::unique_ptr<uint8_t[]> nonce;
+    ucp_ep_h reply = nullptr;  // the connection it was granted on
+    pid_t pid = 0;             // the initiator's process, as it said (used only to stop waiting for it)
+    int slot = -1;             // its grant in cmaTable_
   };
   std::unordered_map<uint64_t, Grantee> grantees_;
-  static constexpr size_t kMaxGrantees = 4096;
+  static constexpr size_t kMaxGrantsPerConnection = 16;
+  // A deregistered region is withdrawn from the table at once; copies a grantee started before
+  // that may still run, so its memory is kept until each grantee answers REVOKE, its process is
+  // gone, or kRetiredNs passed (a copy takes milliseconds; a stopped process is not waited for).
   struct Retired {
-    LocalRegionRef region;          // the memory stays while a grantee may still copy into it
-    std::set<uint64_t> waiting;     // grantee tokens yet to answer REVOKE (or to die)
+    LocalRegionRef region;
+    std::map<uint64_t, pid_t> waiting;  // grant token -> its process
     uint64_t seq = 0;
+    uint64_t deadlineNs = 0;
   };
+  static constexpr uint64_t kRetiredNs = 5'000'000'000ull;
   std::vector<Retired> retired_;
   uint64_t revokeSeq_ = 0;
   uint64_t retiredCheckNs_ = 0;
-  // Initiator side: cma copies on the pool, by grant token; REVOKEs wait for them to end.
-  std::unordered_map<uint64_t, uint32_t> cmaInFlight_;
-  std::unordered_map<uint64_t, std::vector<std::pair<ucp_ep_h, ucx::RevokeHeader>>> pendingRevokeAcks_;
+  // Initiator side: a REVOKE is answered once the copies into that region under that grant, all
+  // posted before it arrived (later ones find the region withdrawn), have ended.
+  struct PendingAck {
+    ucx::RevokeHeader h;
+    size_t remaining = 0;
+  };
+  std::vector<PendingAck> pendingAcks_;
+  static constexpr size_t kMaxPendingAcks = 65536;
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
   Status postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
   Status sendNotify(UcxPeer& peer, const std::string& message);
@@ -472,7 +486,8 @@ class UcxBackendImpl : public Backend {
     TransferRef transfer;
     RemoteRegionRef remote;
     std::atomic<size_t> pending{0};
-    uint64_t cmaToken = 0;         // a cma copy's grant
+    uint64_t cmaToken = 0;         // a cma copy's grant, and the region it copies into or out of
+    uint32_t regionId = 0;
     std::mutex errorMutex;         // the first failing share says why
     Status error;
   };
@@ -517,7 +532,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   sharedMemory_ = sharedMemory;
   // One-sided same-host copies only where the caller allows shared-memory transports (a 'tcp' agent
   // keeps its bytes on tcp) and did not turn the path off.
-  cmaAllowed_ = options.cma && mayUse(tls, {"shm", "sm", "cma"});
+  cmaAllowed_ = options.cma && mayUse(tls, {"shm", "sm", "cma"}) && cmaTable_.init();
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
   // tcp with peer error handling (which kvwire needs to hear of dead peers) gets no zero-copy
   // rendezvous lanes from UCX: large messages go in copies of UCX_TCP_TX_SEG_SIZE, 8 KiB by default.
@@ -653,6 +668,7 @@ void UcxBackendImpl::shutdown() {
   // Measured here (shm): the goodbyes of an agent with two connections leave in < 50 µs.
   sayGoodbye(20'000'000ull);
   shuttingDown_ = true;  // peers destroyed from now on force-close their endpoints
+  while (!grantees_.empty()) endGrant(grantees_.begin()->first);  // (their REVOKEs went out already)
   for (auto& [reply, conn] : connections_)
     if (conn.ep) closeEndpoint(conn.ep, true);
   for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
@@ -709,15 +725,6 @@ void UcxBackendImpl::freeOrphan(RequestContext* op) {
 }
 
 Result<std::unique_ptr<BackendMemory>> UcxBackendImpl::map(uint8_t* ptr, uint64_t length, bool allocate) {
-  // Registered memory asks for transparent huge pages (where the system leaves it to madvise, the
-  // default): the kernel's cross-process copies pin and map every page, and with 4 KiB pages that
-  // dominates. Measured (kvwire bench, shm, registered, 1-4 MiB blocks): path 'cma' 9-11 ->
-  // 10-14 GB/s, active messages 14-15 -> 15-17 GB/s. Only whole 2 MiB pages inside the buffer.
-  if (!allocate) {
-    const uintptr_t huge = 2u << 20, from = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1),
-                    to = (reinterpret_cast<uintptr_t>(ptr) + length) & ~(huge - 1);
-    if (to > from) madvise(reinterpret_cast<void*>(from), to - from, MADV_HUGEPAGE);
-  }
   ucp_mem_map_params_t mp{};
   mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
   mp.address = ptr;
@@ -1201,7 +1208,8 @@ Status UcxBackendImpl::postDirect(UcxPeer& peer, const TransferRef& t, const Rem
 
 // Splits the batch into one byte-balanced share per pool thread. The last share to finish queues
 // the transfer and wakes the worker's event fd; progress() then notifies the peer and settles it.
-void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRef& rr, pid_t pid, uint64_t cmaToken) {
+void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRef& rr, pid_t pid, uint64_t cmaToken,
+                                      uint64_t cmaBase) {
   if (!copyPool_) copyPool_ = std::make_unique<CopyPool>(std::max(1u, std::min(2u, std::thread::hardware_concurrency())));
   struct Piece {
     uint8_t* dst;
@@ -1209,7 +1217,7 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
     uint64_t length;
   };
   // A cma copy's remote side is an address in the peer process (pid), not a pointer of this one.
-  uint8_t* const remoteBase = pid != 0 ? reinterpret_cast<uint8_t*>(rr->info.base) : rr->mapped;
+  uint8_t* const remoteBase = pid != 0 ? reinterpret_cast<uint8_t*>(cmaBase) : rr->mapped;
   const size_t shares = copyPool_->size();
   const uint64_t target = (t->stats.bytes + shares - 1) / shares;
   std::vector<std::vector<Piece>> work(shares);
@@ -1235,10 +1243,10 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
   job->transfer = t;
   job->remote = rr;
   job->cmaToken = cmaToken;
+  job->regionId = t->remoteRegionId;
   for (auto& w : work) job->pending += w.empty() ? 0 : 1;
   CopyJob* raw = job.get();
   copyJobs_[t->id] = std::move(job);
-  if (pid != 0) ++cmaInFlight_[cmaToken];
   const bool write = t->op == kvwire::Op::Write;
   for (auto& w : work) {
     if (w.empty()) continue;
@@ -1269,14 +1277,30 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
 }
 
 Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
+  // Bounds and rights from the target's own table, not from its metadata: a copy must land where
+  // the process copied into registered memory now, with the access it gives.
+  ucx::CmaEntry e{};
+  const ucx::CmaLookup found = ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaNonce_, t->remoteRegionId, &e);
+  const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
+  bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && e.base + e.length >= e.base;
+  for (size_t i = 0; fits && i < t->segments.size(); ++i) {
+    const Segment& s = t->segments[i];
+    fits = s.remoteOffset <= e.length && s.length <= e.length - s.remoteOffset;
+  }
+  if (!fits) {
+    // Withdrawn, resized, not published or the grant ended: the target decides (active messages).
+    if (found == ucx::CmaLookup::GrantGone) peer.cma_ = UcxPeer::Cma::Off;
+    t->path = t->stats.path = Path::ActiveMessage;
+    return postActiveMessage(peer, t);
+  }
   if (t->stats.bytes >= kBackgroundCopyBytes) {
-    copyInBackground(t, rr, peer.cmaPid_, peer.cmaToken_);
+    copyInBackground(t, rr, peer.cmaPid_, peer.cmaToken_, e.base);
     return Status::ok();
   }
   std::vector<ucx::CmaSpan> spans;
   spans.reserve(t->segments.size());
   for (const Segment& s : t->segments)
-    spans.push_back({s.local, reinterpret_cast<uint8_t*>(rr->info.base + s.remoteOffset), s.length});
+    spans.push_back({s.local, reinterpret_cast<uint8_t*>(e.base + s.remoteOffset), s.length});
   Status st = ucx::cmaCopy(peer.cmaPid_, t->op == kvwire::Op::Write, spans.data(), spans.size());
   if (!st) return st;
   if (t->hasNotify) {  // after the data: the kernel has copied it by now
@@ -1306,17 +1330,18 @@ void UcxBackendImpl::probeCma(UcxPeer& peer) {
 
 void UcxBackendImpl::handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h) {
   ucx::CmaProofHeader proof{h.token, 0, 0};
-  // Only a named connection (after HELLO; with a secret, after AUTH) is granted, once per token.
-  if (cmaAllowed_ && connections_.count(reply) && grantees_.size() < kMaxGrantees && h.token != 0 &&
-      !grantees_.count(h.token) && h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX)) {
-    Grantee g;
-    g.reply = reply;
-    g.pid = static_cast<pid_t>(h.pid);
-    g.nonce = std::make_unique<uint8_t[]>(ucx::kNonceBytes);
-    std::memcpy(g.nonce.get(), h.nonce, ucx::kNonceBytes);
-    proof.pid = static_cast<uint64_t>(getpid());
-    proof.address = reinterpret_cast<uint64_t>(g.nonce.get());
-    grantees_.emplace(h.token, std::move(g));
+  // Only a named connection (after HELLO; with a secret, after AUTH) is granted, once per token,
+  // a few times per connection (a peer reloaded), and never to a pid that cannot be a process.
+  size_t onThisConnection = 0;
+  for (const auto& [token, g] : grantees_) onThisConnection += g.reply == reply ? 1 : 0;
+  if (cmaAllowed_ && cmaTable_.ok() && connections_.count(reply) && onThisConnection < kMaxGrantsPerConnection &&
+      h.token != 0 && !grantees_.count(h.token) && h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX)) {
+    const int slot = cmaTable_.grant(h.nonce);
+    if (slot >= 0) {
+      grantees_.emplace(h.token, Grantee{reply, static_cast<pid_t>(h.pid), slot});
+      proof.pid = static_cast<uint64_t>(getpid());
+      proof.address = cmaTable_.grantAddress(slot);
+    }
   }
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kControl;
@@ -1327,79 +1352,89 @@ void UcxBackendImpl::handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h
 void UcxBackendImpl::handleCmaProof(const ucx::CmaProofHeader& h) {
   for (auto& [ep, peer] : peersByEp_) {
     if (peer->cma_ != UcxPeer::Cma::Probing || peer->cmaToken_ != h.token || h.token == 0) continue;
-    uint8_t seen[ucx::kNonceBytes] = {};
     // The process that answers on this connection stored our nonce at that address: reading it
-    // back proves the pid names that process, here, and that the kernel lets us reach it.
+    // back proves the pid names a process here that the kernel lets us reach and that holds our
+    // nonce. (A target could relay our nonce to a third agent; what we then reach is only what
+    // that agent's own table grants, as it would grant the relaying target directly.)
+    ucx::CmaGrant g{};
     const bool proven = h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX) &&
-                        ucx::cmaRead(static_cast<pid_t>(h.pid), h.address, seen, sizeof seen) &&
-                        std::memcmp(seen, peer->cmaNonce_, sizeof seen) == 0;
+                        static_cast<pid_t>(h.pid) != getpid() &&
+                        ucx::cmaRead(static_cast<pid_t>(h.pid), h.address, &g, sizeof g) &&
+                        std::memcmp(g.nonce, peer->cmaNonce_, sizeof g.nonce) == 0;
     peer->cma_ = proven ? UcxPeer::Cma::Ready : UcxPeer::Cma::Off;
     peer->cmaPid_ = proven ? static_cast<pid_t>(h.pid) : 0;
+    peer->cmaGrant_ = proven ? h.address : 0;
     return;
   }
 }
 
+void UcxBackendImpl::endGrant(uint64_t token) {
+  auto it = grantees_.find(token);
+  if (it == grantees_.end()) return;
+  cmaTable_.endGrant(it->second.slot);  // its initiator's next lookup fails: active messages again
+  grantees_.erase(it);
+}
+
+void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
+  if (cmaAllowed_)
+    cmaTable_.publish(region->info.id, region->info.access, reinterpret_cast<uint64_t>(region->ptr()), region->info.length);
+}
+
 void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
+  cmaTable_.withdraw(region->info.id);  // no copy that starts from now on reaches it
   if (grantees_.empty()) return;
   Retired r;
   r.region = region;
   r.seq = ++revokeSeq_;
+  r.deadlineNs = monotonicNs() + kRetiredNs;
   for (auto& [token, g] : grantees_) {
-    if (kill(g.pid, 0) != 0 && errno == ESRCH) continue;  // gone: copies nothing any more
-    r.waiting.insert(token);
-    // The connection it was granted on, or another of the same process (after a worker rebuild).
-    ucp_ep_h via = g.reply;
-    if (via == nullptr)
-      for (auto& [other, o] : grantees_)
-        if (o.pid == g.pid && o.reply != nullptr) via = o.reply;
-    if (via == nullptr) continue;  // kept until that process ends, or this agent closes
+    r.waiting.emplace(token, g.pid);
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
     op->setHeader(ucx::RevokeHeader{token, r.seq, region->info.id});
-    send(replyPath(via), ucx::kAmRevoke, std::move(op), nullptr, 0, true);
+    send(replyPath(g.reply), ucx::kAmRevoke, std::move(op), nullptr, 0, false);
   }
-  if (!r.waiting.empty()) retired_.push_back(std::move(r));
+  retired_.push_back(std::move(r));
 }
 
-void UcxBackendImpl::handleRevoke(ucp_ep_h reply, const ucx::RevokeHeader& h) {
-  for (auto& [ep, peer] : peersByEp_)
-    if (peer->cmaToken_ == h.token && h.token != 0) peer->revoked_.insert(h.regionId);
-  auto busy = cmaInFlight_.find(h.token);
-  if (busy != cmaInFlight_.end() && busy->second > 0) {
-    pendingRevokeAcks_[h.token].emplace_back(reply, h);  // answered when those copies end
+void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
+  size_t running = 0;  // this grant's copies into that region, all posted before the REVOKE
+  for (const auto& [id, job] : copyJobs_) running += job->cmaToken == h.token && job->regionId == h.regionId ? 1 : 0;
+  if (running == 0 || h.token == 0) {
+    sendRevokeAck(h);
     return;
   }
-  sendRevokeAck(reply, h);
+  if (pendingAcks_.size() < kMaxPendingAcks) pendingAcks_.push_back({h, running});  // else the target's deadline
 }
 
-void UcxBackendImpl::sendRevokeAck(ucp_ep_h fallback, const ucx::RevokeHeader& h) {
-  ucp_ep_h via = fallback;
-  for (auto& [ep, peer] : peersByEp_)
-    if (peer->cmaToken_ == h.token && !peer->failed_) via = ep;
-  if (via == nullptr) return;
-  auto op = std::make_unique<RequestContext>();
-  op->kind = RequestContext::kControl;
-  op->setHeader(h);
-  send(via, ucx::kAmRevokeAck, std::move(op), nullptr, 0, false);
+void UcxBackendImpl::sendRevokeAck(const ucx::RevokeHeader& h) {
+  for (auto& [ep, peer] : peersByEp_) {
+    if (peer->cmaToken_ != h.token || h.token == 0 || peer->failed_) continue;
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kControl;
+    op->setHeader(h);
+    send(ep, ucx::kAmRevokeAck, std::move(op), nullptr, 0, false);
+    return;
+  }  // no connection of that grant is left: the target stops waiting at its deadline
 }
 
 void UcxBackendImpl::handleRevokeAck(const ucx::RevokeHeader& h) {
   for (auto it = retired_.begin(); it != retired_.end(); ++it)
-    if (it->seq == h.seq && it->waiting.erase(h.token)) {
+    if (it->seq == h.seq && it->region->info.id == h.regionId && it->waiting.erase(h.token)) {
       if (it->waiting.empty()) retired_.erase(it);  // the memory goes (with the last reference)
       return;
     }
 }
 
-// Drops grants of processes that ended, and the retired regions nobody can copy into any more.
+// Releases retired regions nobody can still be copying into: every grantee answered, its process
+// is gone, or the deadline passed.
 void UcxBackendImpl::releaseRetired(bool checkProcesses) {
-  if (checkProcesses)
-    for (auto it = grantees_.begin(); it != grantees_.end();)
-      it = it->second.reply == nullptr && kill(it->second.pid, 0) != 0 && errno == ESRCH ? grantees_.erase(it) : std::next(it);
+  const uint64_t now = monotonicNs();
   for (auto it = retired_.begin(); it != retired_.end();) {
-    for (auto w = it->waiting.begin(); w != it->waiting.end();)
-      w = grantees_.count(*w) ? std::next(w) : it->waiting.erase(w);
-    it = it->waiting.empty() ? retired_.erase(it) : std::next(it);
+    if (checkProcesses)
+      for (auto w = it->waiting.begin(); w != it->waiting.end();)
+        w = kill(w->second, 0) != 0 && errno == ESRCH ? it->waiting.erase(w) : std::next(w);
+    it = it->waiting.empty() || now > it->deadlineNs ? retired_.erase(it) : std::next(it);
   }
 }
 
@@ -1704,7 +1739,8 @@ void UcxBackendImpl::rebuildWorker() {
     if (c.ep != nullptr && std::find(lost.begin(), lost.end(), c.name) == lost.end()) lost.push_back(c.name);
   connections_.clear();
   connectionByOwnEp_.clear();
-  for (auto& [token, g] : grantees_) g.reply = nullptr;
+  while (!grantees_.empty()) endGrant(grantees_.begin()->first);
+  pendingAcks_.clear();  // their connections are gone with the old worker
   for (auto& [ep, peer] : peersByEp_) {  // the host reconnects them on the new worker
     peer->ep_ = nullptr;
     peer->failed_ = true;
@@ -1856,7 +1892,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     }
     case ucx::kAmRevoke: {
       ucx::RevokeHeader h{};
-      if (readHeader(header, headerLength, &h)) handleRevoke(reply, h);
+      if (readHeader(header, headerLength, &h)) handleRevoke(h);
       return;
     }
     case ucx::kAmRevokeAck: {
@@ -2424,8 +2460,13 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) 
   const uint64_t agentId = it->second.agentId;
   ucp_ep_h own = it->second.ep;
   connections_.erase(it);
-  for (auto& [token, g] : grantees_)  // its process may still copy: the grant stays until it ends
-    if (g.reply == reply) g.reply = nullptr;
+  for (auto g = grantees_.begin(); g != grantees_.end();)  // copies it started are waited for by retired_
+    if (g->second.reply == reply) {
+      const uint64_t token = (g++)->first;
+      endGrant(token);
+    } else {
+      ++g;
+    }
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
   openWrites_.erase(reply);
@@ -2455,18 +2496,18 @@ bool UcxBackendImpl::progress() {
       TransferRef t = std::move(it->second->transfer);
       Status error = std::move(it->second->error);  // every share has finished: no lock needed
       const uint64_t token = it->second->cmaToken;
-      const bool cma = t->path == Path::Cma;
+      const uint32_t regionId = it->second->regionId;
       copyJobs_.erase(it);
       any = true;
-      if (cma && --cmaInFlight_[token] == 0) {
-        cmaInFlight_.erase(token);
-        auto acks = pendingRevokeAcks_.find(token);
-        if (acks != pendingRevokeAcks_.end()) {
-          auto list = std::move(acks->second);
-          pendingRevokeAcks_.erase(acks);
-          for (auto& [ep, h] : list) sendRevokeAck(ep, h);
+      if (token != 0)
+        for (auto a = pendingAcks_.begin(); a != pendingAcks_.end();) {
+          if (a->h.token == token && a->h.regionId == regionId && --a->remaining == 0) {
+            sendRevokeAck(a->h);
+            a = pendingAcks_.erase(a);
+          } else {
+            ++a;
+          }
         }
-      }
       if (t->ending) {
         settleIfQuiet(t);
         continue;
@@ -2480,12 +2521,11 @@ bool UcxBackendImpl::progress() {
     }
   }
   checkLiveness();
-  if (!retired_.empty() || !grantees_.empty()) {
+  if (!retired_.empty()) {
     const uint64_t now = monotonicNs();
-    if (now - retiredCheckNs_ > 100'000'000ull) {  // kill(pid, 0) per grant, at most ten times a second
-      retiredCheckNs_ = now;
-      releaseRetired(true);
-    }
+    const bool check = now - retiredCheckNs_ > 100'000'000ull;  // kill(pid, 0) at most ten times a second
+    if (check) retiredCheckNs_ = now;
+    releaseRetired(check);
   }
   if (!failedPeers_.empty()) {
     auto failed = std::move(failedPeers_);
