@@ -103,7 +103,7 @@ describe('path cma', () => {
     await new Promise((r) => setTimeout(r, 200));
     const { health } = await b.ok('deregister');
     expect(health.retiredRegions).toBe(1); // held: a copy of the initiator may be running into it
-    const until = Date.now() + 5000;
+    const until = Date.now() + 2000; // well before the target would stop waiting by itself (5 s)
     let retired = 1;
     while (retired !== 0 && Date.now() < until) {
       await new Promise((r) => setTimeout(r, 20));
@@ -189,5 +189,20 @@ describe('path cma', () => {
     expect(r.ok).toBe(false);
     expect(r.error.code).toBe('ERR_NOT_FOUND');
     expect((await b.ok('hashKept')).hash).toBe(kept);
+  });
+
+  it('a target that closes while a grantee copies into it revokes, hears the answer and closes promptly', async () => {
+    const { a, b } = await pair();
+    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+    const looping = a.waitEvent('looping');
+    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500 });
+    await looping;
+    await new Promise((r) => setTimeout(r, 200));
+    const { ms } = await b.ok('closeAgent');
+    // It waited for the grantee's answer, not for its close grace (2 s) or the 5 s deadline.
+    expect(ms).toBeLessThan(1000);
+    const { paths, codes } = await loop;
+    expect(paths.cma).toBeGreaterThan(0);
+    expect(Object.keys(codes).every((c) => c === 'ERR_REMOTE_DISCONNECT' || c === 'ERR_NOT_FOUND')).toBe(true);
   });
 });

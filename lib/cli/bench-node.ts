@@ -34,6 +34,7 @@ export interface NodeInit {
   memory: MemoryKind;
   regionBytes: number;
   progress: 'event' | 'poll';
+  cma?: boolean;
   /** Start the socket-baseline server on this host (port chosen by the OS). */
   socketHost?: string;
 }
@@ -80,7 +81,7 @@ function makeRegion(a: Agent, memory: MemoryKind, bytes: number): Region {
 }
 
 export async function init(m: NodeInit): Promise<{ metadata: string; socketPort?: number }> {
-  agent = await Agent.create({ name: m.name, progress: m.progress, ucx: { transports: m.transports } });
+  agent = await Agent.create({ name: m.name, progress: m.progress, ucx: { transports: m.transports }, cma: m.cma ?? true });
   region = makeRegion(agent, m.memory, m.regionBytes);
   let socketPort: number | undefined;
   if (m.socketHost) {

@@ -1,6 +1,7 @@
 #include "cma.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 #include <sys/uio.h>
 
 #include <cerrno>
@@ -74,20 +75,24 @@ bool cmaRead(pid_t pid, uint64_t remote, void* out, size_t length) {
 CmaTable::~CmaTable() {
   if (!entries_) return;
   withdrawAll();
-  for (uint32_t i = 0; i < kGrants; ++i) std::memset(grants_[i].nonce, 0, sizeof grants_[i].nonce);
-  // Reserved for good, without memory or access: a late reader gets EFAULT.
-  madvise(entries_, bytes_, MADV_DONTNEED);
-  mprotect(entries_, bytes_, PROT_NONE);
+  for (uint32_t i = 0; i < kCmaGrants; ++i) std::memset(grants_[i].nonce, 0, sizeof grants_[i].nonce);
+  // Kept reserved, without memory or access: a late reader gets EFAULT.
+  madvise(entries_, kCmaTableBytes, MADV_DONTNEED);
+  mprotect(entries_, kCmaTableBytes, PROT_NONE);
 }
 
 bool CmaTable::init() {
-  bytes_ = sizeof(CmaEntry) * kSlots + sizeof(CmaGrant) * kGrants;
-  void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const int fd = memfd_create(kCmaTableName, MFD_CLOEXEC);
+  if (fd < 0) return false;
+  void* p = ftruncate(fd, kCmaTableBytes) == 0
+                ? mmap(nullptr, kCmaTableBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0)
+                : MAP_FAILED;
+  close(fd);
   if (p == MAP_FAILED) return false;
   entries_ = static_cast<CmaEntry*>(p);
-  grants_ = reinterpret_cast<CmaGrant*>(entries_ + kSlots);
-  free_.reserve(kGrants);
-  for (int i = kGrants - 1; i >= 0; --i) free_.push_back(i);
+  grants_ = reinterpret_cast<CmaGrant*>(entries_ + kCmaSlots);
+  free_.reserve(kCmaGrants);
+  for (int i = kCmaGrants - 1; i >= 0; --i) free_.push_back(i);
   return true;
 }
 
@@ -105,20 +110,20 @@ void CmaTable::write(CmaEntry& e, uint32_t id, uint32_t access, uint64_t base, u
 
 void CmaTable::publish(uint32_t id, uint32_t access, uint64_t base, uint64_t length) {
   if (!entries_ || access == 0) return;
-  CmaEntry& e = entries_[id % kSlots];
+  CmaEntry& e = entries_[id % kCmaSlots];
   if (e.access != 0 && e.id != id) return;
   write(e, id, access, base, length);
 }
 
 void CmaTable::withdraw(uint32_t id) {
   if (!entries_) return;
-  CmaEntry& e = entries_[id % kSlots];
+  CmaEntry& e = entries_[id % kCmaSlots];
   if (e.id == id && e.access != 0) write(e, id, 0, 0, 0);
 }
 
 void CmaTable::withdrawAll() {
   if (!entries_) return;
-  for (uint32_t i = 0; i < kSlots; ++i)
+  for (uint32_t i = 0; i < kCmaSlots; ++i)
     if (entries_[i].access != 0) write(entries_[i], entries_[i].id, 0, 0, 0);
 }
 
@@ -128,28 +133,69 @@ int CmaTable::grant(const uint8_t* nonce) {
   free_.pop_back();
   CmaGrant& g = grants_[slot];
   g.entries = reinterpret_cast<uint64_t>(entries_);
-  g.slots = kSlots;
+  g.slots = kCmaSlots;
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   std::memcpy(g.nonce, nonce, sizeof g.nonce);
   return slot;
 }
 
 void CmaTable::endGrant(int slot) {
-  if (!entries_ || slot < 0 || slot >= static_cast<int>(kGrants)) return;
+  if (!entries_ || slot < 0 || slot >= static_cast<int>(kCmaGrants)) return;
   std::memset(grants_[slot].nonce, 0, sizeof grants_[slot].nonce);
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   free_.push_back(slot);
 }
 
-CmaLookup cmaLookup(pid_t pid, uint64_t grant, const uint8_t* nonce, uint32_t id, CmaEntry* out) {
-  // Three reads, each ordered after the one before (a fence between system calls): the grant's
-  // nonce, then the entry's sequence number; the entry; its sequence number again. A consistent
-  // entry had the same even number before and after.
+std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint64_t* entries) {
+  // The mapping that holds `grant` in that process must be a kvwire table: a memfd of that name,
+  // the table's size, from its start; the grant at a grant slot of it.
+  const std::string path = "/proc/" + std::to_string(pid) + "/maps";
+  FILE* maps = std::fopen(path.c_str(), "r");
+  if (!maps) return "cannot read " + path + ": " + std::strerror(errno);
+  const std::string want = std::string("/memfd:") + kCmaTableName;
+  const uint64_t pageBytes = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t mapped = (kCmaTableBytes + pageBytes - 1) / pageBytes * pageBytes;
+  char line[4096];
+  std::string why = "its address is not in any mapping of that process";
+  while (std::fgets(line, sizeof line, maps)) {
+    unsigned long long start = 0, end = 0, off = 0;
+    char perms[8] = {};
+    int name = 0;
+    if (std::sscanf(line, "%llx-%llx %7s %llx %*s %*s %n", &start, &end, perms, &off, &name) < 4) continue;
+    if (grant < start || grant >= end) continue;
+    std::string file = name > 0 ? std::string(line + name) : std::string();
+    while (!file.empty() && (file.back() == '\n' || file.back() == ' ')) file.pop_back();
+    const uint64_t slots = start + sizeof(CmaEntry) * kCmaSlots;
+    if (file.compare(0, want.size(), want) != 0 || (file.size() > want.size() && file[want.size()] != ' ')) {
+      why = "it is not in a kvwire table mapping";
+    } else if (off != 0 || end - start != mapped) {
+      why = "its mapping is not a whole kvwire table";
+    } else if (grant < slots || (grant - slots) % sizeof(CmaGrant) != 0 || (grant - slots) / sizeof(CmaGrant) >= kCmaGrants) {
+      why = "it is not at a grant slot";
+    } else {
+      why.clear();
+      *entries = start;
+    }
+    break;
+  }
+  std::fclose(maps);
+  if (!why.empty()) return why;
   CmaGrant g{};
-  if (!cmaRead(pid, grant, &g, sizeof g) || std::memcmp(g.nonce, nonce, sizeof g.nonce) != 0 || g.slots == 0)
-    return CmaLookup::GrantGone;
-  const uint64_t at = g.entries + static_cast<uint64_t>(id % g.slots) * sizeof(CmaEntry);
+  if (!cmaRead(pid, grant, &g, sizeof g)) return "its grant cannot be read";
+  if (std::memcmp(g.nonce, nonce, sizeof g.nonce) != 0) return "its grant does not hold our nonce";
+  if (g.entries != *entries || g.slots != kCmaSlots) return "its grant names another table";
+  return {};
+}
+
+CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t entries, const uint8_t* nonce, uint32_t id, CmaEntry* out) {
+  // Ordered reads (a fence between system calls): the grant's nonce (still ours) and the entry's
+  // sequence number; the entry; the sequence number again. The writer makes it odd before it
+  // touches the entry and even again after, and it only grows: the same even number before and
+  // after means no write overlapped the read in between.
+  uint8_t held[sizeof(CmaGrant::nonce)] = {};
+  const uint64_t at = entries + static_cast<uint64_t>(id % kCmaSlots) * sizeof(CmaEntry);
   uint64_t before = 0, after = 0;
+  if (!cmaRead(pid, grant, held, sizeof held) || std::memcmp(held, nonce, sizeof held) != 0) return CmaLookup::GrantGone;
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (!cmaRead(pid, at, &before, sizeof before)) return CmaLookup::GrantGone;
   __atomic_thread_fence(__ATOMIC_SEQ_CST);

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../../core/status.h"
@@ -27,8 +28,8 @@ bool cmaRead(pid_t pid, uint64_t remote, void* out, size_t length);
 // What a target lets same-host grantees reach, kept in its own memory and read by them with
 // process_vm_readv before every copy: the bounds and rights of a copy come from the process copied
 // into, never from metadata (which a third party may have forged, or which may be stale).
-struct CmaEntry {    // one region; slot = id % CmaTable::kSlots
-  uint64_t seq;      // odd while being written (a seqlock: readers retry or give up)
+struct CmaEntry {    // one region; slot = id % kCmaSlots
+  uint64_t seq;      // odd while being written (a seqlock: readers give up on a changing entry)
   uint32_t id;
   uint32_t access;   // kvwire access bits; 0: withdrawn
   uint64_t base;
@@ -39,16 +40,21 @@ struct CmaGrant {    // one grant: the nonce its initiator sent, and where the e
   uint64_t entries;
   uint64_t slots;
 };
+constexpr uint32_t kCmaSlots = 4096;
+constexpr uint32_t kCmaGrants = 4096;
+constexpr size_t kCmaTableBytes = sizeof(CmaEntry) * kCmaSlots + sizeof(CmaGrant) * kCmaGrants;
+// The table lives in a memfd mapping of this name, which no peer can write into (no region ever
+// covers it): a grant is believed only if it lies there (checked in /proc/<pid>/maps), so a grant
+// and table faked inside some writable region of a process are refused.
+constexpr char kCmaTableName[] = "kvwire-cma-table";
 
 class CmaTable {
  public:
-  static constexpr uint32_t kSlots = 4096;
-  static constexpr uint32_t kGrants = 4096;
   CmaTable() = default;
   CmaTable(const CmaTable&) = delete;
   CmaTable& operator=(const CmaTable&) = delete;
   // The mapping is never unmapped: a grantee may still read it after this table is gone, and must
-  // then find nothing (it is left without access), never memory reused for something else.
+  // then fail (it is made inaccessible), never find memory reused for something else.
   ~CmaTable();
   bool init();
   bool ok() const { return entries_ != nullptr; }
@@ -65,13 +71,17 @@ class CmaTable {
   void write(CmaEntry& e, uint32_t id, uint32_t access, uint64_t base, uint64_t length);
   CmaEntry* entries_ = nullptr;
   CmaGrant* grants_ = nullptr;
-  size_t bytes_ = 0;
   std::vector<int> free_;
 };
 
-// Initiator: the entry of region `id` in the target's table, read through the grant at `grant`
-// (whose nonce must still be ours). Ok only for a consistent, live entry of that id.
+// Initiator, once per grant: the grant at `grant` in process `pid` holds `nonce` and lies in that
+// process's kvwire table mapping, at a grant slot. Sets *entries to the table's entries; else
+// returns why not.
+std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint64_t* entries);
+
+// Initiator, before every copy: the entry of region `id`, read through a verified grant (whose
+// nonce must still be ours). Ok only for a consistent, live entry of that id.
 enum class CmaLookup { Ok, GrantGone, NotPublished };
-CmaLookup cmaLookup(pid_t pid, uint64_t grant, const uint8_t* nonce, uint32_t id, CmaEntry* out);
+CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t entries, const uint8_t* nonce, uint32_t id, CmaEntry* out);
 
 }  // namespace kvwire::ucx

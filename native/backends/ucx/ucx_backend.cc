@@ -121,7 +121,8 @@ class UcxPeer : public BackendPeer {
   uint64_t cmaToken_ = 0;
   uint8_t cmaNonce_[ucx::kNonceBytes] = {};
   pid_t cmaPid_ = 0;
-  uint64_t cmaGrant_ = 0;  // where the target keeps our grant
+  uint64_t cmaGrant_ = 0;    // where the target keeps our grant (verified: in its kvwire table)
+  uint64_t cmaEntries_ = 0;  // and that table's entries
   static constexpr uint64_t kCmaSegmentMin = 256u << 10;  // mean segment size from which 'auto' picks cma
   bool cmaUsable(const RemoteRegion& rr) const { return cma_ == Cma::Ready && rr.info.kind == MemKind::Dram; }
 };
@@ -276,7 +277,15 @@ class UcxBackendImpl : public Backend {
     int slot = -1;             // its grant in cmaTable_
   };
   std::unordered_map<uint64_t, Grantee> grantees_;
-  static constexpr size_t kMaxGrantsPerConnection = 16;
+  static constexpr size_t kMaxGrantsPerConnection = 4;  // one per loaded peer instance; a reload or two
+  // Grants that ended (their connection did) within kRetiredNs: a copy their initiator checked
+  // before may still run, so a region deregistered now waits for them too.
+  struct EndedGrant {
+    uint64_t token;
+    pid_t pid;
+    uint64_t untilNs;
+  };
+  std::vector<EndedGrant> endedGrants_;
   // A deregistered region is withdrawn from the table at once; copies a grantee started before
   // that may still run, so its memory is kept until each grantee answers REVOKE, its process is
   // gone, or kRetiredNs passed (a copy takes milliseconds; a stopped process is not waited for).
@@ -404,6 +413,7 @@ class UcxBackendImpl : public Backend {
     std::string name;
     uint64_t agentId = 0;
     ucp_ep_h ep = nullptr;
+    uint32_t cmaGrants = 0;  // path 'cma' grants it holds (at most kMaxGrantsPerConnection)
   };
   std::vector<ucp_ep_h> endpointsToClose_;  // closed after progress returns, never inside a UCX callback
   std::unordered_map<ucp_ep_h, Connection> connections_;
@@ -1280,7 +1290,8 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   // Bounds and rights from the target's own table, not from its metadata: a copy must land where
   // the process copied into registered memory now, with the access it gives.
   ucx::CmaEntry e{};
-  const ucx::CmaLookup found = ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaNonce_, t->remoteRegionId, &e);
+  const ucx::CmaLookup found =
+      ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaEntries_, peer.cmaNonce_, t->remoteRegionId, &e);
   const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
   bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && e.base + e.length >= e.base;
   for (size_t i = 0; fits && i < t->segments.size(); ++i) {
@@ -1332,12 +1343,12 @@ void UcxBackendImpl::handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h
   ucx::CmaProofHeader proof{h.token, 0, 0};
   // Only a named connection (after HELLO; with a secret, after AUTH) is granted, once per token,
   // a few times per connection (a peer reloaded), and never to a pid that cannot be a process.
-  size_t onThisConnection = 0;
-  for (const auto& [token, g] : grantees_) onThisConnection += g.reply == reply ? 1 : 0;
-  if (cmaAllowed_ && cmaTable_.ok() && connections_.count(reply) && onThisConnection < kMaxGrantsPerConnection &&
+  auto conn = connections_.find(reply);
+  if (cmaAllowed_ && cmaTable_.ok() && conn != connections_.end() && conn->second.cmaGrants < kMaxGrantsPerConnection &&
       h.token != 0 && !grantees_.count(h.token) && h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX)) {
     const int slot = cmaTable_.grant(h.nonce);
     if (slot >= 0) {
+      ++conn->second.cmaGrants;
       grantees_.emplace(h.token, Grantee{reply, static_cast<pid_t>(h.pid), slot});
       proof.pid = static_cast<uint64_t>(getpid());
       proof.address = cmaTable_.grantAddress(slot);
@@ -1352,18 +1363,17 @@ void UcxBackendImpl::handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h
 void UcxBackendImpl::handleCmaProof(const ucx::CmaProofHeader& h) {
   for (auto& [ep, peer] : peersByEp_) {
     if (peer->cma_ != UcxPeer::Cma::Probing || peer->cmaToken_ != h.token || h.token == 0) continue;
-    // The process that answers on this connection stored our nonce at that address: reading it
-    // back proves the pid names a process here that the kernel lets us reach and that holds our
-    // nonce. (A target could relay our nonce to a third agent; what we then reach is only what
-    // that agent's own table grants, as it would grant the relaying target directly.)
-    ucx::CmaGrant g{};
-    const bool proven = h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX) &&
-                        static_cast<pid_t>(h.pid) != getpid() &&
-                        ucx::cmaRead(static_cast<pid_t>(h.pid), h.address, &g, sizeof g) &&
-                        std::memcmp(g.nonce, peer->cmaNonce_, sizeof g.nonce) == 0;
+    // Our nonce, in a grant slot of the kvwire table mapping of process P (a memfd no peer can
+    // write into): the agent that owns that table granted it, and its table says what a copy may
+    // reach. (The target could have relayed our nonce to a third agent's PROBE: then we reach what
+    // that agent grants the relaying target, which the target could reach through it directly.)
+    uint64_t entries = 0;
+    const bool proven = h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX) && static_cast<pid_t>(h.pid) != getpid() &&
+                        ucx::cmaVerifyGrant(static_cast<pid_t>(h.pid), h.address, peer->cmaNonce_, &entries).empty();
     peer->cma_ = proven ? UcxPeer::Cma::Ready : UcxPeer::Cma::Off;
     peer->cmaPid_ = proven ? static_cast<pid_t>(h.pid) : 0;
     peer->cmaGrant_ = proven ? h.address : 0;
+    peer->cmaEntries_ = proven ? entries : 0;
     return;
   }
 }
@@ -1372,6 +1382,12 @@ void UcxBackendImpl::endGrant(uint64_t token) {
   auto it = grantees_.find(token);
   if (it == grantees_.end()) return;
   cmaTable_.endGrant(it->second.slot);  // its initiator's next lookup fails: active messages again
+  auto conn = connections_.find(it->second.reply);
+  if (conn != connections_.end() && conn->second.cmaGrants > 0) --conn->second.cmaGrants;
+  const uint64_t now = monotonicNs();
+  endedGrants_.erase(std::remove_if(endedGrants_.begin(), endedGrants_.end(), [&](const EndedGrant& e) { return e.untilNs < now; }),
+                     endedGrants_.end());
+  endedGrants_.push_back({token, it->second.pid, now + kRetiredNs});
   grantees_.erase(it);
 }
 
@@ -1382,11 +1398,13 @@ void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
 
 void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
   cmaTable_.withdraw(region->info.id);  // no copy that starts from now on reaches it
-  if (grantees_.empty()) return;
+  const uint64_t now = monotonicNs();
   Retired r;
   r.region = region;
   r.seq = ++revokeSeq_;
-  r.deadlineNs = monotonicNs() + kRetiredNs;
+  r.deadlineNs = now + kRetiredNs;
+  for (const EndedGrant& e : endedGrants_)  // no connection to ask: waited for by process or deadline
+    if (e.untilNs > now) r.waiting.emplace(e.token, e.pid);
   for (auto& [token, g] : grantees_) {
     r.waiting.emplace(token, g.pid);
     auto op = std::make_unique<RequestContext>();
@@ -1394,7 +1412,7 @@ void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
     op->setHeader(ucx::RevokeHeader{token, r.seq, region->info.id});
     send(replyPath(g.reply), ucx::kAmRevoke, std::move(op), nullptr, 0, false);
   }
-  retired_.push_back(std::move(r));
+  if (!r.waiting.empty()) retired_.push_back(std::move(r));
 }
 
 void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
@@ -1404,12 +1422,14 @@ void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
     sendRevokeAck(h);
     return;
   }
+  for (const PendingAck& a : pendingAcks_)
+    if (a.h.token == h.token && a.h.seq == h.seq) return;  // said twice
   if (pendingAcks_.size() < kMaxPendingAcks) pendingAcks_.push_back({h, running});  // else the target's deadline
 }
 
 void UcxBackendImpl::sendRevokeAck(const ucx::RevokeHeader& h) {
   for (auto& [ep, peer] : peersByEp_) {
-    if (peer->cmaToken_ != h.token || h.token == 0 || peer->failed_) continue;
+    if (peer->cmaToken_ != h.token || h.token == 0 || peer->ep_ == nullptr) continue;  // (a peer that said BYE still hears it)
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
     op->setHeader(h);
@@ -1430,10 +1450,16 @@ void UcxBackendImpl::handleRevokeAck(const ucx::RevokeHeader& h) {
 // is gone, or the deadline passed.
 void UcxBackendImpl::releaseRetired(bool checkProcesses) {
   const uint64_t now = monotonicNs();
+  std::unordered_map<pid_t, bool> gone;  // one kill(pid, 0) per process per check
+  auto isGone = [&](pid_t pid) {
+    auto [at, fresh] = gone.emplace(pid, false);
+    if (fresh) at->second = kill(pid, 0) != 0 && errno == ESRCH;
+    return at->second;
+  };
   for (auto it = retired_.begin(); it != retired_.end();) {
     if (checkProcesses)
       for (auto w = it->waiting.begin(); w != it->waiting.end();)
-        w = kill(w->second, 0) != 0 && errno == ESRCH ? it->waiting.erase(w) : std::next(w);
+        w = isGone(w->second) ? it->waiting.erase(w) : std::next(w);
     it = it->waiting.empty() || now > it->deadlineNs ? retired_.erase(it) : std::next(it);
   }
 }
@@ -1777,7 +1803,8 @@ ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t header
   ++receivedSinceCanary_;
   ++receivedOnWorker_;
   // A closing agent serves nothing new (a late HELLO would open an endpoint nobody closes).
-  if (shuttingDown_) return refuse(param, UCS_ERR_CANCELED);
+  // (REVOKE_ACKs still count: the regions withdrawn at close are kept until their grantees answer.)
+  if (shuttingDown_ && id != ucx::kAmRevokeAck) return refuse(param, UCS_ERR_CANCELED);
   // With a secret, only a connection that completed the handshake is served. Replies (ACK, read
   // data, READ_DONE, PONG, CHALLENGE) are bound to what they answer by unguessable ids instead.
   const bool servedOnly = id == ucx::kAmWrite || id == ucx::kAmWritePacked || id == ucx::kAmWriteCommit ||

@@ -1,0 +1,80 @@
+#!/usr/bin/env node
+// P4 of the performance issue: how much of its quiet-machine throughput each `kvwire bench` cell
+// keeps when one other process spins a core. Runs the same bench quiet and noisy, alternating, and
+// prints per cell the medians and noisy ÷ quiet. Every other argument goes to `kvwire bench`.
+//   node bench/noisy-neighbour.cjs [--rounds 2] [kvwire bench options...]
+// e.g. node bench/noisy-neighbour.cjs --transport shm,tcp --memory allocated,registered --block 64K,1M,4M --runs 3
+'use strict';
+const { spawn } = require('node:child_process');
+const path = require('node:path');
+
+const root = path.join(__dirname, '..');
+let args = process.argv.slice(2);
+let rounds = 2;
+const at = args.indexOf('--rounds');
+if (at >= 0) {
+  rounds = Number(args[at + 1]);
+  if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must be an integer >= 1, not '${args[at + 1]}'`);
+  args = [...args.slice(0, at), ...args.slice(at + 2)];
+}
+
+function bench(label) {
+  return new Promise((resolve, reject) => {
+    process.stderr.write(`== ${label}\n`);
+    const child = spawn(process.execPath, [path.join(root, 'dist/cli/index.js'), 'bench', '--json', '--latency-samples', '0', '--idle-seconds', '0', '--no-baselines', ...args], {
+      env: { ...process.env, UCX_WARN_UNUSED_ENV_VARS: 'n', NODE_NO_WARNINGS: '1' },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    child.on('exit', (code) => (code === 0 ? resolve(JSON.parse(out)) : reject(new Error(`kvwire bench (${label}) exited ${code}`))));
+  });
+}
+
+/** A neighbour that spins one core until stopped (a separate process, as on a shared host). */
+function spinner() {
+  return spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' });
+}
+
+const median = (v) => {
+  const s = [...v].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+const size = (n) => (n >= 1 << 20 ? `${n / (1 << 20)} MiB` : n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
+
+(async () => {
+  const runs = { quiet: [], noisy: [] };
+  for (let r = 0; r < rounds; r++) {
+    runs.quiet.push(await bench(`quiet, round ${r + 1}/${rounds}`));
+    const n = spinner();
+    try {
+      runs.noisy.push(await bench(`one busy neighbour, round ${r + 1}/${rounds}`));
+    } finally {
+      n.kill('SIGKILL');
+    }
+  }
+  const key = (c) => `${c.transport}|${c.memory}|${c.pattern}|${c.op}|${c.block}|${c.batch}`;
+  const rows = new Map();
+  for (const mode of ['quiet', 'noisy'])
+    for (const result of runs[mode])
+      for (const c of result.cells) {
+        if (c.batch === 10_000) continue; // the descriptor-rate cell measures latency, not bandwidth
+        const k = key(c);
+        if (!rows.has(k)) rows.set(k, { cell: c, quiet: [], noisy: [], paths: new Set() });
+        rows.get(k)[mode].push(...c.runsGbps);
+        rows.get(k).paths.add(c.path);
+      }
+  const table = [...rows.values()].map(({ cell: c, quiet, noisy, paths }) => {
+    const q = median(quiet);
+    const n = median(noisy);
+    return {
+      transport: c.transport, memory: c.memory, op: c.op.toUpperCase(), block: size(c.block), path: [...paths].join('/'),
+      'quiet GB/s': +q.toFixed(2), 'noisy GB/s': +n.toFixed(2), kept: `${Math.round((n / q) * 100)}%`, 'P4 (>= 70%)': n / q >= 0.7 ? 'met' : 'MISSED',
+    };
+  });
+  console.log(`kvwire bench quiet vs one busy neighbour process (medians of ${rounds} x --runs per cell), UCX ${runs.quiet[0].ucx}, ${runs.quiet[0].machine.cpus} CPUs`);
+  console.table(table);
+})().catch((e) => {
+  console.error(e.message);
+  process.exit(1);
+});

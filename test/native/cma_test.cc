@@ -1,0 +1,85 @@
+// Path 'cma' between two real processes (fork): the grant check an initiator makes once, and the
+// table lookup it makes before every copy. What must hold: only a grant inside the other process's
+// kvwire table mapping is believed (a copy of one in ordinary memory is refused), and a lookup sees
+// only live entries of the id asked for.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "backends/ucx/cma.h"
+
+namespace kvwire::ucx {
+namespace {
+
+struct Child {  // a process holding a CmaTable, a grant and a fake grant in ordinary memory
+  pid_t pid = 0;
+  uint64_t grant = 0, fake = 0, region = 0;
+};
+
+const uint8_t kNonce[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+
+Child spawn() {
+  int fds[2];
+  EXPECT_EQ(pipe(fds), 0);
+  Child c;
+  c.pid = fork();
+  if (c.pid == 0) {
+    static CmaTable table;
+    static uint8_t region[4096];
+    static CmaGrant fake[2];
+    if (!table.init()) _exit(2);
+    table.publish(7, 3, reinterpret_cast<uint64_t>(region), sizeof region);
+    table.publish(7 + kCmaSlots, 3, 0x1000, 4096);  // same slot, other id: stays unpublished
+    const int slot = table.grant(kNonce);
+    // A "grant" a peer could have written into some writable region: nonce, and a table of its own.
+    std::memcpy(fake[0].nonce, kNonce, sizeof kNonce);
+    fake[0].entries = reinterpret_cast<uint64_t>(&fake[1]);
+    fake[0].slots = kCmaSlots;
+    const uint64_t out[3] = {table.grantAddress(slot), reinterpret_cast<uint64_t>(&fake[0]), reinterpret_cast<uint64_t>(region)};
+    if (write(fds[1], out, sizeof out) != sizeof out) _exit(3);
+    for (;;) pause();  // until the test kills it
+  }
+  uint64_t in[3] = {};
+  EXPECT_EQ(read(fds[0], in, sizeof in), static_cast<ssize_t>(sizeof in));
+  c.grant = in[0];
+  c.fake = in[1];
+  c.region = in[2];
+  close(fds[0]);
+  close(fds[1]);
+  return c;
+}
+
+TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
+  Child c = spawn();
+  uint64_t entries = 0;
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, kNonce, &entries), "");
+  EXPECT_NE(entries, 0u);
+  uint64_t ignored = 0;
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.fake, kNonce, &ignored), "it is not in a kvwire table mapping");
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant + 8, kNonce, &ignored), "it is not at a grant slot");
+  EXPECT_EQ(cmaVerifyGrant(c.pid, entries, kNonce, &ignored), "it is not at a grant slot");
+  uint8_t other[16] = {};
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, other, &ignored), "its grant does not hold our nonce");
+
+  CmaEntry e{};
+  ASSERT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 7, &e), CmaLookup::Ok);
+  EXPECT_EQ(e.base, c.region);
+  EXPECT_EQ(e.length, 4096u);
+  EXPECT_EQ(e.access, 3u);
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 7 + kCmaSlots, &e), CmaLookup::NotPublished);
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 8, &e), CmaLookup::NotPublished);
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, other, 7, &e), CmaLookup::GrantGone);
+
+  kill(c.pid, SIGKILL);
+  waitpid(c.pid, nullptr, 0);
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 7, &e), CmaLookup::GrantGone);
+  uint8_t buf[8];
+  CmaSpan span{buf, reinterpret_cast<uint8_t*>(c.region), sizeof buf};
+  const Status st = cmaCopy(c.pid, false, &span, 1);
+  EXPECT_EQ(st.code(), Code::RemoteDisconnect) << st.message();
+}
+
+}  // namespace
+}  // namespace kvwire::ucx
