@@ -9,6 +9,14 @@ const { spawn } = require('node:child_process');
 const path = require('node:path');
 
 const root = path.join(__dirname, '..');
+
+// The bench's JSON object, from a stdout that UCX may also have written log lines to.
+function parseJson(out) {
+  const start = out.search(/^\{/m);
+  const end = out.lastIndexOf('}');
+  if (start < 0 || end < start) throw new Error(`no JSON in the bench's output: ${out.slice(0, 200)}`);
+  return JSON.parse(out.slice(start, end + 1));
+}
 let args = process.argv.slice(2);
 let rounds = 2;
 const at = args.indexOf('--rounds');
@@ -27,7 +35,14 @@ function bench(label) {
     });
     let out = '';
     child.stdout.on('data', (d) => (out += d));
-    child.on('exit', (code) => (code === 0 ? resolve(JSON.parse(out)) : reject(new Error(`kvwire bench (${label}) exited ${code}`))));
+    child.on('exit', (code) => {
+      try {
+        if (code !== 0) throw new Error(`kvwire bench (${label}) exited ${code}`);
+        resolve(parseJson(out));
+      } catch (e) {
+        reject(e);
+      }
+    });
   });
 }
 

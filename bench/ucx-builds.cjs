@@ -10,6 +10,14 @@ const fs = require('node:fs');
 const path = require('node:path');
 
 const root = path.join(__dirname, '..');
+
+// The bench's JSON object, from a stdout that UCX may also have written log lines to.
+function parseJson(out) {
+  const start = out.search(/^\{/m);
+  const end = out.lastIndexOf('}');
+  if (start < 0 || end < start) throw new Error(`no JSON in the bench's output: ${out.slice(0, 200)}`);
+  return JSON.parse(out.slice(start, end + 1));
+}
 let args = process.argv.slice(2);
 let wanted = ['1.13', '1.22'];
 const at = args.indexOf('--builds');
@@ -49,7 +57,7 @@ function runBench(version, env) {
     child.on('exit', (code) => {
       try {
         if (code !== 0) throw new Error(`kvwire bench on UCX ${version} exited ${code}`);
-        resolve(JSON.parse(out));
+        resolve(parseJson(out));
       } catch (e) {
         reject(e);
       }

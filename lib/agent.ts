@@ -33,9 +33,10 @@ export interface AgentOptions {
    * Same-host one-sided copies (path 'cma', default true): a peer on this host that proved which
    * process it is may copy into and out of this agent's registered regions itself, with Linux
    * process_vm_readv/writev, without waking this agent; and this agent does so into such peers.
-   * The kernel allows it only between processes that could ptrace each other (same user), which
-   * could reach all of each other's memory anyway. Access rights are checked by the initiator.
-   * Needs a shared-memory transport (UCX_TLS 'shm', 'sm', 'cma' or all); off: active messages.
+   * The kernel allows it only between processes that could ptrace each other (same user). Bounds
+   * and access come from a table in the target's own memory, read before every copy (not from
+   * metadata); README: Security and reliability. Needs a shared-memory transport (UCX_TLS 'shm',
+   * 'sm', 'cma' or all). `false`: this agent neither grants nor uses it (active messages instead).
    */
   cma?: boolean;
 }
@@ -512,8 +513,8 @@ export class Agent extends EventEmitter {
    * event. `receiveBlocked`: that happened and no new worker could be opened — only a new agent
    * recovers (README: Security and reliability). `retiredRegions`: deregistered regions whose memory
    * is still held because a same-host peer granted path 'cma' has not yet confirmed that its copies
-   * into them ended (it is told at once; a peer whose connection is gone is waited for until its
-   * process ends, or this agent closes).
+   * into them ended (it is told at once; one whose connection is gone is waited for until its
+   * process ends; none longer than 5 s).
    */
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();

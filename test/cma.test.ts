@@ -52,10 +52,10 @@ describe('path cma', () => {
     const { a, b } = await pair();
     expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
     await Promise.all([a.ok('fill', { seed: 11 }), b.ok('fill', { seed: 12 })]);
-    // 4 MiB blocks (auto: cma, on the copy pool), 3,000 small ones by explicit path (inline, more
-    // iovecs than the kernel takes in one call), READ and WRITE.
+    // 4 MiB blocks (on the copy pool), 3,000 small ones (inline, more iovecs than the kernel takes in
+    // one call), READ and WRITE.
     const cases = [
-      { lengths: [4 << 20, 4 << 20], localOffsets: [0, 8 << 20], remoteOffsets: [16 << 20, 4 << 20], path: undefined },
+      { lengths: [4 << 20, 4 << 20], localOffsets: [0, 8 << 20], remoteOffsets: [16 << 20, 4 << 20], path: 'cma' },
       {
         lengths: Array.from({ length: 3000 }, (_, i) => 64 + (i % 7) * 512),
         localOffsets: Array.from({ length: 3000 }, (_, i) => i * 8192),
@@ -88,6 +88,7 @@ describe('path cma', () => {
       expect(r.message).toMatch(/path 'cma' needs a peer on this host/);
       const s = await a.ok('transfer', { op: 'write', peer: b.name, localOffsets: [0], remoteOffsets: [0], lengths: [4 << 20] });
       expect(s.stats.path).toBe('am');
+      expect((await a.call('transfer', { op: 'write', peer: b.name, localOffsets: [0], remoteOffsets: [0], lengths: [4 << 20], path: 'cma' })).error?.code).toBe('ERR_UNAVAILABLE');
       await Promise.all(procs.splice(0).map((p) => p.close()));
     }
   });
@@ -98,7 +99,7 @@ describe('path cma', () => {
     await a.ok('fill', { seed: 5 });
     // The initiator writes 4 MiB blocks back to back by cma while the target deregisters.
     const looping = a.waitEvent('looping');
-    const loop = a.ok('writeLoop', { peer: b.name, length: 4 << 20, ms: 1500 });
+    const loop = a.ok('writeLoop', { peer: b.name, length: 4 << 20, ms: 1500, path: 'cma' });
     await looping;
     await new Promise((r) => setTimeout(r, 200));
     const { health } = await b.ok('deregister');
@@ -122,7 +123,7 @@ describe('path cma', () => {
     const { a, b } = await pair();
     expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
     const looping = a.waitEvent('looping');
-    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500 });
+    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500, path: 'cma' });
     await looping;
     await new Promise((r) => setTimeout(r, 100));
     b.kill();
@@ -195,7 +196,7 @@ describe('path cma', () => {
     const { a, b } = await pair();
     expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
     const looping = a.waitEvent('looping');
-    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500 });
+    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500, path: 'cma' });
     await looping;
     await new Promise((r) => setTimeout(r, 200));
     const { ms } = await b.ok('closeAgent');
@@ -204,5 +205,24 @@ describe('path cma', () => {
     const { paths, codes } = await loop;
     expect(paths.cma).toBeGreaterThan(0);
     expect(Object.keys(codes).every((c) => c === 'ERR_REMOTE_DISCONNECT' || c === 'ERR_NOT_FOUND')).toBe(true);
+  });
+
+  it("a target whose event loop is blocked: 'auto' (cma) finishes large WRITEs meanwhile, active messages wait for it", async () => {
+    const { a, b } = await pair();
+    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+    const write = (path?: string) => a.ok('transfer', { op: 'write', peer: b.name, localOffsets: [0], remoteOffsets: [0], lengths: [4 << 20], path });
+    expect((await write()).stats.path).toBe('cma');
+    // The target's JS is busy for 1.5 s (a long synchronous task): its UCX worker is not progressed.
+    await b.ok('busyLoop', { busyMs: 1500, everyMs: 1, forMs: 0 });
+    await new Promise((r) => setTimeout(r, 100));
+    const t0 = Date.now();
+    const byCma = await write();
+    const cmaMs = Date.now() - t0;
+    const byAm = await write('am');
+    const amMs = Date.now() - t0 - cmaMs;
+    expect(byCma.stats.path).toBe('cma');
+    expect(cmaMs).toBeLessThan(700); // a 4 MiB copy and two IPC hops, while the target is blocked
+    expect(byAm.stats.path).toBe('am');
+    expect(amMs).toBeGreaterThan(500); // waited for the target's loop (the block ends ~1.4 s after the cma write began)
   });
 });
