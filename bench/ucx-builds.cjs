@@ -90,6 +90,7 @@ const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 10
       row[`${v} path`] = c.path;
       row[`${v} GB/s`] = c.batch === 10_000 ? `${c.nsPerDescriptor} ns/desc` : c.gbps;
       row[`${v} vs perftest`] = c.vs.perftest.ratio === null ? 'n/a' : `${pct(c.vs.perftest.ratio)} ${c.vs.perftest.test}`;
+      if (c.vs.socket.ratio !== null) row[`${v} vs socket`] = `${c.vs.socket.ratio.toFixed(1)}x`;
       if (c.vs.nixl) row[`${v} vs NIXL`] = c.vs.nixl.ratio === null ? 'n/a' : `${c.vs.nixl.ratio.toFixed(2)}x`;
     }
   if (versions.length === 2)
