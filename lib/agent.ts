@@ -265,6 +265,7 @@ export class Agent extends EventEmitter {
   allocate(bytes: number, options: RegionOptions): Region {
     check(Number.isSafeInteger(bytes) && bytes > 0, 'bytes', `must be a positive integer, got ${bytes}`);
     const { name, access } = this.#regionOptions(options);
+    check(options.hugePages === undefined, 'hugePages', "applies to register() only (allocate()'s memory is UCX shared memory, mapped by same-host peers)");
     const r = this.#open().allocate(name, bytes, access);
     markAsUntransferable(r.bytes.buffer); // UCX owns this memory: it must not move to another thread
     const region = new Region(r.region, r.bytes);
@@ -291,7 +292,8 @@ export class Agent extends EventEmitter {
     // A registered buffer must not move to another thread while UCX writes into it: transferring it
     // (postMessage, structuredClone) copies it instead, from now on.
     markAsUntransferable(view.buffer);
-    const native = this.#open().register(name, view, access);
+    check(options.hugePages === undefined || typeof options.hugePages === 'boolean', 'hugePages', `must be a boolean, got ${typeof options.hugePages}`);
+    const native = this.#open().register(name, view, access, options.hugePages === true);
     const region = new Region(native, view);
     this.#regions.set(region.id, region);
     return region;

@@ -34,7 +34,7 @@ export const SETTLED_STRIDE = 9;
 
 export interface NativeAgent {
   allocate(name: string, bytes: number, access: string): { region: NativeRegion; bytes: Uint8Array };
-  register(name: string, view: Uint8Array, access: string): NativeRegion;
+  register(name: string, view: Uint8Array, access: string, hugePages?: boolean): NativeRegion;
   deregister(regionId: number): void;
   metadata(): Buffer;
   loadPeer(blob: Uint8Array): NativePeer;

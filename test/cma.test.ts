@@ -4,6 +4,7 @@
 // bytes are right, a deregistered region receives nothing once the agent stops holding it, and a
 // peer that dies mid-copy fails the transfer instead of hanging it.
 import { afterEach, describe, expect, it } from 'vitest';
+import { readFileSync } from 'node:fs';
 import { Agent } from '../lib';
 import { PeerProcess, connect, reseal } from './helpers';
 
@@ -224,5 +225,33 @@ describe('path cma', () => {
     expect(cmaMs).toBeLessThan(700); // a 4 MiB copy and two IPC hops, while the target is blocked
     expect(byAm.stats.path).toBe('am');
     expect(amMs).toBeGreaterThan(500); // waited for the target's loop (the block ends ~1.4 s after the cma write began)
+  });
+
+  it('register(..., { hugePages: true }) advises the whole 2 MiB pages inside the memory; allocate refuses the option', async () => {
+    const me = await Agent.create({ name: 'huge', ucx: { transports: 'shm,self' } });
+    try {
+      // Bytes of this process's mappings advised MADV_HUGEPAGE ('hg' in VmFlags).
+      const advised = () => {
+        let total = 0n;
+        let size = 0n;
+        for (const line of readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+          const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+          if (m) size = BigInt('0x' + m[2]) - BigInt('0x' + m[1]);
+          else if (line.startsWith('VmFlags:') && line.split(/\s+/).includes('hg')) total += size;
+        }
+        return total;
+      };
+      const before = advised();
+      me.register(Buffer.alloc(16 << 20), { name: 'plain' });
+      expect(advised()).toBe(before);
+      const huge = me.register(Buffer.alloc(16 << 20), { name: 'huge', hugePages: true });
+      expect(advised() - before).toBeGreaterThanOrEqual(14n << 20n); // the whole 2 MiB pages of 16 MiB
+      expect(huge.length).toBe(16 << 20);
+      for (const bad of [1, 'yes', null])
+        expect(() => me.register(Buffer.alloc(4096), { name: 'x', hugePages: bad as any })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_PARAM' }));
+      expect(() => me.allocate(1 << 20, { name: 'y', hugePages: true })).toThrow(/hugePages: applies to register\(\) only/);
+    } finally {
+      await me.close();
+    }
   });
 });

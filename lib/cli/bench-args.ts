@@ -5,7 +5,7 @@ import type { MemoryKind, Op } from './bench-node';
 
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
-         [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--no-baselines]
+         [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--huge-pages] [--no-baselines]
          [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE] [--baseline nixl]
          [--serve FILE --host IP | --peer FILE]
          throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines;
@@ -47,6 +47,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       'run-ms': { type: 'string', default: '200' },
       progress: { type: 'string', default: 'event' },
       cma: { type: 'string', default: 'on' },
+      'huge-pages': { type: 'boolean', default: false },
       layout: { type: 'string', default: 'spread' },
       'no-baselines': { type: 'boolean', default: false },
       baseline: { type: 'string' },
@@ -75,6 +76,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     runMs: positive('run-ms', v['run-ms']!),
     progress: oneOf('progress', v.progress!, ['event', 'poll'] as const),
     cma: oneOf('cma', v.cma!, ['on', 'off'] as const) === 'on',
+    hugePages: v['huge-pages']!,
     layout: oneOf('layout', v.layout!, ['spread', 'hot'] as const),
     baselines: !v['no-baselines'],
     extraBaselines: v.baseline === undefined ? [] : list<ExtraBaseline>('baseline', v.baseline, ['nixl']),

@@ -35,6 +35,7 @@ export interface NodeInit {
   regionBytes: number;
   progress: 'event' | 'poll';
   cma?: boolean;
+  hugePages?: boolean;
   /** Start the socket-baseline server on this host (port chosen by the OS). */
   socketHost?: string;
 }
@@ -73,8 +74,14 @@ let region: Region | undefined;
 const peers: RemoteRegion[] = [];
 let socketServer: net.Server | undefined;
 
-function makeRegion(a: Agent, memory: MemoryKind, bytes: number): Region {
+function makeRegion(a: Agent, memory: MemoryKind, bytes: number, hugePages: boolean): Region {
   if (memory === 'allocated') return a.allocate(bytes, { name: 'kv' });
+  if (hugePages) {
+    // A pool as such a user builds it: allocated, registered with the advice, then filled.
+    const region = a.register(Buffer.alloc(bytes), { name: 'kv', hugePages: true });
+    for (let i = 0; i < bytes; i += 4096) region.bytes[i] = i & 0xff;
+    return region;
+  }
   const buf = Buffer.alloc(bytes);
   for (let i = 0; i < bytes; i += 4096) buf[i] = i & 0xff; // fault the pages in
   return a.register(buf, { name: 'kv' });
@@ -82,7 +89,7 @@ function makeRegion(a: Agent, memory: MemoryKind, bytes: number): Region {
 
 export async function init(m: NodeInit): Promise<{ metadata: string; socketPort?: number }> {
   agent = await Agent.create({ name: m.name, progress: m.progress, ucx: { transports: m.transports }, cma: m.cma ?? true });
-  region = makeRegion(agent, m.memory, m.regionBytes);
+  region = makeRegion(agent, m.memory, m.regionBytes, m.hugePages ?? false);
   let socketPort: number | undefined;
   if (m.socketHost) {
     socketServer = serveSocket(region.bytes);

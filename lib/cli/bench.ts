@@ -35,6 +35,8 @@ export interface BenchOptions {
   progress: 'event' | 'poll';
   /** Agents may use path 'cma' (same-host one-sided copies of registered memory); off: active messages. */
   cma: boolean;
+  /** Registered regions advised for transparent huge pages (registered, then filled). */
+  hugePages: boolean;
   baselines: boolean;
   /** `--baseline nixl`: NIXL agents on the same pairwise cells, in the same run. */
   extraBaselines: ExtraBaseline[];
@@ -195,7 +197,7 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
   const nInit = pattern === 'many-to-one' ? opts.fan : 1;
   const nTarget = remote ? 1 : pattern === 'one-to-many' ? opts.fan : 1;
   const maxArea = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b), 2 * DESCRIPTOR_CELL.batch * DESCRIPTOR_CELL.block);
-  const base = { transports: transportsOf(t), memory, progress: opts.progress, cma: opts.cma };
+  const base = { transports: transportsOf(t), memory, progress: opts.progress, cma: opts.cma, hugePages: opts.hugePages };
   const initiators = Array.from({ length: nInit }, (_, i) => new Node(`initiator-${i}`));
   const targets = remote ? [] : Array.from({ length: nTarget }, (_, i) => new Node(`target-${i}`));
   const all = [...initiators, ...targets];

@@ -438,7 +438,7 @@ Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
   auto* ref = new Napi::ObjectReference(Napi::Persistent(info[1].As<Napi::Object>()));
   std::shared_ptr<void> keeper(ref, [](void* p) { delete static_cast<Napi::ObjectReference*>(p); });
   auto r = agent_->registerMemory(info[0].As<Napi::String>(), view.Data(), view.ByteLength(), accessFrom(info[2]),
-                                  std::move(keeper));
+                                  std::move(keeper), info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value());
   if (!r.isOk()) {
     throwStatus(env, r.status());
     return env.Undefined();

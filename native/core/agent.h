@@ -57,8 +57,9 @@ class Agent : public BackendHost {
   uint64_t generation() const { return generation_; }
 
   Result<RegionInfo> allocate(const std::string& name, uint64_t length, uint8_t access);
+  // hugePages: advise transparent huge pages for the whole 2 MiB pages inside [ptr, ptr + length).
   Result<RegionInfo> registerMemory(const std::string& name, uint8_t* ptr, uint64_t length, uint8_t access,
-                                    std::shared_ptr<void> keeper);
+                                    std::shared_ptr<void> keeper, bool hugePages = false);
   Status deregister(uint32_t regionId);
   LocalRegionRef regionRef(uint32_t regionId) const;
 
