@@ -289,10 +289,10 @@ export class Agent extends EventEmitter {
     }
     check(view.byteLength > 0, 'memory', 'must not be empty (or a detached ArrayBuffer)');
     const { name, access } = this.#regionOptions(options);
+    check(options.hugePages === undefined || typeof options.hugePages === 'boolean', 'hugePages', `must be a boolean, got ${typeof options.hugePages}`);
     // A registered buffer must not move to another thread while UCX writes into it: transferring it
     // (postMessage, structuredClone) copies it instead, from now on.
     markAsUntransferable(view.buffer);
-    check(options.hugePages === undefined || typeof options.hugePages === 'boolean', 'hugePages', `must be a boolean, got ${typeof options.hugePages}`);
     const native = this.#open().register(name, view, access, options.hugePages === true);
     const region = new Region(native, view);
     this.#regions.set(region.id, region);
@@ -516,7 +516,7 @@ export class Agent extends EventEmitter {
    * recovers (README: Security and reliability). `retiredRegions`: deregistered regions whose memory
    * is still held because a same-host peer granted path 'cma' has not yet confirmed that its copies
    * into them ended (it is told at once; one whose connection is gone is waited for until its
-   * process ends; none longer than 5 s).
+   * process ends; none longer than 5 s, or than the close grace of 2 s at `close()`).
    */
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();

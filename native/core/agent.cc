@@ -121,7 +121,8 @@ static Status adviseHugePages(uint8_t* ptr, uint64_t length) {
   const uintptr_t to = (reinterpret_cast<uintptr_t>(ptr) + length) & ~(huge - 1);
   if (to <= from) return Status::ok();  // no whole huge page inside: nothing to advise
   if (madvise(reinterpret_cast<void*>(from), to - from, MADV_HUGEPAGE) != 0)
-    return {Code::Backend, std::string("hugePages: madvise(MADV_HUGEPAGE) failed: ") + std::strerror(errno)};
+    return {errno == EINVAL ? Code::Unavailable : Code::Backend,  // EINVAL: a kernel without transparent huge pages
+            std::string("hugePages: madvise(MADV_HUGEPAGE) failed: ") + std::strerror(errno)};
   return Status::ok();
 }
 

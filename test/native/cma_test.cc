@@ -3,6 +3,7 @@
 // kvwire table mapping is believed (a copy of one in ordinary memory is refused), and a lookup sees
 // only live entries of the id asked for.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,17 +14,36 @@
 namespace kvwire::ucx {
 namespace {
 
-struct Child {  // a process holding a CmaTable, a grant and a fake grant in ordinary memory
-  pid_t pid = 0;
-  uint64_t grant = 0, fake = 0, region = 0;
-};
-
 const uint8_t kNonce[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
 
-Child spawn() {
+struct Child {  // a process holding a CmaTable, a grant and fakes; killed when the test ends, however it ends
+  pid_t pid = 0;
+  uint64_t grant = 0, fake = 0, region = 0, misnamed = 0, wrongSize = 0;
+  ~Child() {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  }
+};
+
+// A memfd mapping with `name` and `bytes`, holding at a grant slot's offset a grant with our nonce.
+uint64_t fakeTable(const char* name, size_t bytes) {
+  const int fd = memfd_create(name, MFD_CLOEXEC);
+  if (fd < 0 || ftruncate(fd, bytes) != 0) _exit(4);
+  auto* p = static_cast<uint8_t*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
+  close(fd);
+  if (p == MAP_FAILED) _exit(5);
+  auto* g = reinterpret_cast<CmaGrant*>(p + sizeof(CmaEntry) * kCmaSlots);
+  std::memcpy(g->nonce, kNonce, sizeof kNonce);
+  g->entries = reinterpret_cast<uint64_t>(p);
+  g->slots = kCmaSlots;
+  return reinterpret_cast<uint64_t>(g);
+}
+
+void spawn(Child& c) {
   int fds[2];
   EXPECT_EQ(pipe(fds), 0);
-  Child c;
   c.pid = fork();
   if (c.pid == 0) {
     static CmaTable table;
@@ -37,27 +57,33 @@ Child spawn() {
     std::memcpy(fake[0].nonce, kNonce, sizeof kNonce);
     fake[0].entries = reinterpret_cast<uint64_t>(&fake[1]);
     fake[0].slots = kCmaSlots;
-    const uint64_t out[3] = {table.grantAddress(slot), reinterpret_cast<uint64_t>(&fake[0]), reinterpret_cast<uint64_t>(region)};
+    const uint64_t out[5] = {table.grantAddress(slot), reinterpret_cast<uint64_t>(&fake[0]), reinterpret_cast<uint64_t>(region),
+                             fakeTable("kvwire-cma-table evil", kCmaTableBytes), fakeTable(kCmaTableName, kCmaTableBytes + (1u << 20))};
     if (write(fds[1], out, sizeof out) != sizeof out) _exit(3);
     for (;;) pause();  // until the test kills it
   }
-  uint64_t in[3] = {};
+  uint64_t in[5] = {};
   EXPECT_EQ(read(fds[0], in, sizeof in), static_cast<ssize_t>(sizeof in));
   c.grant = in[0];
   c.fake = in[1];
   c.region = in[2];
+  c.misnamed = in[3];
+  c.wrongSize = in[4];
   close(fds[0]);
   close(fds[1]);
-  return c;
 }
 
 TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
-  Child c = spawn();
+  Child c;
+  spawn(c);
+  ASSERT_GT(c.pid, 0);
   uint64_t entries = 0;
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, kNonce, &entries), "");
   EXPECT_NE(entries, 0u);
   uint64_t ignored = 0;
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.fake, kNonce, &ignored), "it is not in a kvwire table mapping");
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.misnamed, kNonce, &ignored), "it is not in a kvwire table mapping");
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.wrongSize, kNonce, &ignored), "its mapping is not a whole kvwire table");
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant + 8, kNonce, &ignored), "it is not at a grant slot");
   EXPECT_EQ(cmaVerifyGrant(c.pid, entries, kNonce, &ignored), "it is not at a grant slot");
   uint8_t other[16] = {};
@@ -72,12 +98,20 @@ TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
   EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 8, &e), CmaLookup::NotPublished);
   EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, other, 7, &e), CmaLookup::GrantGone);
 
+  uint8_t got[16] = {};
+  CmaSpan live{got, reinterpret_cast<uint8_t*>(c.region), sizeof got};
+  EXPECT_TRUE(cmaCopy(c.pid, false, &live, 1).isOk());
+  std::atomic<bool> stop{true};  // the region was revoked: nothing more is copied
+  EXPECT_EQ(cmaCopy(c.pid, false, &live, 1, &stop).code(), Code::NotFound);
+
   kill(c.pid, SIGKILL);
   waitpid(c.pid, nullptr, 0);
-  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 7, &e), CmaLookup::GrantGone);
+  const pid_t gone = c.pid;
+  c.pid = 0;
+  EXPECT_EQ(cmaLookup(gone, c.grant, entries, kNonce, 7, &e), CmaLookup::GrantGone);
   uint8_t buf[8];
   CmaSpan span{buf, reinterpret_cast<uint8_t*>(c.region), sizeof buf};
-  const Status st = cmaCopy(c.pid, false, &span, 1);
+  const Status st = cmaCopy(gone, false, &span, 1);
   EXPECT_EQ(st.code(), Code::RemoteDisconnect) << st.message();
 }
 

@@ -32,11 +32,13 @@ Status failure(int err, bool write, const CmaSpan& at) {
 
 }  // namespace
 
-Status cmaCopy(pid_t pid, bool write, const CmaSpan* spans, size_t count) {
+Status cmaCopy(pid_t pid, bool write, const CmaSpan* spans, size_t count, const std::atomic<bool>* stop) {
   std::vector<iovec> local, remote;
   size_t next = 0;      // first span not fully copied
   uint64_t partial = 0; // bytes of spans[next] already copied
   while (next < count) {
+    if (stop != nullptr && stop->load(std::memory_order_acquire))
+      return {Code::NotFound, "the peer deregistered the region while this transfer was being copied into or out of it"};
     local.clear();
     remote.clear();
     uint64_t want = 0;
@@ -166,7 +168,8 @@ std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint
     std::string file = name > 0 ? std::string(line + name) : std::string();
     while (!file.empty() && (file.back() == '\n' || file.back() == ' ')) file.pop_back();
     const uint64_t slots = start + sizeof(CmaEntry) * kCmaSlots;
-    if (file.compare(0, want.size(), want) != 0 || (file.size() > want.size() && file[want.size()] != ' ')) {
+    // Exactly the name kvwire gives it (a memfd's file is always unlinked), private and writable.
+    if (file != want + " (deleted)" || std::string(perms) != "rw-p") {
       why = "it is not in a kvwire table mapping";
     } else if (off != 0 || end - start != mapped) {
       why = "its mapping is not a whole kvwire table";

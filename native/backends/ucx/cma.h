@@ -3,6 +3,7 @@
 #pragma once
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -19,8 +20,9 @@ struct CmaSpan {
 };
 
 // Copies every span (write: local -> remote; read: remote -> local) in as few system calls as the
-// kernel's iovec limit allows. Names the first span that failed and why.
-Status cmaCopy(pid_t pid, bool write, const CmaSpan* spans, size_t count);
+// kernel's iovec limit allows. Names the first span that failed and why. `stop`, when set, is
+// checked before each system call (the target revoked the region: ERR_NOT_FOUND).
+Status cmaCopy(pid_t pid, bool write, const CmaSpan* spans, size_t count, const std::atomic<bool>* stop = nullptr);
 
 // Reads `length` bytes at `remote` in process `pid` into `out`; true if all of them were read.
 bool cmaRead(pid_t pid, uint64_t remote, void* out, size_t length);

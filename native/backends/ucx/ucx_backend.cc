@@ -306,6 +306,7 @@ class UcxBackendImpl : public Backend {
     size_t remaining = 0;
   };
   std::vector<PendingAck> pendingAcks_;
+  std::set<std::pair<uint64_t, uint64_t>> pendingAckKeys_;  // (token, seq) of pendingAcks_
   static constexpr size_t kMaxPendingAcks = 65536;
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
   Status postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
@@ -498,6 +499,7 @@ class UcxBackendImpl : public Backend {
     std::atomic<size_t> pending{0};
     uint64_t cmaToken = 0;         // a cma copy's grant, and the region it copies into or out of
     uint32_t regionId = 0;
+    std::atomic<bool> revoked{false};  // the target withdrew that region: shares not yet copied stop
     std::mutex errorMutex;         // the first failing share says why
     Status error;
   };
@@ -1269,7 +1271,7 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
         for (const Piece& p : pieces)  // a WRITE's destination is remote, a READ's source
           spans.push_back(write ? ucx::CmaSpan{const_cast<uint8_t*>(p.src), p.dst, p.length}
                                 : ucx::CmaSpan{p.dst, const_cast<uint8_t*>(p.src), p.length});
-        Status st = ucx::cmaCopy(pid, write, spans.data(), spans.size());
+        Status st = ucx::cmaCopy(pid, write, spans.data(), spans.size(), &raw->revoked);
         if (!st) {
           std::lock_guard<std::mutex> lock(raw->errorMutex);
           if (raw->error.isOk()) raw->error = std::move(st);
@@ -1416,15 +1418,22 @@ void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
 }
 
 void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
-  size_t running = 0;  // this grant's copies into that region, all posted before the REVOKE
-  for (const auto& [id, job] : copyJobs_) running += job->cmaToken == h.token && job->regionId == h.regionId ? 1 : 0;
-  if (running == 0 || h.token == 0) {
+  // This grant's copies into that region, all posted before the REVOKE (later ones find the region
+  // withdrawn): what is queued or running stops at its next system call, and the answer goes when
+  // they have ended.
+  size_t running = 0;
+  for (const auto& [id, job] : copyJobs_)
+    if (job->cmaToken == h.token && job->regionId == h.regionId && h.token != 0) {
+      job->revoked.store(true, std::memory_order_release);
+      ++running;
+    }
+  if (running == 0) {
     sendRevokeAck(h);
     return;
   }
-  for (const PendingAck& a : pendingAcks_)
-    if (a.h.token == h.token && a.h.seq == h.seq) return;  // said twice
-  if (pendingAcks_.size() < kMaxPendingAcks) pendingAcks_.push_back({h, running});  // else the target's deadline
+  if (pendingAcks_.size() >= kMaxPendingAcks) return;  // the target's deadline answers for it
+  if (!pendingAckKeys_.emplace(h.token, h.seq).second) return;  // said twice
+  pendingAcks_.push_back({h, running});
 }
 
 void UcxBackendImpl::sendRevokeAck(const ucx::RevokeHeader& h) {
@@ -1767,6 +1776,7 @@ void UcxBackendImpl::rebuildWorker() {
   connectionByOwnEp_.clear();
   while (!grantees_.empty()) endGrant(grantees_.begin()->first);
   pendingAcks_.clear();  // their connections are gone with the old worker
+  pendingAckKeys_.clear();
   for (auto& [ep, peer] : peersByEp_) {  // the host reconnects them on the new worker
     peer->ep_ = nullptr;
     peer->failed_ = true;
@@ -2530,6 +2540,7 @@ bool UcxBackendImpl::progress() {
         for (auto a = pendingAcks_.begin(); a != pendingAcks_.end();) {
           if (a->h.token == token && a->h.regionId == regionId && --a->remaining == 0) {
             sendRevokeAck(a->h);
+            pendingAckKeys_.erase({a->h.token, a->h.seq});
             a = pendingAcks_.erase(a);
           } else {
             ++a;
