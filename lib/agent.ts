@@ -515,8 +515,9 @@ export class Agent extends EventEmitter {
    * event. `receiveBlocked`: that happened and no new worker could be opened — only a new agent
    * recovers (README: Security and reliability). `retiredRegions`: deregistered regions whose memory
    * is still held because a same-host peer granted path 'cma' has not yet confirmed that its copies
-   * into them ended (it is told at once; one whose connection is gone is waited for until its
-   * process ends; none longer than 5 s, or than the close grace of 2 s at `close()`).
+   * into them ended (it is told at once, and confirms by writing into this agent's table, which no
+   * other peer can do for it; none is waited for longer than 5 s, or than the 2 s close grace at
+   * `close()`).
    */
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();

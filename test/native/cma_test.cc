@@ -34,7 +34,7 @@ uint64_t fakeTable(const char* name, size_t bytes) {
   auto* p = static_cast<uint8_t*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0));
   close(fd);
   if (p == MAP_FAILED) _exit(5);
-  auto* g = reinterpret_cast<CmaGrant*>(p + sizeof(CmaEntry) * kCmaSlots);
+  auto* g = reinterpret_cast<CmaGrant*>(p + sizeof(CmaHeader) + sizeof(CmaEntry) * kCmaSlots);
   std::memcpy(g->nonce, kNonce, sizeof kNonce);
   g->entries = reinterpret_cast<uint64_t>(p);
   g->slots = kCmaSlots;
@@ -52,7 +52,7 @@ void spawn(Child& c) {
     if (!table.init()) _exit(2);
     table.publish(7, 3, reinterpret_cast<uint64_t>(region), sizeof region);
     table.publish(7 + kCmaSlots, 3, 0x1000, 4096);  // same slot, other id: stays unpublished
-    const int slot = table.grant(kNonce);
+    const int slot = table.grant(kNonce, 0);
     // A "grant" a peer could have written into some writable region: nonce, and a table of its own.
     std::memcpy(fake[0].nonce, kNonce, sizeof kNonce);
     fake[0].entries = reinterpret_cast<uint64_t>(&fake[1]);
@@ -77,26 +77,37 @@ TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
   Child c;
   spawn(c);
   ASSERT_GT(c.pid, 0);
-  uint64_t entries = 0;
-  EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, kNonce, &entries), "");
-  EXPECT_NE(entries, 0u);
+  uint64_t table = 0;
+  EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, kNonce, &table), "");
+  EXPECT_NE(table, 0u);
   uint64_t ignored = 0;
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.fake, kNonce, &ignored), "it is not in a kvwire table mapping");
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.misnamed, kNonce, &ignored), "it is not in a kvwire table mapping");
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.wrongSize, kNonce, &ignored), "its mapping is not a whole kvwire table");
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant + 8, kNonce, &ignored), "it is not at a grant slot");
-  EXPECT_EQ(cmaVerifyGrant(c.pid, entries, kNonce, &ignored), "it is not at a grant slot");
+  EXPECT_EQ(cmaVerifyGrant(c.pid, table, kNonce, &ignored), "it is not at a grant slot");
   uint8_t other[16] = {};
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, other, &ignored), "its grant does not hold our nonce");
 
   CmaEntry e{};
-  ASSERT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 7, &e), CmaLookup::Ok);
+  uint64_t epoch = 0;
+  ASSERT_EQ(cmaLookup(c.pid, c.grant, table, kNonce, 7, &e, &epoch), CmaLookup::Ok);
   EXPECT_EQ(e.base, c.region);
   EXPECT_EQ(e.length, 4096u);
   EXPECT_EQ(e.access, 3u);
-  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 7 + kCmaSlots, &e), CmaLookup::NotPublished);
-  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, kNonce, 8, &e), CmaLookup::NotPublished);
-  EXPECT_EQ(cmaLookup(c.pid, c.grant, entries, other, 7, &e), CmaLookup::GrantGone);
+  EXPECT_EQ(epoch, 1u);  // nothing withdrawn yet
+  EXPECT_EQ(cmaEpoch(c.pid, table), 1u);
+  // The grantee's safe epoch lands in its own grant slot (twice), nowhere else.
+  ASSERT_TRUE(cmaWriteSafeEpoch(c.pid, c.grant, 42));
+  CmaGrant g{};
+  ASSERT_TRUE(cmaRead(c.pid, c.grant, &g, sizeof g));
+  EXPECT_EQ(g.safeEpoch[0], 42u);
+  EXPECT_EQ(g.safeEpoch[1], 42u);
+  EXPECT_EQ(std::memcmp(g.nonce, kNonce, sizeof kNonce), 0);
+  EXPECT_EQ(g.entries, table + sizeof(CmaHeader));
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, table, kNonce, 7 + kCmaSlots, &e, &epoch), CmaLookup::NotPublished);
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, table, kNonce, 8, &e, &epoch), CmaLookup::NotPublished);
+  EXPECT_EQ(cmaLookup(c.pid, c.grant, table, other, 7, &e, &epoch), CmaLookup::GrantGone);
 
   uint8_t got[16] = {};
   CmaSpan live{got, reinterpret_cast<uint8_t*>(c.region), sizeof got};
@@ -108,11 +119,36 @@ TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
   waitpid(c.pid, nullptr, 0);
   const pid_t gone = c.pid;
   c.pid = 0;
-  EXPECT_EQ(cmaLookup(gone, c.grant, entries, kNonce, 7, &e), CmaLookup::GrantGone);
+  EXPECT_EQ(cmaLookup(gone, c.grant, table, kNonce, 7, &e, &epoch), CmaLookup::GrantGone);
   uint8_t buf[8];
   CmaSpan span{buf, reinterpret_cast<uint8_t*>(c.region), sizeof buf};
   const Status st = cmaCopy(gone, false, &span, 1);
   EXPECT_EQ(st.code(), Code::RemoteDisconnect) << st.message();
+}
+
+TEST(Cma, ARetiredRegionWaitsForTheGranteesOwnSafeEpoch) {
+  CmaTable t;
+  ASSERT_TRUE(t.init());
+  static uint8_t region[4096];
+  t.publish(1, 3, reinterpret_cast<uint64_t>(region), sizeof region);
+  const int slot = t.grant(kNonce, 0);
+  ASSERT_GE(slot, 0);
+  EXPECT_EQ(t.safeEpoch(slot), 1u);  // granted at epoch 1: nothing of it runs yet
+  const uint64_t withdrawn = t.withdraw(1);
+  EXPECT_EQ(withdrawn, 2u);
+  EXPECT_LT(t.safeEpoch(slot), withdrawn);  // not safe until the grantee says so in the slot
+  // Only a process that may write into this one can: here, this one.
+  ASSERT_TRUE(cmaWriteSafeEpoch(getpid(), t.grantAddress(slot), withdrawn));
+  EXPECT_EQ(t.safeEpoch(slot), withdrawn);
+  // An ended grant's slot is not given again while it cools.
+  t.endGrant(slot, 1000, 500);
+  std::vector<int> cooling;
+  t.coolingSlots(1200, &cooling);
+  EXPECT_EQ(cooling, std::vector<int>{slot});
+  for (int i = 0; i < 10; ++i) EXPECT_NE(t.grant(kNonce, 1200), slot);
+  cooling.clear();
+  t.coolingSlots(1600, &cooling);
+  EXPECT_TRUE(cooling.empty());
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -79,8 +80,8 @@ CmaTable::~CmaTable() {
   withdrawAll();
   for (uint32_t i = 0; i < kCmaGrants; ++i) std::memset(grants_[i].nonce, 0, sizeof grants_[i].nonce);
   // Kept reserved, without memory or access: a late reader gets EFAULT.
-  madvise(entries_, kCmaTableBytes, MADV_DONTNEED);
-  mprotect(entries_, kCmaTableBytes, PROT_NONE);
+  madvise(header_, kCmaTableBytes, MADV_DONTNEED);
+  mprotect(header_, kCmaTableBytes, PROT_NONE);
 }
 
 bool CmaTable::init() {
@@ -91,7 +92,9 @@ bool CmaTable::init() {
                 : MAP_FAILED;
   close(fd);
   if (p == MAP_FAILED) return false;
-  entries_ = static_cast<CmaEntry*>(p);
+  header_ = static_cast<CmaHeader*>(p);
+  header_->epoch = 1;
+  entries_ = reinterpret_cast<CmaEntry*>(header_ + 1);
   grants_ = reinterpret_cast<CmaGrant*>(entries_ + kCmaSlots);
   free_.reserve(kCmaGrants);
   for (int i = kCmaGrants - 1; i >= 0; --i) free_.push_back(i);
@@ -117,10 +120,14 @@ void CmaTable::publish(uint32_t id, uint32_t access, uint64_t base, uint64_t len
   write(e, id, access, base, length);
 }
 
-void CmaTable::withdraw(uint32_t id) {
-  if (!entries_) return;
+uint64_t CmaTable::withdraw(uint32_t id) {
+  if (!entries_) return 0;
   CmaEntry& e = entries_[id % kCmaSlots];
   if (e.id == id && e.access != 0) write(e, id, 0, 0, 0);
+  // After the entry: a grantee that reads this epoch (or a later one) before an entry finds it gone.
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  const uint64_t epoch = __atomic_add_fetch(&header_->epoch, 1, __ATOMIC_SEQ_CST);
+  return epoch;
 }
 
 void CmaTable::withdrawAll() {
@@ -129,26 +136,45 @@ void CmaTable::withdrawAll() {
     if (entries_[i].access != 0) write(entries_[i], entries_[i].id, 0, 0, 0);
 }
 
-int CmaTable::grant(const uint8_t* nonce) {
-  if (!entries_ || free_.empty()) return -1;
+int CmaTable::grant(const uint8_t* nonce, uint64_t nowNs) {
+  if (!entries_) return -1;
+  for (auto it = cooling_.begin(); it != cooling_.end();)
+    if (it->first <= nowNs) {
+      free_.push_back(it->second);
+      it = cooling_.erase(it);
+    } else {
+      ++it;
+    }
+  if (free_.empty()) return -1;
   const int slot = free_.back();
   free_.pop_back();
   CmaGrant& g = grants_[slot];
   g.entries = reinterpret_cast<uint64_t>(entries_);
   g.slots = kCmaSlots;
+  // No copy of the new grantee runs yet: it is safe from the current epoch on.
+  const uint64_t now = __atomic_load_n(&header_->epoch, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&g.safeEpoch[0], now, __ATOMIC_RELAXED);
+  __atomic_store_n(&g.safeEpoch[1], now, __ATOMIC_RELAXED);
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   std::memcpy(g.nonce, nonce, sizeof g.nonce);
   return slot;
 }
 
-void CmaTable::endGrant(int slot) {
+void CmaTable::endGrant(int slot, uint64_t nowNs, uint64_t coolNs) {
   if (!entries_ || slot < 0 || slot >= static_cast<int>(kCmaGrants)) return;
   std::memset(grants_[slot].nonce, 0, sizeof grants_[slot].nonce);
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  free_.push_back(slot);
+  cooling_.emplace_back(nowNs + coolNs, slot);
 }
 
-std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint64_t* entries) {
+uint64_t CmaTable::safeEpoch(int slot) const {
+  if (!entries_ || slot < 0 || slot >= static_cast<int>(kCmaGrants)) return 0;
+  const uint64_t a = __atomic_load_n(&grants_[slot].safeEpoch[0], __ATOMIC_SEQ_CST);
+  const uint64_t b = __atomic_load_n(&grants_[slot].safeEpoch[1], __ATOMIC_SEQ_CST);
+  return a == b ? a : 0;
+}
+
+std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint64_t* table) {
   // The mapping that holds `grant` in that process must be a kvwire table: a memfd of that name,
   // the table's size, from its start; the grant at a grant slot of it.
   const std::string path = "/proc/" + std::to_string(pid) + "/maps";
@@ -167,7 +193,7 @@ std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint
     if (grant < start || grant >= end) continue;
     std::string file = name > 0 ? std::string(line + name) : std::string();
     while (!file.empty() && (file.back() == '\n' || file.back() == ' ')) file.pop_back();
-    const uint64_t slots = start + sizeof(CmaEntry) * kCmaSlots;
+    const uint64_t slots = start + sizeof(CmaHeader) + sizeof(CmaEntry) * kCmaSlots;
     // Exactly the name kvwire gives it (a memfd's file is always unlinked), private and writable.
     if (file != want + " (deleted)" || std::string(perms) != "rw-p") {
       why = "it is not in a kvwire table mapping";
@@ -177,7 +203,7 @@ std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint
       why = "it is not at a grant slot";
     } else {
       why.clear();
-      *entries = start;
+      *table = start;
     }
     break;
   }
@@ -186,19 +212,24 @@ std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint
   CmaGrant g{};
   if (!cmaRead(pid, grant, &g, sizeof g)) return "its grant cannot be read";
   if (std::memcmp(g.nonce, nonce, sizeof g.nonce) != 0) return "its grant does not hold our nonce";
-  if (g.entries != *entries || g.slots != kCmaSlots) return "its grant names another table";
+  if (g.entries != *table + sizeof(CmaHeader) || g.slots != kCmaSlots) return "its grant names another table";
   return {};
 }
 
-CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t entries, const uint8_t* nonce, uint32_t id, CmaEntry* out) {
+CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t table, const uint8_t* nonce, uint32_t id, CmaEntry* out,
+                    uint64_t* epoch) {
   // Ordered reads (a fence between system calls): the grant's nonce (still ours) and the entry's
   // sequence number; the entry; the sequence number again. The writer makes it odd before it
   // touches the entry and even again after, and it only grows: the same even number before and
   // after means no write overlapped the read in between.
   uint8_t held[sizeof(CmaGrant::nonce)] = {};
-  const uint64_t at = entries + static_cast<uint64_t>(id % kCmaSlots) * sizeof(CmaEntry);
+  const uint64_t at = table + sizeof(CmaHeader) + static_cast<uint64_t>(id % kCmaSlots) * sizeof(CmaEntry);
   uint64_t before = 0, after = 0;
   if (!cmaRead(pid, grant, held, sizeof held) || std::memcmp(held, nonce, sizeof held) != 0) return CmaLookup::GrantGone;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  // The epoch first: a withdrawal raises it after the entry, so an entry read after an epoch at or
+  // past the withdrawal's shows the region gone.
+  if (!cmaRead(pid, table, epoch, sizeof *epoch)) return CmaLookup::GrantGone;
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (!cmaRead(pid, at, &before, sizeof before)) return CmaLookup::GrantGone;
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -207,6 +238,18 @@ CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t entries, const uint8_t* 
   if (!cmaRead(pid, at, &after, sizeof after)) return CmaLookup::GrantGone;
   if (before != after || (before & 1) != 0 || out->id != id || out->access == 0) return CmaLookup::NotPublished;
   return CmaLookup::Ok;
+}
+
+uint64_t cmaEpoch(pid_t pid, uint64_t table) {
+  uint64_t epoch = 0;
+  return cmaRead(pid, table, &epoch, sizeof epoch) ? epoch : 0;
+}
+
+bool cmaWriteSafeEpoch(pid_t pid, uint64_t grant, uint64_t epoch) {
+  const uint64_t both[2] = {epoch, epoch};
+  iovec l{const_cast<uint64_t*>(both), sizeof both};
+  iovec r{reinterpret_cast<void*>(grant + offsetof(CmaGrant, safeEpoch)), sizeof both};
+  return process_vm_writev(pid, &l, 1, &r, 1, 0) == static_cast<ssize_t>(sizeof both);
 }
 
 }  // namespace kvwire::ucx

@@ -41,10 +41,17 @@ struct CmaGrant {    // one grant: the nonce its initiator sent, and where the e
   uint8_t nonce[16];
   uint64_t entries;
   uint64_t slots;
+  // Written by the grantee itself (process_vm_writev: only a process that may copy into this one
+  // can): every copy it still runs began at or after this epoch. Twice, so a torn write shows.
+  uint64_t safeEpoch[2];
+};
+struct CmaHeader {   // at the start of the table
+  uint64_t epoch;    // raised after every withdrawal
+  uint64_t reserved[3];
 };
 constexpr uint32_t kCmaSlots = 4096;
 constexpr uint32_t kCmaGrants = 4096;
-constexpr size_t kCmaTableBytes = sizeof(CmaEntry) * kCmaSlots + sizeof(CmaGrant) * kCmaGrants;
+constexpr size_t kCmaTableBytes = sizeof(CmaHeader) + sizeof(CmaEntry) * kCmaSlots + sizeof(CmaGrant) * kCmaGrants;
 // The table lives in a memfd mapping of this name, which no peer can write into (no region ever
 // covers it): a grant is believed only if it lies there (checked in /proc/<pid>/maps), so a grant
 // and table faked inside some writable region of a process are refused.
@@ -62,28 +69,44 @@ class CmaTable {
   bool ok() const { return entries_ != nullptr; }
   // A region two ids share a slot with stays unpublished (its copies go by active messages).
   void publish(uint32_t id, uint32_t access, uint64_t base, uint64_t length);
-  void withdraw(uint32_t id);
+  // Withdraws region `id` and returns the epoch from which no copy can start into it.
+  uint64_t withdraw(uint32_t id);
   void withdrawAll();
   // A grant slot holding `nonce` (-1: none free); its address for the PROOF; ending it clears it.
-  int grant(const uint8_t* nonce);
+  // An ended slot is not given again for `coolNs`: its grantee may still write its epoch there.
+  int grant(const uint8_t* nonce, uint64_t nowNs);
   uint64_t grantAddress(int slot) const { return reinterpret_cast<uint64_t>(&grants_[slot]); }
-  void endGrant(int slot);
+  void endGrant(int slot, uint64_t nowNs, uint64_t coolNs);
+  // What the grantee of `slot` last wrote (0 while a write of it is torn).
+  uint64_t safeEpoch(int slot) const;
+  // Slots of grants that ended less than their cooling time ago.
+  void coolingSlots(uint64_t nowNs, std::vector<int>* out) const {
+    for (const auto& [until, slot] : cooling_)
+      if (until > nowNs) out->push_back(slot);
+  }
 
  private:
   void write(CmaEntry& e, uint32_t id, uint32_t access, uint64_t base, uint64_t length);
+  CmaHeader* header_ = nullptr;
   CmaEntry* entries_ = nullptr;
   CmaGrant* grants_ = nullptr;
   std::vector<int> free_;
+  std::vector<std::pair<uint64_t, int>> cooling_;  // (free again at, slot)
 };
 
 // Initiator, once per grant: the grant at `grant` in process `pid` holds `nonce` and lies in that
-// process's kvwire table mapping, at a grant slot. Sets *entries to the table's entries; else
-// returns why not.
-std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint64_t* entries);
+// process's kvwire table mapping, at a grant slot. Sets *table to the table's start; else returns
+// why not.
+std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint64_t* table);
 
 // Initiator, before every copy: the entry of region `id`, read through a verified grant (whose
-// nonce must still be ours). Ok only for a consistent, live entry of that id.
+// nonce must still be ours), and the table's epoch read before it (*epoch). Ok only for a
+// consistent, live entry of that id.
 enum class CmaLookup { Ok, GrantGone, NotPublished };
-CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t entries, const uint8_t* nonce, uint32_t id, CmaEntry* out);
+CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t table, const uint8_t* nonce, uint32_t id, CmaEntry* out,
+                    uint64_t* epoch);
+// Initiator: the table's epoch now (0 if unreadable), and writing its own safe epoch into its grant.
+uint64_t cmaEpoch(pid_t pid, uint64_t table);
+bool cmaWriteSafeEpoch(pid_t pid, uint64_t grant, uint64_t epoch);
 
 }  // namespace kvwire::ucx

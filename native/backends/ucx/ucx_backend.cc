@@ -122,7 +122,7 @@ class UcxPeer : public BackendPeer {
   uint8_t cmaNonce_[ucx::kNonceBytes] = {};
   pid_t cmaPid_ = 0;
   uint64_t cmaGrant_ = 0;    // where the target keeps our grant (verified: in its kvwire table)
-  uint64_t cmaEntries_ = 0;  // and that table's entries
+  uint64_t cmaTableAddr_ = 0;  // and that table's start
   static constexpr uint64_t kCmaSegmentMin = 256u << 10;  // mean segment size from which 'auto' picks cma
   bool cmaUsable(const RemoteRegion& rr) const { return cma_ == Cma::Ready && rr.info.kind == MemKind::Dram; }
 };
@@ -265,49 +265,52 @@ class UcxBackendImpl : public Backend {
   void handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h);
   void handleCmaProof(const ucx::CmaProofHeader& h);
   void handleRevoke(const ucx::RevokeHeader& h);
-  void handleRevokeAck(const ucx::RevokeHeader& h);
   void sendRevokeAck(const ucx::RevokeHeader& h);
-  void releaseRetired(bool checkProcesses);
+  void releaseRetired();
   void endGrant(uint64_t token);
   bool cmaAllowed_ = true;
   ucx::CmaTable cmaTable_;  // what grantees may reach, read by them before every copy
   struct Grantee {
     ucp_ep_h reply = nullptr;  // the connection it was granted on
-    pid_t pid = 0;             // the initiator's process, as it said (used only to stop waiting for it)
     int slot = -1;             // its grant in cmaTable_
   };
   std::unordered_map<uint64_t, Grantee> grantees_;
   static constexpr size_t kMaxGrantsPerConnection = 4;  // one per loaded peer instance; a reload or two
-  // Grants that ended (their connection did) within kRetiredNs: a copy their initiator checked
-  // before may still run, so a region deregistered now waits for them too.
-  struct EndedGrant {
-    uint64_t token;
-    pid_t pid;
-    uint64_t untilNs;
-  };
-  std::vector<EndedGrant> endedGrants_;
-  // A deregistered region is withdrawn from the table at once; copies a grantee started before
-  // that may still run, so its memory is kept until each grantee answers REVOKE, its process is
-  // gone, or kRetiredNs passed (a copy takes milliseconds; a stopped process is not waited for).
+  // A deregistered region is withdrawn from the table at once (epoch W); copies a grantee started
+  // before may still run, so its memory is kept until every grant slot that may hold such a copy
+  // (live grants, and ended ones for kRetiredNs) shows a safe epoch >= W — written there by the
+  // copying process itself, never taken from a message (a REVOKE_ACK only says "look now"), so a
+  // peer that relayed a grant cannot make this agent release early — or kRetiredNs passed (a copy
+  // takes milliseconds; a grantee that never answers, e.g. one whose REVOKE went to a relay, is not
+  // waited for longer).
   struct Retired {
     LocalRegionRef region;
-    std::map<uint64_t, pid_t> waiting;  // grant token -> its process
-    uint64_t seq = 0;
+    uint64_t epoch = 0;
+    std::vector<int> slots;
     uint64_t deadlineNs = 0;
   };
   static constexpr uint64_t kRetiredNs = 5'000'000'000ull;
   std::vector<Retired> retired_;
-  uint64_t revokeSeq_ = 0;
   uint64_t retiredCheckNs_ = 0;
-  // Initiator side: a REVOKE is answered once the copies into that region under that grant, all
-  // posted before it arrived (later ones find the region withdrawn), have ended.
-  struct PendingAck {
-    ucx::RevokeHeader h;
-    size_t remaining = 0;
+ public:
+  void forgetGrant(uint64_t token) {  // its peer is gone: kept while pool copies of it still run
+    auto it = heldGrants_.find(token);
+    if (it == heldGrants_.end()) return;
+    if (it->second.running.empty()) heldGrants_.erase(it);
+    else it->second.peerGone = true;
+  }
+ private:
+  // Initiator side, per grant token: the epochs the pool's cma copies began at, and whether a
+  // REVOKE asks this process to publish its safe epoch as they end.
+  struct HeldGrant {
+    pid_t pid = 0;
+    uint64_t grant = 0, table = 0;
+    std::multiset<uint64_t> running;
+    bool revokePending = false;
+    bool peerGone = false;
   };
-  std::vector<PendingAck> pendingAcks_;
-  std::set<std::pair<uint64_t, uint64_t>> pendingAckKeys_;  // (token, seq) of pendingAcks_
-  static constexpr size_t kMaxPendingAcks = 65536;
+  std::unordered_map<uint64_t, HeldGrant> heldGrants_;
+  void publishSafeEpoch(uint64_t token);
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
   Status postNow(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
   Status sendNotify(UcxPeer& peer, const std::string& message);
@@ -499,6 +502,7 @@ class UcxBackendImpl : public Backend {
     std::atomic<size_t> pending{0};
     uint64_t cmaToken = 0;         // a cma copy's grant, and the region it copies into or out of
     uint32_t regionId = 0;
+    uint64_t epoch = 0;                // the target's table epoch read before its lookup
     std::atomic<bool> revoked{false};  // the target withdrew that region: shares not yet copied stop
     std::mutex errorMutex;         // the first failing share says why
     Status error;
@@ -881,6 +885,7 @@ void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply, const uint8_t* nonce, 
 
 UcxPeer::~UcxPeer() {
   regions_.clear();  // rkeys go before their endpoint
+  if (cmaToken_ != 0) backend_->forgetGrant(cmaToken_);
   if (ep_) {
     backend_->forgetPeer(this);
     backend_->closeEndpoint(ep_, failed_ || backend_->shuttingDown());
@@ -1292,8 +1297,9 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   // Bounds and rights from the target's own table, not from its metadata: a copy must land where
   // the process copied into registered memory now, with the access it gives.
   ucx::CmaEntry e{};
+  uint64_t epoch = 0;
   const ucx::CmaLookup found =
-      ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaEntries_, peer.cmaNonce_, t->remoteRegionId, &e);
+      ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaTableAddr_, peer.cmaNonce_, t->remoteRegionId, &e, &epoch);
   const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
   bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && e.base + e.length >= e.base;
   for (size_t i = 0; fits && i < t->segments.size(); ++i) {
@@ -1308,8 +1314,11 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   }
   if (t->stats.bytes >= kBackgroundCopyBytes) {
     copyInBackground(t, rr, peer.cmaPid_, peer.cmaToken_, e.base);
+    copyJobs_[t->id]->epoch = epoch;
+    heldGrants_[peer.cmaToken_].running.insert(epoch);
     return Status::ok();
   }
+  // Inline: done before this thread can hear a REVOKE, so nothing to publish for it.
   std::vector<ucx::CmaSpan> spans;
   spans.reserve(t->segments.size());
   for (const Segment& s : t->segments)
@@ -1348,10 +1357,10 @@ void UcxBackendImpl::handleCmaProbe(ucp_ep_h reply, const ucx::CmaProbeHeader& h
   auto conn = connections_.find(reply);
   if (cmaAllowed_ && cmaTable_.ok() && conn != connections_.end() && conn->second.cmaGrants < kMaxGrantsPerConnection &&
       h.token != 0 && !grantees_.count(h.token) && h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX)) {
-    const int slot = cmaTable_.grant(h.nonce);
+    const int slot = cmaTable_.grant(h.nonce, monotonicNs());
     if (slot >= 0) {
       ++conn->second.cmaGrants;
-      grantees_.emplace(h.token, Grantee{reply, static_cast<pid_t>(h.pid), slot});
+      grantees_.emplace(h.token, Grantee{reply, slot});
       proof.pid = static_cast<uint64_t>(getpid());
       proof.address = cmaTable_.grantAddress(slot);
     }
@@ -1369,13 +1378,19 @@ void UcxBackendImpl::handleCmaProof(const ucx::CmaProofHeader& h) {
     // write into): the agent that owns that table granted it, and its table says what a copy may
     // reach. (The target could have relayed our nonce to a third agent's PROBE: then we reach what
     // that agent grants the relaying target, which the target could reach through it directly.)
-    uint64_t entries = 0;
+    uint64_t table = 0;
     const bool proven = h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX) && static_cast<pid_t>(h.pid) != getpid() &&
-                        ucx::cmaVerifyGrant(static_cast<pid_t>(h.pid), h.address, peer->cmaNonce_, &entries).empty();
+                        ucx::cmaVerifyGrant(static_cast<pid_t>(h.pid), h.address, peer->cmaNonce_, &table).empty();
     peer->cma_ = proven ? UcxPeer::Cma::Ready : UcxPeer::Cma::Off;
     peer->cmaPid_ = proven ? static_cast<pid_t>(h.pid) : 0;
     peer->cmaGrant_ = proven ? h.address : 0;
-    peer->cmaEntries_ = proven ? entries : 0;
+    peer->cmaTableAddr_ = proven ? table : 0;
+    if (proven) {
+      HeldGrant& held = heldGrants_[peer->cmaToken_];
+      held.pid = peer->cmaPid_;
+      held.grant = h.address;
+      held.table = table;
+    }
     return;
   }
 }
@@ -1383,13 +1398,11 @@ void UcxBackendImpl::handleCmaProof(const ucx::CmaProofHeader& h) {
 void UcxBackendImpl::endGrant(uint64_t token) {
   auto it = grantees_.find(token);
   if (it == grantees_.end()) return;
-  cmaTable_.endGrant(it->second.slot);  // its initiator's next lookup fails: active messages again
+  // Its initiator's next lookup fails (active messages again); the slot is not given to anyone else
+  // for kRetiredNs, so a copy it started before can still be waited for there.
+  cmaTable_.endGrant(it->second.slot, monotonicNs(), kRetiredNs);
   auto conn = connections_.find(it->second.reply);
   if (conn != connections_.end() && conn->second.cmaGrants > 0) --conn->second.cmaGrants;
-  const uint64_t now = monotonicNs();
-  endedGrants_.erase(std::remove_if(endedGrants_.begin(), endedGrants_.end(), [&](const EndedGrant& e) { return e.untilNs < now; }),
-                     endedGrants_.end());
-  endedGrants_.push_back({token, it->second.pid, now + kRetiredNs});
   grantees_.erase(it);
 }
 
@@ -1399,41 +1412,47 @@ void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
 }
 
 void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
-  cmaTable_.withdraw(region->info.id);  // no copy that starts from now on reaches it
+  if (!cmaTable_.ok()) return;
   const uint64_t now = monotonicNs();
   Retired r;
   r.region = region;
-  r.seq = ++revokeSeq_;
+  r.epoch = cmaTable_.withdraw(region->info.id);  // no copy that starts from now on reaches it
   r.deadlineNs = now + kRetiredNs;
-  for (const EndedGrant& e : endedGrants_)  // no connection to ask: waited for by process or deadline
-    if (e.untilNs > now) r.waiting.emplace(e.token, e.pid);
+  cmaTable_.coolingSlots(now, &r.slots);  // ended grants: their copies may still run
   for (auto& [token, g] : grantees_) {
-    r.waiting.emplace(token, g.pid);
+    r.slots.push_back(g.slot);
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
-    op->setHeader(ucx::RevokeHeader{token, r.seq, region->info.id});
+    op->setHeader(ucx::RevokeHeader{token, r.epoch, region->info.id});
     send(replyPath(g.reply), ucx::kAmRevoke, std::move(op), nullptr, 0, false);
   }
-  if (!r.waiting.empty()) retired_.push_back(std::move(r));
+  if (r.slots.empty()) return;  // nobody was ever granted: the memory goes now
+  retired_.push_back(std::move(r));
+  releaseRetired();  // a grantee with nothing in flight may already be safe
+}
+
+// Initiator: every pool copy of this grant that is still running began at or after the epoch
+// written here (the table's current epoch when none runs), in the target's grant slot.
+void UcxBackendImpl::publishSafeEpoch(uint64_t token) {
+  auto it = heldGrants_.find(token);
+  if (it == heldGrants_.end()) return;
+  HeldGrant& g = it->second;
+  const uint64_t safe = g.running.empty() ? ucx::cmaEpoch(g.pid, g.table) : *g.running.begin();
+  if (safe != 0) ucx::cmaWriteSafeEpoch(g.pid, g.grant, safe);
+  if (!g.running.empty()) return;
+  g.revokePending = false;
+  sendRevokeAck(ucx::RevokeHeader{token, safe, 0});  // "look now"
 }
 
 void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
-  // This grant's copies into that region, all posted before the REVOKE (later ones find the region
-  // withdrawn): what is queued or running stops at its next system call, and the answer goes when
-  // they have ended.
-  size_t running = 0;
+  auto held = heldGrants_.find(h.token);
+  if (h.token == 0 || held == heldGrants_.end()) return;
+  // This grant's pool copies into that region, all posted before the REVOKE (later ones find the
+  // region withdrawn), stop at their next system call; the safe epoch follows as they end.
   for (const auto& [id, job] : copyJobs_)
-    if (job->cmaToken == h.token && job->regionId == h.regionId && h.token != 0) {
-      job->revoked.store(true, std::memory_order_release);
-      ++running;
-    }
-  if (running == 0) {
-    sendRevokeAck(h);
-    return;
-  }
-  if (pendingAcks_.size() >= kMaxPendingAcks) return;  // the target's deadline answers for it
-  if (!pendingAckKeys_.emplace(h.token, h.seq).second) return;  // said twice
-  pendingAcks_.push_back({h, running});
+    if (job->cmaToken == h.token && job->regionId == h.regionId) job->revoked.store(true, std::memory_order_release);
+  held->second.revokePending = true;
+  publishSafeEpoch(h.token);
 }
 
 void UcxBackendImpl::sendRevokeAck(const ucx::RevokeHeader& h) {
@@ -1444,32 +1463,18 @@ void UcxBackendImpl::sendRevokeAck(const ucx::RevokeHeader& h) {
     op->setHeader(h);
     send(ep, ucx::kAmRevokeAck, std::move(op), nullptr, 0, false);
     return;
-  }  // no connection of that grant is left: the target stops waiting at its deadline
+  }
 }
 
-void UcxBackendImpl::handleRevokeAck(const ucx::RevokeHeader& h) {
-  for (auto it = retired_.begin(); it != retired_.end(); ++it)
-    if (it->seq == h.seq && it->region->info.id == h.regionId && it->waiting.erase(h.token)) {
-      if (it->waiting.empty()) retired_.erase(it);  // the memory goes (with the last reference)
-      return;
-    }
-}
-
-// Releases retired regions nobody can still be copying into: every grantee answered, its process
-// is gone, or the deadline passed.
-void UcxBackendImpl::releaseRetired(bool checkProcesses) {
+// Releases retired regions no grantee can still be copying into: each slot it waits on shows a
+// safe epoch at or past its withdrawal, or the deadline passed.
+void UcxBackendImpl::releaseRetired() {
   const uint64_t now = monotonicNs();
-  std::unordered_map<pid_t, bool> gone;  // one kill(pid, 0) per process per check
-  auto isGone = [&](pid_t pid) {
-    auto [at, fresh] = gone.emplace(pid, false);
-    if (fresh) at->second = kill(pid, 0) != 0 && errno == ESRCH;
-    return at->second;
-  };
   for (auto it = retired_.begin(); it != retired_.end();) {
-    if (checkProcesses)
-      for (auto w = it->waiting.begin(); w != it->waiting.end();)
-        w = isGone(w->second) ? it->waiting.erase(w) : std::next(w);
-    it = it->waiting.empty() || now > it->deadlineNs ? retired_.erase(it) : std::next(it);
+    auto& slots = it->slots;
+    slots.erase(std::remove_if(slots.begin(), slots.end(), [&](int slot) { return cmaTable_.safeEpoch(slot) >= it->epoch; }),
+                slots.end());
+    it = slots.empty() || now > it->deadlineNs ? retired_.erase(it) : std::next(it);
   }
 }
 
@@ -1775,8 +1780,6 @@ void UcxBackendImpl::rebuildWorker() {
   connections_.clear();
   connectionByOwnEp_.clear();
   while (!grantees_.empty()) endGrant(grantees_.begin()->first);
-  pendingAcks_.clear();  // their connections are gone with the old worker
-  pendingAckKeys_.clear();
   for (auto& [ep, peer] : peersByEp_) {  // the host reconnects them on the new worker
     peer->ep_ = nullptr;
     peer->failed_ = true;
@@ -1934,7 +1937,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     }
     case ucx::kAmRevokeAck: {
       ucx::RevokeHeader h{};
-      if (readHeader(header, headerLength, &h)) handleRevokeAck(h);
+      if (readHeader(header, headerLength, &h)) releaseRetired();  // a hint only: the table says who is safe
       return;
     }
     case ucx::kAmPing: {
@@ -2533,19 +2536,14 @@ bool UcxBackendImpl::progress() {
       TransferRef t = std::move(it->second->transfer);
       Status error = std::move(it->second->error);  // every share has finished: no lock needed
       const uint64_t token = it->second->cmaToken;
-      const uint32_t regionId = it->second->regionId;
+      const uint64_t began = it->second->epoch;
       copyJobs_.erase(it);
       any = true;
-      if (token != 0)
-        for (auto a = pendingAcks_.begin(); a != pendingAcks_.end();) {
-          if (a->h.token == token && a->h.regionId == regionId && --a->remaining == 0) {
-            sendRevokeAck(a->h);
-            pendingAckKeys_.erase({a->h.token, a->h.seq});
-            a = pendingAcks_.erase(a);
-          } else {
-            ++a;
-          }
-        }
+      if (auto held = heldGrants_.find(token); token != 0 && held != heldGrants_.end()) {
+        if (auto at = held->second.running.find(began); at != held->second.running.end()) held->second.running.erase(at);
+        if (held->second.revokePending) publishSafeEpoch(token);
+        if (held->second.peerGone && held->second.running.empty()) heldGrants_.erase(held);
+      }
       if (t->ending) {
         settleIfQuiet(t);
         continue;
@@ -2561,9 +2559,10 @@ bool UcxBackendImpl::progress() {
   checkLiveness();
   if (!retired_.empty()) {
     const uint64_t now = monotonicNs();
-    const bool check = now - retiredCheckNs_ > 100'000'000ull;  // kill(pid, 0) at most ten times a second
-    if (check) retiredCheckNs_ = now;
-    releaseRetired(check);
+    if (now - retiredCheckNs_ > 10'000'000ull) {  // the slots are plain memory: a look every 10 ms
+      retiredCheckNs_ = now;
+      releaseRetired();
+    }
   }
   if (!failedPeers_.empty()) {
     auto failed = std::move(failedPeers_);

@@ -24,8 +24,8 @@ enum AmId : uint16_t {
   kAmAuth = 15,        // initiator -> target: my proof; the target serves the connection from now on
   kAmCmaProbe = 16,    // initiator -> target: may I copy your registered regions myself? (a nonce to store)
   kAmCmaProof = 17,    // target -> initiator: yes, I am pid P and your nonce is at address A (or no)
-  kAmRevoke = 18,      // target -> initiator: stop copying region R; answer when your copies into it ended
-  kAmRevokeAck = 19,   // initiator -> target: no copy of mine touches region R any more
+  kAmRevoke = 18,      // target -> initiator: region R is withdrawn; stop copying into it, publish your safe epoch
+  kAmRevokeAck = 19,   // initiator -> target: look at my grant slot now (a hint; the slot is what counts)
 };
 
 // Same-host one-sided copies (path 'cma'), for regions UCX cannot map into the peer (registered
@@ -34,10 +34,14 @@ enum AmId : uint16_t {
 // process P with process_vm_readv and uses the path only if they are N. So the process it will
 // copy into is the one answering on this connection (a peer cannot name another process: it would
 // have to write N into it), in this process's pid namespace, and the kernel lets this process
-// reach it (same user, ptrace rules). From then on the target is not involved in transfers, so
-// deregistering a region sends REVOKE to every connection granted the path, and the region's
-// memory is kept until each answers REVOKE_ACK (after its copies into the region ended), or its
-// process is gone.
+// reach it (same user, ptrace rules); the address must be a grant slot of the target's kvwire
+// table mapping (a memfd no region covers), so it cannot be faked in writable memory. Every copy
+// then reads the region's bounds and rights from that table. Deregistering withdraws the entry and
+// raises the table's epoch to W; the memory is kept until every grant slot that may hold a copy in
+// flight shows a safe epoch >= W, which the copying process writes there itself with
+// process_vm_writev (no peer can forge it: only a process that may copy into the target can write
+// there), or until a deadline. REVOKE tells a grantee to stop and publish; REVOKE_ACK only makes
+// the target look again.
 
 // The authenticated handshake (both sides hold the agent `secret`):
 //   initiator -> target   HELLO      name, agent id, nonce A, worker address
