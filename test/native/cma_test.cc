@@ -77,6 +77,9 @@ TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
   Child c;
   spawn(c);
   ASSERT_GT(c.pid, 0);
+  const int pidfd = cmaWatch(c.pid);
+  ASSERT_GE(pidfd, 0) << "pidfd_open: " << std::strerror(errno);
+  EXPECT_FALSE(cmaGone(pidfd));
   uint64_t table = 0;
   EXPECT_EQ(cmaVerifyGrant(c.pid, c.grant, kNonce, &table), "");
   EXPECT_NE(table, 0u);
@@ -119,6 +122,8 @@ TEST(Cma, OnlyAGrantInTheOtherProcessTableIsBelieved) {
   waitpid(c.pid, nullptr, 0);
   const pid_t gone = c.pid;
   c.pid = 0;
+  EXPECT_TRUE(cmaGone(pidfd));  // whatever process gets that pid next is not the one proven
+  close(pidfd);
   EXPECT_EQ(cmaLookup(gone, c.grant, table, kNonce, 7, &e, &epoch), CmaLookup::GrantGone);
   uint8_t buf[8];
   CmaSpan span{buf, reinterpret_cast<uint8_t*>(c.region), sizeof buf};

@@ -1,6 +1,8 @@
 #include "cma.h"
 
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <sys/uio.h>
 
@@ -250,6 +252,16 @@ bool cmaWriteSafeEpoch(pid_t pid, uint64_t grant, uint64_t epoch) {
   iovec l{const_cast<uint64_t*>(both), sizeof both};
   iovec r{reinterpret_cast<void*>(grant + offsetof(CmaGrant, safeEpoch)), sizeof both};
   return process_vm_writev(pid, &l, 1, &r, 1, 0) == static_cast<ssize_t>(sizeof both);
+}
+
+int cmaWatch(pid_t pid) {
+  return static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+}
+
+bool cmaGone(int pidfd) {
+  if (pidfd < 0) return false;
+  pollfd p{pidfd, POLLIN, 0};
+  return poll(&p, 1, 0) != 0;  // readable (exited) or an error: either way, not the process we proved
 }
 
 }  // namespace kvwire::ucx

@@ -105,6 +105,11 @@ std::string cmaVerifyGrant(pid_t pid, uint64_t grant, const uint8_t* nonce, uint
 enum class CmaLookup { Ok, GrantGone, NotPublished };
 CmaLookup cmaLookup(pid_t pid, uint64_t grant, uint64_t table, const uint8_t* nonce, uint32_t id, CmaEntry* out,
                     uint64_t* epoch);
+// Initiator: a pidfd of `pid` (-1 where the kernel has none), taken before the grant is verified, and
+// whether that process has exited since (its pid may then name another process).
+int cmaWatch(pid_t pid);
+bool cmaGone(int pidfd);
+
 // Initiator: the table's epoch now (0 if unreadable), and writing its own safe epoch into its grant.
 uint64_t cmaEpoch(pid_t pid, uint64_t table);
 bool cmaWriteSafeEpoch(pid_t pid, uint64_t grant, uint64_t epoch);

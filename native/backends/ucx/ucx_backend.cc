@@ -121,6 +121,7 @@ class UcxPeer : public BackendPeer {
   uint64_t cmaToken_ = 0;
   uint8_t cmaNonce_[ucx::kNonceBytes] = {};
   pid_t cmaPid_ = 0;
+  int cmaPidfd_ = -1;        // that process, even after its pid is reused
   uint64_t cmaGrant_ = 0;    // where the target keeps our grant (verified: in its kvwire table)
   uint64_t cmaTableAddr_ = 0;  // and that table's start
   static constexpr uint64_t kCmaSegmentMin = 256u << 10;  // mean segment size from which 'auto' picks cma
@@ -886,6 +887,7 @@ void UcxBackendImpl::sendHello(ucp_ep_h ep, bool isReply, const uint8_t* nonce, 
 UcxPeer::~UcxPeer() {
   regions_.clear();  // rkeys go before their endpoint
   if (cmaToken_ != 0) backend_->forgetGrant(cmaToken_);
+  if (cmaPidfd_ >= 0) close(cmaPidfd_);
   if (ep_) {
     backend_->forgetPeer(this);
     backend_->closeEndpoint(ep_, failed_ || backend_->shuttingDown());
@@ -1298,8 +1300,11 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   // the process copied into registered memory now, with the access it gives.
   ucx::CmaEntry e{};
   uint64_t epoch = 0;
-  const ucx::CmaLookup found =
+  ucx::CmaLookup found =
       ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaTableAddr_, peer.cmaNonce_, t->remoteRegionId, &e, &epoch);
+  // After the lookup: if the proven process still lives, the lookup read its memory (its pid cannot
+  // have been given to another process yet).
+  if (ucx::cmaGone(peer.cmaPidfd_)) found = ucx::CmaLookup::GrantGone;
   const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
   bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && e.base + e.length >= e.base;
   for (size_t i = 0; fits && i < t->segments.size(); ++i) {
@@ -1379,8 +1384,13 @@ void UcxBackendImpl::handleCmaProof(const ucx::CmaProofHeader& h) {
     // reach. (The target could have relayed our nonce to a third agent's PROBE: then we reach what
     // that agent grants the relaying target, which the target could reach through it directly.)
     uint64_t table = 0;
-    const bool proven = h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX) && static_cast<pid_t>(h.pid) != getpid() &&
-                        ucx::cmaVerifyGrant(static_cast<pid_t>(h.pid), h.address, peer->cmaNonce_, &table).empty();
+    const bool plausible = h.pid != 0 && h.pid <= static_cast<uint64_t>(INT32_MAX) && static_cast<pid_t>(h.pid) != getpid();
+    // The pidfd first: it then names the process verified below (or one already gone).
+    const int pidfd = plausible ? ucx::cmaWatch(static_cast<pid_t>(h.pid)) : -1;
+    const bool proven = plausible && ucx::cmaVerifyGrant(static_cast<pid_t>(h.pid), h.address, peer->cmaNonce_, &table).empty();
+    if (!proven && pidfd >= 0) close(pidfd);
+    if (peer->cmaPidfd_ >= 0) close(peer->cmaPidfd_);
+    peer->cmaPidfd_ = proven ? pidfd : -1;
     peer->cma_ = proven ? UcxPeer::Cma::Ready : UcxPeer::Cma::Off;
     peer->cmaPid_ = proven ? static_cast<pid_t>(h.pid) : 0;
     peer->cmaGrant_ = proven ? h.address : 0;
