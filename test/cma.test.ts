@@ -94,7 +94,7 @@ describe('path cma', () => {
     }
   });
 
-  it('a deregistered region: the target holds it until the initiator confirms, then nothing lands in it', async () => {
+  it('a deregistered region: the target holds it until the initiator confirms (at most 2 s here), then nothing lands in it', async () => {
     const { a, b } = await pair();
     expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
     await a.ok('fill', { seed: 5 });
@@ -104,7 +104,10 @@ describe('path cma', () => {
     await looping;
     await new Promise((r) => setTimeout(r, 200));
     const { health } = await b.ok('deregister');
-    expect(health.retiredRegions).toBe(1); // held: a copy of the initiator may be running into it
+    // Held while a copy of the initiator may run into it: 1, or already 0 when the initiator (on the
+    // other core) answered between the REVOKE leaving and this agent looking, between two of its
+    // copies (seen once in CI). The holding itself: test/native/cma_test.cc.
+    expect([0, 1]).toContain(health.retiredRegions);
     const until = Date.now() + 2000; // well before the target would stop waiting by itself (5 s)
     let retired = 1;
     while (retired !== 0 && Date.now() < until) {
