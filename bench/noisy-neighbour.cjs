@@ -6,45 +6,15 @@
 // e.g. node bench/noisy-neighbour.cjs --transport shm,tcp --memory allocated,registered --block 64K,1M,4M --runs 3
 'use strict';
 const { spawn } = require('node:child_process');
-const path = require('node:path');
+const { takeOption, runBenchJson, formatSize: size } = require('./run-bench.cjs');
 
-const root = path.join(__dirname, '..');
+const taken = takeOption(process.argv.slice(2), '--rounds');
+const args = taken.args;
+const rounds = taken.value === undefined ? 2 : Number(taken.value);
+if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must be an integer >= 1, not '${taken.value}'`);
 
-// The bench's JSON object, from a stdout that UCX may also have written log lines to.
-function parseJson(out) {
-  const start = out.search(/^\{/m);
-  const end = out.lastIndexOf('}');
-  if (start < 0 || end < start) throw new Error(`no JSON in the bench's output: ${out.slice(0, 200)}`);
-  return JSON.parse(out.slice(start, end + 1));
-}
-let args = process.argv.slice(2);
-let rounds = 2;
-const at = args.indexOf('--rounds');
-if (at >= 0) {
-  rounds = Number(args[at + 1]);
-  if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must be an integer >= 1, not '${args[at + 1]}'`);
-  args = [...args.slice(0, at), ...args.slice(at + 2)];
-}
-
-function bench(label) {
-  return new Promise((resolve, reject) => {
-    process.stderr.write(`== ${label}\n`);
-    const child = spawn(process.execPath, [path.join(root, 'dist/cli/index.js'), 'bench', '--json', '--latency-samples', '0', '--idle-seconds', '0', '--no-baselines', ...args], {
-      env: { ...process.env, UCX_WARN_UNUSED_ENV_VARS: 'n', NODE_NO_WARNINGS: '1' },
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    let out = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.on('exit', (code) => {
-      try {
-        if (code !== 0) throw new Error(`kvwire bench (${label}) exited ${code}`);
-        resolve(parseJson(out));
-      } catch (e) {
-        reject(e);
-      }
-    });
-  });
-}
+const bench = (label) =>
+  runBenchJson(label, ['--latency-samples', '0', '--idle-seconds', '0', '--no-baselines', ...args], { NODE_NO_WARNINGS: '1' });
 
 /** A neighbour that spins one core until stopped (a separate process, as on a shared host). */
 function spinner() {
@@ -55,7 +25,6 @@ const median = (v) => {
   const s = [...v].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
-const size = (n) => (n >= 1 << 20 ? `${n / (1 << 20)} MiB` : n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
 
 (async () => {
   const runs = { quiet: [], noisy: [] };

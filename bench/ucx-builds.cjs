@@ -5,26 +5,14 @@
 //   node bench/ucx-builds.cjs [--builds 1.13,1.22] [kvwire bench options...]
 // e.g. node bench/ucx-builds.cjs --transport shm,tcp --block 64K,1M,4M --runs 3 --latency-samples 0 --idle-seconds 0
 'use strict';
-const { spawn, execFileSync } = require('node:child_process');
+const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
 const path = require('node:path');
+const { root, takeOption, runBenchJson, formatSize: size } = require('./run-bench.cjs');
 
-const root = path.join(__dirname, '..');
-
-// The bench's JSON object, from a stdout that UCX may also have written log lines to.
-function parseJson(out) {
-  const start = out.search(/^\{/m);
-  const end = out.lastIndexOf('}');
-  if (start < 0 || end < start) throw new Error(`no JSON in the bench's output: ${out.slice(0, 200)}`);
-  return JSON.parse(out.slice(start, end + 1));
-}
-let args = process.argv.slice(2);
-let wanted = ['1.13', '1.22'];
-const at = args.indexOf('--builds');
-if (at >= 0) {
-  wanted = (args[at + 1] ?? '').split(',').filter(Boolean);
-  args = [...args.slice(0, at), ...args.slice(at + 2)];
-}
+const taken = takeOption(process.argv.slice(2), '--builds');
+const args = taken.args;
+const wanted = taken.value === undefined ? ['1.13', '1.22'] : taken.value.split(',').filter(Boolean);
 for (const w of wanted) if (!['1.13', '1.22'].includes(w)) throw new Error(`--builds: '${w}' is not one of 1.13, 1.22`);
 
 function buildEnv(version) {
@@ -45,27 +33,6 @@ function buildEnv(version) {
   };
 }
 
-function runBench(version, env) {
-  return new Promise((resolve, reject) => {
-    process.stderr.write(`== UCX ${version}\n`);
-    const child = spawn(process.execPath, [path.join(root, 'dist/cli/index.js'), 'bench', '--json', ...args], {
-      env: { ...process.env, ...env, UCX_WARN_UNUSED_ENV_VARS: 'n' },
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    let out = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.on('exit', (code) => {
-      try {
-        if (code !== 0) throw new Error(`kvwire bench on UCX ${version} exited ${code}`);
-        resolve(parseJson(out));
-      } catch (e) {
-        reject(e);
-      }
-    });
-  });
-}
-
-const size = (n) => (n >= 1 << 20 ? `${n / (1 << 20)} MiB` : n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
 const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 100)}%`);
 
 (async () => {
@@ -76,7 +43,7 @@ const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 10
       console.log(`UCX ${version}: skipped: ${b.skipped}`);
       continue;
     }
-    results[version] = await runBench(version, b.env);
+    results[version] = await runBenchJson(`UCX ${version}`, args, b.env);
   }
   const versions = Object.keys(results);
   if (!versions.length) process.exit(1);
