@@ -44,6 +44,20 @@ async function pair(opts: { a?: { cma?: boolean }; b?: { cma?: boolean }; transp
   await connect(a, b);
   return { a, b };
 }
+/**
+ * A granted pair whose initiator is writing `length`-byte blocks back to back by cma (for 1.5 s),
+ * `settleMs` after the loop began; `loop` resolves with its { paths, codes }.
+ */
+async function cmaWriting(length: number, settleMs: number, before?: (a: PeerProcess) => Promise<unknown>) {
+  const { a, b } = await pair();
+  expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+  if (before) await before(a);
+  const looping = a.waitEvent('looping');
+  const loop = a.ok('writeLoop', { peer: b.name, length, ms: 1500, path: 'cma' });
+  await looping;
+  await new Promise((r) => setTimeout(r, settleMs));
+  return { a, b, loop };
+}
 afterEach(async () => {
   await Promise.all(procs.splice(0).map((p) => p.close().catch(() => p.kill())));
 });
@@ -95,14 +109,8 @@ describe('path cma', () => {
   });
 
   it('a deregistered region: the target holds it until the initiator confirms (at most 2 s here), then nothing lands in it', async () => {
-    const { a, b } = await pair();
-    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
-    await a.ok('fill', { seed: 5 });
     // The initiator writes 4 MiB blocks back to back by cma while the target deregisters.
-    const looping = a.waitEvent('looping');
-    const loop = a.ok('writeLoop', { peer: b.name, length: 4 << 20, ms: 1500, path: 'cma' });
-    await looping;
-    await new Promise((r) => setTimeout(r, 200));
+    const { b, loop } = await cmaWriting(4 << 20, 200, (a) => a.ok('fill', { seed: 5 }));
     const { health } = await b.ok('deregister');
     // Held while a copy of the initiator may run into it: 1, or already 0 when the initiator (on the
     // other core) answered between the REVOKE leaving and this agent looking, between two of its
@@ -124,12 +132,7 @@ describe('path cma', () => {
   });
 
   it('a target killed during cma copies fails them with ERR_REMOTE_DISCONNECT; none hangs', async () => {
-    const { a, b } = await pair();
-    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
-    const looping = a.waitEvent('looping');
-    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500, path: 'cma' });
-    await looping;
-    await new Promise((r) => setTimeout(r, 100));
+    const { b, loop } = await cmaWriting(16 << 20, 100);
     b.kill();
     const { paths, codes } = await loop;
     expect(paths.cma).toBeGreaterThan(0);
@@ -197,12 +200,7 @@ describe('path cma', () => {
   });
 
   it('a target that closes while a grantee copies into it revokes, hears the answer and closes promptly', async () => {
-    const { a, b } = await pair();
-    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
-    const looping = a.waitEvent('looping');
-    const loop = a.ok('writeLoop', { peer: b.name, length: 16 << 20, ms: 1500, path: 'cma' });
-    await looping;
-    await new Promise((r) => setTimeout(r, 200));
+    const { b, loop } = await cmaWriting(16 << 20, 200);
     const { ms } = await b.ok('closeAgent');
     // It waited for the grantee's answer, not for its close grace (2 s) or the 5 s deadline.
     expect(ms).toBeLessThan(1000);
