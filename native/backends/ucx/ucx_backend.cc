@@ -3,9 +3,6 @@
 #include <ucp/api/ucp.h>
 
 #include <sys/random.h>
-#include <sys/mman.h>
-#include <sys/uio.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -235,6 +232,12 @@ class UcxBackendImpl : public Backend {
   void sendHello(ucp_ep_h ep, bool isReply, const uint8_t* nonce, const std::string& extra);
   Status notifyConnection(const std::string& name, const std::string& message) override;
   void forgetPeer(UcxPeer* peer) { peersByEp_.erase(peer->ep_); }
+  void forgetGrant(uint64_t token) {  // its peer is gone: kept while pool copies of it still run
+    auto it = heldGrants_.find(token);
+    if (it == heldGrants_.end()) return;
+    if (oldestCopy(token) == 0) heldGrants_.erase(it);
+    else it->second.peerGone = true;
+  }
   bool shuttingDown() const { return shuttingDown_; }
 
  private:
@@ -293,23 +296,21 @@ class UcxBackendImpl : public Backend {
   static constexpr uint64_t kRetiredNs = 5'000'000'000ull;
   std::vector<Retired> retired_;
   uint64_t retiredCheckNs_ = 0;
- public:
-  void forgetGrant(uint64_t token) {  // its peer is gone: kept while pool copies of it still run
-    auto it = heldGrants_.find(token);
-    if (it == heldGrants_.end()) return;
-    if (it->second.running.empty()) heldGrants_.erase(it);
-    else it->second.peerGone = true;
-  }
- private:
-  // Initiator side, per grant token: the epochs the pool's cma copies began at, and whether a
-  // REVOKE asks this process to publish its safe epoch as they end.
+  // Initiator side, per grant token: where to write the safe epoch, and whether a REVOKE asks this
+  // process to publish it as the grant's pool copies (copyJobs_) end.
   struct HeldGrant {
     pid_t pid = 0;
     uint64_t grant = 0, table = 0;
-    std::multiset<uint64_t> running;
     bool revokePending = false;
     bool peerGone = false;
   };
+  // The table epoch the oldest pool copy of grant `token` still running began at (0: none runs).
+  uint64_t oldestCopy(uint64_t token) const {
+    uint64_t oldest = 0;
+    for (const auto& [id, job] : copyJobs_)
+      if (job->cmaToken == token && (oldest == 0 || job->epoch < oldest)) oldest = job->epoch;
+    return oldest;
+  }
   std::unordered_map<uint64_t, HeldGrant> heldGrants_;
   void publishSafeEpoch(uint64_t token);
   Status postActiveMessage(UcxPeer& peer, const TransferRef& t);
@@ -925,9 +926,9 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, Path requested, uint64_t bytes
       // Mapped peer memory is one memcpy. A registered region of a proven same-host peer is copied
       // by this process alone with process_vm_writev/readv (path 'cma'): the target's event loop
       // is not needed, so a busy or late target does not stall it. Measured (kvwire bench, shm,
-      // registered, 2 cores): quiet, cma moves 0.6-0.9x what rendezvous active messages do at
-      // 1-4 MiB blocks (they copy on both processes' cores); with one busy process on the machine
-      // active messages fell to 15-30% and cma kept 70-97%. Small segments pay the kernel's
+      // registered, 1-4 MiB blocks, 2 cores, bench/noisy-neighbour.cjs): quiet, cma moved 10-13 GB/s
+      // and rendezvous active messages 15-22 (they copy on both processes' cores); next to one busy
+      // process active messages kept 14-24% of that, cma 77-94%. Small segments pay the kernel's
       // per-iovec cost (4 KiB: 0.4x; 64 B: 20x slower), so cma is chosen for large ones only.
       // Everywhere else UCX 1.13 would emulate RMA in software (user memory, tcp), so rendezvous
       // active messages are the path that does not collapse.
@@ -1320,7 +1321,6 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   if (t->stats.bytes >= kBackgroundCopyBytes) {
     copyInBackground(t, rr, peer.cmaPid_, peer.cmaToken_, e.base);
     copyJobs_[t->id]->epoch = epoch;
-    heldGrants_[peer.cmaToken_].running.insert(epoch);
     return Status::ok();
   }
   // Inline: done before this thread can hear a REVOKE, so nothing to publish for it.
@@ -1447,9 +1447,10 @@ void UcxBackendImpl::publishSafeEpoch(uint64_t token) {
   auto it = heldGrants_.find(token);
   if (it == heldGrants_.end()) return;
   HeldGrant& g = it->second;
-  const uint64_t safe = g.running.empty() ? ucx::cmaEpoch(g.pid, g.table) : *g.running.begin();
+  const uint64_t oldest = oldestCopy(token);
+  const uint64_t safe = oldest == 0 ? ucx::cmaEpoch(g.pid, g.table) : oldest;
   if (safe != 0) ucx::cmaWriteSafeEpoch(g.pid, g.grant, safe);
-  if (!g.running.empty()) return;
+  if (oldest != 0) return;
   g.revokePending = false;
   sendRevokeAck(ucx::RevokeHeader{token, safe, 0});  // "look now"
 }
@@ -2546,13 +2547,11 @@ bool UcxBackendImpl::progress() {
       TransferRef t = std::move(it->second->transfer);
       Status error = std::move(it->second->error);  // every share has finished: no lock needed
       const uint64_t token = it->second->cmaToken;
-      const uint64_t began = it->second->epoch;
       copyJobs_.erase(it);
       any = true;
       if (auto held = heldGrants_.find(token); token != 0 && held != heldGrants_.end()) {
-        if (auto at = held->second.running.find(began); at != held->second.running.end()) held->second.running.erase(at);
         if (held->second.revokePending) publishSafeEpoch(token);
-        if (held->second.peerGone && held->second.running.empty()) heldGrants_.erase(held);
+        if (held->second.peerGone && oldestCopy(token) == 0) heldGrants_.erase(held);
       }
       if (t->ending) {
         settleIfQuiet(t);
