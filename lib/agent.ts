@@ -3,7 +3,7 @@ import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:cr
 import { isMainThread, markAsUntransferable } from 'node:worker_threads';
 import { DescriptorList } from './descriptors';
 import { check, KvwireError } from './errors';
-import { Peer, Region, RemoteRegion, type Access, type RegionOptions } from './memory';
+import { Peer, Region, RemoteRegion, type Access, type DeviceMemory, type RegionIo, type RegionOptions } from './memory';
 import { addon, SETTLED_STRIDE, type NativeAgent, type NativePeer } from './native';
 import { PATH_NAMES, Transfer, type TransferOptions, type TransferPath, type TransferStats } from './transfer';
 
@@ -261,23 +261,52 @@ export class Agent extends EventEmitter {
   /**
    * Allocates `bytes` of host memory through UCX (zeroed, pages touched). A same-host peer maps it
    * and moves blocks with one memcpy. `region.bytes` is the view to fill or read.
+   *
+   * With `memory: 'vram'`: `bytes` of GPU memory on CUDA device `device` (default 0), through the
+   * CUDA driver (not zeroed). It has no host view: `region.write` / `region.read` copy to and from
+   * it; same-host peers reach it by path 'cuda_ipc'. ERR_UNAVAILABLE, with the reason, where there
+   * is no CUDA driver or device (`kvwire info` says which).
    */
   allocate(bytes: number, options: RegionOptions): Region {
     check(Number.isSafeInteger(bytes) && bytes > 0, 'bytes', `must be a positive integer, got ${bytes}`);
     const { name, access } = this.#regionOptions(options);
     check(options.hugePages === undefined, 'hugePages', "applies to register() only (allocate()'s memory is UCX shared memory, mapped by same-host peers)");
+    const memory = options.memory ?? 'dram';
+    check(memory === 'dram' || memory === 'vram', 'memory', `must be 'dram' or 'vram', got ${String(memory)}`);
+    if (memory === 'vram') {
+      const device = options.device ?? 0;
+      check(Number.isSafeInteger(device) && device >= 0 && device < 2 ** 31, 'device', `must be a CUDA device ordinal (integer >= 0), got ${String(device)}`);
+      return this.#add(new Region(this.#open().allocateVram(name, bytes, access, device), null, this.#io));
+    }
+    check(options.device === undefined, 'device', "applies to memory: 'vram' only");
     const r = this.#open().allocate(name, bytes, access);
     markAsUntransferable(r.bytes.buffer); // UCX owns this memory: it must not move to another thread
-    const region = new Region(r.region, r.bytes);
+    return this.#add(new Region(r.region, r.bytes, this.#io));
+  }
+
+  #add(region: Region): Region {
     this.#regions.set(region.id, region);
     return region;
   }
 
+  readonly #io: RegionIo = {
+    write: (id, offset, bytes) => this.#open().writeRegion(id, offset, bytes),
+    read: (id, offset, into) => this.#open().readRegion(id, offset, into),
+  };
+
   /**
    * Registers existing memory: a Buffer, typed array, DataView, ArrayBuffer or SharedArrayBuffer.
    * The agent holds a reference to it until `deregister` or `close`, so it survives garbage collection.
+   *
+   * GPU memory another library owns is registered as `{ device, address, bytes }` (address a bigint
+   * device pointer): the CUDA driver must confirm it is memory of that device and that the range lies
+   * inside one allocation (ERR_INVALID_PARAM otherwise). The owner keeps it allocated until
+   * `deregister`; kvwire never frees it.
    */
-  register(memory: ArrayBufferView | ArrayBuffer | SharedArrayBuffer, options: RegionOptions): Region {
+  register(memory: ArrayBufferView | ArrayBuffer | SharedArrayBuffer | DeviceMemory, options: RegionOptions): Region {
+    if (isDeviceMemory(memory)) return this.#registerVram(memory, options);
+    check(options?.memory === undefined && options?.device === undefined, 'memory',
+      "host memory is registered as a Buffer; GPU memory as { device, address, bytes }");
     let view: Uint8Array;
     const isBuffer = memory instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && memory instanceof SharedArrayBuffer);
     if (!ArrayBuffer.isView(memory) && !isBuffer)
@@ -294,9 +323,21 @@ export class Agent extends EventEmitter {
     // (postMessage, structuredClone) copies it instead, from now on.
     markAsUntransferable(view.buffer);
     const native = this.#open().register(name, view, access, options.hugePages === true);
-    const region = new Region(native, view);
-    this.#regions.set(region.id, region);
-    return region;
+    return this.#add(new Region(native, view, this.#io));
+  }
+
+  #registerVram(memory: DeviceMemory, options: RegionOptions): Region {
+    const { name, access } = this.#regionOptions(options);
+    check(options.hugePages === undefined && options.memory === undefined && options.device === undefined, 'options',
+      'hugePages, memory and device do not apply to GPU memory (its device is in the first argument)');
+    check(Number.isSafeInteger(memory.device) && memory.device >= 0 && memory.device < 2 ** 31, 'device',
+      `must be a CUDA device ordinal (integer >= 0), got ${String(memory.device)}`);
+    check(typeof memory.address === 'bigint' && memory.address > 0n && memory.address < 2n ** 64n, 'address',
+      `must be a device address as a bigint in [1, 2^64), got ${typeof memory.address === 'bigint' ? memory.address : typeof memory.address}`);
+    check(Number.isSafeInteger(memory.bytes) && memory.bytes > 0, 'bytes', `must be a positive integer, got ${String(memory.bytes)}`);
+    check(memory.address + BigInt(memory.bytes) <= 2n ** 64n, 'bytes', 'address + bytes runs past the end of the address space');
+    const native = this.#open().registerVram(name, memory.address, memory.bytes, access, memory.device);
+    return this.#add(new Region(native, null, this.#io));
   }
 
   #regionOptions(options: RegionOptions): { name: string; access: Access } {
@@ -415,7 +456,7 @@ export class Agent extends EventEmitter {
       if (options.notify !== undefined) notify = notificationBytes('notify', options.notify);
       if (this.#regions.get(local.region.id) !== local.region)
         throw new KvwireError('ERR_NOT_FOUND', `local region '${local.region.name}' is not registered with agent '${this.name}'`);
-      check(local.region.bytes.byteLength === local.region.length, 'local',
+      check(local.region.kind === 'vram' || local.region.bytes.byteLength === local.region.length, 'local',
         `region '${local.region.name}' lost its memory (its ArrayBuffer was detached); deregister it`);
       if (options.signal?.aborted) throw new KvwireError('ERR_CANCELED', 'aborted before the transfer started');
       const r = remote.region;
@@ -611,3 +652,7 @@ export class Agent extends EventEmitter {
   }
 }
 
+function isDeviceMemory(x: unknown): x is DeviceMemory {
+  return typeof x === 'object' && x !== null && !ArrayBuffer.isView(x) && !(x instanceof ArrayBuffer) &&
+    (typeof SharedArrayBuffer === 'undefined' || !(x instanceof SharedArrayBuffer)) && 'address' in x;
+}

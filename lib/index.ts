@@ -1,7 +1,7 @@
 export { Agent, type AgentOptions, type Notification, type Disconnect, type SecurityCounters, type AgentHealth, type Rebuilt } from './agent';
 export { DescriptorList, type ByteSpans, type DescriptorTarget } from './descriptors';
 export { KvwireError, type ErrorCode } from './errors';
-export { Peer, Region, RemoteRegion, type Access, type MemoryKind, type RegionOptions } from './memory';
+export { Peer, Region, RemoteRegion, type Access, type DeviceMemory, type MemoryKind, type RegionOptions } from './memory';
 export { Transfer, type TransferOptions, type TransferPath, type TransferState, type TransferStats } from './transfer';
 import { addon } from './native';
 

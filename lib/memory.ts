@@ -19,6 +19,23 @@ export interface RegionOptions {
    * transparent huge pages off.
    */
   hugePages?: boolean;
+  /**
+   * `allocate` only: 'dram' (default, host memory through UCX) or 'vram' (GPU memory of CUDA device
+   * `device`, through the CUDA driver; ERR_UNAVAILABLE with the reason where there is none).
+   */
+  memory?: MemoryKind;
+  /** The CUDA device of a 'vram' allocation (default 0). */
+  device?: number;
+}
+
+/** GPU memory another library in this process owns (e.g. a framework's KV cache), for `register`. */
+export interface DeviceMemory {
+  /** CUDA device ordinal (as this process numbers them). */
+  device: number;
+  /** Device address of the first byte (e.g. `tensor.data_ptr()`). */
+  address: bigint;
+  /** Length in bytes: must lie inside one allocation of that device. */
+  bytes: number;
 }
 
 /** What a region is, as its metadata says: shared by this agent's regions and a peer's. */
@@ -31,8 +48,13 @@ abstract class RegionDescription {
   get name(): string {
     return this.native.name;
   }
+  /** 'dram' (host memory) or 'vram' (GPU memory of CUDA device `device`). */
   get kind(): MemoryKind {
     return this.native.kind;
+  }
+  /** The CUDA device of a VRAM region (0 for host memory). */
+  get device(): number {
+    return this.native.deviceId;
   }
   /** What peers may do with it. */
   get access(): Access {
@@ -47,16 +69,64 @@ abstract class RegionDescription {
   }
 }
 
+/** @internal How a region copies between host memory and itself (through its agent). */
+export interface RegionIo {
+  write(regionId: number, offset: number, bytes: Uint8Array): void;
+  read(regionId: number, offset: number, into: Uint8Array): void;
+}
+
 /** Memory this agent registered or allocated. Peers see it in the agent's metadata. */
 export class Region extends RegionDescription {
   #live = true;
+  readonly #bytes: Uint8Array | null;
+  readonly #io: RegionIo;
   /** @internal */
-  constructor(
-    native: NativeRegion,
-    /** A view of the region's bytes. */
-    readonly bytes: Uint8Array,
-  ) {
+  constructor(native: NativeRegion, bytes: Uint8Array | null, io: RegionIo) {
     super(native);
+    this.#bytes = bytes;
+    this.#io = io;
+  }
+
+  /**
+   * A view of the region's bytes (host memory only). A VRAM region has none — its bytes live on the
+   * GPU: use `write` and `read` (ERR_NOT_ALLOWED).
+   */
+  get bytes(): Uint8Array {
+    if (this.#bytes === null)
+      throw new KvwireError('ERR_NOT_ALLOWED', `region '${this.name}' is VRAM on CUDA device ${this.device}: it has no host view; use region.write(offset, bytes) and region.read(offset, length)`);
+    return this.#bytes;
+  }
+
+  /** Where the region starts: a device address for VRAM (what CUDA libraries take), a host address otherwise. */
+  get address(): bigint {
+    return this.native.base;
+  }
+
+  /** Copies `data` into the region at byte `offset` (host to device for VRAM; synchronous). */
+  write(offset: number, data: ArrayBufferView | ArrayBuffer): void {
+    const bytes = ArrayBuffer.isView(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
+      : data instanceof ArrayBuffer ? new Uint8Array(data) : null;
+    if (bytes === null) throw new KvwireError('ERR_INVALID_PARAM', 'data: must be a Buffer, typed array, DataView or ArrayBuffer');
+    this.#checkRange('write', offset, bytes.byteLength);
+    this.#io.write(this.id, offset, bytes);
+  }
+
+  /** Copies `length` bytes at byte `offset` out of the region (device to host for VRAM; synchronous). */
+  read(offset: number, length: number): Buffer {
+    this.#checkRange('read', offset, length);
+    const out = Buffer.alloc(length);
+    this.#io.read(this.id, offset, out);
+    return out;
+  }
+
+  #checkRange(what: string, offset: number, length: number): void {
+    if (!this.#live) throw new KvwireError('ERR_NOT_FOUND', `region '${this.name}' was deregistered`);
+    if (!Number.isSafeInteger(offset) || offset < 0)
+      throw new KvwireError('ERR_INVALID_PARAM', `offset: must be a non-negative integer, got ${offset}`);
+    if (!Number.isSafeInteger(length) || length < 0)
+      throw new KvwireError('ERR_INVALID_PARAM', `length: must be a non-negative integer, got ${length}`);
+    if (offset > this.length || length > this.length - offset)
+      throw new KvwireError('ERR_INVALID_PARAM', `${what}: [${offset}, +${length}) lies outside region '${this.name}' (${this.length} bytes)`);
   }
 
   get live(): boolean {

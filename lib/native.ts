@@ -29,12 +29,28 @@ export interface NativeAgentOptions {
   cma?: boolean;
 }
 
+export interface NativeCudaInfo {
+  available: boolean;
+  /** Why there is no usable CUDA device (driver missing, no device, initialisation failed). */
+  reason?: string;
+  /** The library loaded (libcuda.so.1, or what KVWIRE_CUDA_DRIVER names). */
+  driver?: string;
+  /** Set when the driver is kvwire's CUDA test double (host memory, no GPU). */
+  testDouble?: string;
+  version?: number;
+  devices: { ordinal: number; name: string; totalBytes: number }[];
+}
+
 /** Row layout of the Float64Array passed to onSettled, one row per settled transfer. */
 export const SETTLED_STRIDE = 9;
 
 export interface NativeAgent {
   allocate(name: string, bytes: number, access: string): { region: NativeRegion; bytes: Uint8Array };
   register(name: string, view: Uint8Array, access: string, hugePages?: boolean): NativeRegion;
+  allocateVram(name: string, bytes: number, access: string, device: number): NativeRegion;
+  registerVram(name: string, address: bigint, bytes: number, access: string, device: number): NativeRegion;
+  writeRegion(regionId: number, offset: number, bytes: Uint8Array): void;
+  readRegion(regionId: number, offset: number, into: Uint8Array): void;
   deregister(regionId: number): void;
   metadata(): Buffer;
   loadPeer(blob: Uint8Array): NativePeer;
@@ -71,6 +87,8 @@ interface Addon {
   setErrorClass(cls: typeof KvwireError): void;
   decodeMetadata(blob: Uint8Array): unknown;
   ucxVersion(): string;
+  cudaInfo(): NativeCudaInfo;
+  ucxInfo(): { transports: string[]; memoryTypes: string[]; error?: string };
   copyRuns(dst: Uint8Array, dstOffsets: Float64Array, src: Uint8Array, srcOffsets: Float64Array, lengths: Float64Array): void;
 }
 

@@ -1,7 +1,7 @@
 import { KvwireError } from './errors';
 
-export type TransferPath = 'direct' | 'am' | 'rma' | 'cma';
-export const PATH_NAMES: readonly (TransferPath | 'auto')[] = ['auto', 'direct', 'am', 'rma', 'cma'];
+export type TransferPath = 'direct' | 'am' | 'rma' | 'cma' | 'cuda_ipc';
+export const PATH_NAMES: readonly (TransferPath | 'auto')[] = ['auto', 'direct', 'am', 'rma', 'cma', 'cuda_ipc'];
 
 /** What a settled transfer reports. */
 export interface TransferStats {
@@ -14,7 +14,8 @@ export interface TransferStats {
   /**
    * How the bytes moved: 'direct' (peer memory mapped here, memcpy), 'cma' (a same-host peer's
    * registered memory, copied by this process with process_vm_readv/writev), 'am' (active-message
-   * rendezvous, served by the peer) or 'rma'.
+   * rendezvous, served by the peer), 'rma', or 'cuda_ipc' (VRAM on either side: a same-host peer's
+   * VRAM opened through CUDA IPC, copied by this process on its own CUDA stream).
    */
   path: TransferPath;
   /** Validate + plan + post, microseconds. */

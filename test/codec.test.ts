@@ -64,7 +64,8 @@ describe('metadata codec', () => {
     expect(mutate(() => {})).toBe('OK');
     expect(mutate((b) => (b[0] ^= 0xff))).toBe('ERR_INVALID_PARAM');
     expect(mutate((b) => b.writeUInt16LE(1, 4))).toBe('ERR_INVALID_PARAM');
-    expect(mutate((b) => b.writeUInt16LE(3, 4))).toBe('ERR_INVALID_PARAM');
+    expect(mutate((b) => b.writeUInt16LE(2, 4))).toBe('ERR_INVALID_PARAM'); // before region sections
+    expect(mutate((b) => b.writeUInt16LE(4, 4))).toBe('ERR_INVALID_PARAM');
     expect(mutate((b) => b.writeUInt16LE(1, 6))).toBe('ERR_INVALID_PARAM');
     expect(mutate((b) => b.writeUInt32LE(b.readUInt32LE(8) + 1, 8))).toBe('ERR_INVALID_PARAM');
     expect(code(() => decodeMetadata(reseal(Buffer.concat([blob, Buffer.from([0])]))))).toBe('ERR_INVALID_PARAM');

@@ -78,7 +78,7 @@ export class PeerProcess {
     });
   }
 
-  async init(opts: { transports?: string; memory: 'allocated' | 'registered'; size: number; access?: string; progress?: string; cma?: boolean }) {
+  async init(opts: { transports?: string; memory: 'allocated' | 'registered' | 'vram'; size: number; access?: string; progress?: string; cma?: boolean; device?: number }) {
     const r = await this.ok('init', { name: this.name, ...opts });
     this.metadata = r.metadata;
     return r;
@@ -202,6 +202,8 @@ export function openMetadata(sealed: Uint8Array, secret: string): Buffer {
 // (npm run build:native; the UCX 1.22 smoke and the sanitizer lane build their own).
 const addonDir = path.dirname(process.env.KVWIRE_ADDON ? path.resolve(process.env.KVWIRE_ADDON) : path.join(__dirname, '..', 'build', 'Release', 'kvwire.node'));
 export const HOSTILE_TOOL = path.join(addonDir, 'kvwire_hostile_peer');
+// The CUDA driver test double (test/cuda-double), built next to the addon: KVWIRE_CUDA_DRIVER=<this>.
+export const CUDA_DOUBLE = path.join(addonDir, 'libkvwire-cuda-double.so');
 const [ucxMajor, ucxMinor] = ucxVersion().split('.').map(Number);
 // UCX 1.13 itself crashes on an active message id >= 32768, before any handler of kvwire's runs (a
 // UCX bug, measured with this tool; UCX 1.22 drops them): there, those ids are left out.

@@ -1,16 +1,17 @@
 #!/usr/bin/env node
-// The `kvwire` command: demo, info.
+// The `kvwire` command: demo, bench, info.
 import { parseArgs } from 'node:util';
 import { runDemo } from './demo';
 import { parseBenchArgs, BENCH_USAGE } from './bench-args';
 import { runBench, serveRemote } from './bench';
-import { ucxVersion } from '../index';
+import { collectInfo, formatInfo } from './info';
 
 const usage = `usage: kvwire <command> [options]
   demo   [--transport shm|tcp] [--requests N] [--tp P:D] [--decoders N] [--json]
          prefill -> decode workers over UCX, every byte verified
   bench  ${BENCH_USAGE}
-  info                                                    versions and build`;
+  info   [--json]                                         versions, UCX transports, CUDA devices,
+                                                          and which transfer paths are ready here`;
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -45,7 +46,9 @@ async function main(argv: string[]): Promise<number> {
     return runBench(b.options);
   }
   if (command === 'info') {
-    console.log(JSON.stringify({ kvwire: require('../../package.json').version, ucx: ucxVersion(), node: process.version }));
+    const { values } = parseArgs({ args: rest, options: { json: { type: 'boolean', default: false } } });
+    const info = collectInfo();
+    console.log(values.json ? JSON.stringify(info, null, 2) : formatInfo(info));
     return 0;
   }
   console.error(usage);

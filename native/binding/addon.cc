@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/agent.h"
+#include "../cuda/driver.h"
 
 namespace {
 
@@ -99,6 +100,10 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   Napi::Value Allocate(const Napi::CallbackInfo& info);
   Napi::Value Register(const Napi::CallbackInfo& info);
   Napi::Value Deregister(const Napi::CallbackInfo& info);
+  Napi::Value AllocateVram(const Napi::CallbackInfo& info);
+  Napi::Value RegisterVram(const Napi::CallbackInfo& info);
+  Napi::Value WriteRegion(const Napi::CallbackInfo& info);
+  Napi::Value ReadRegion(const Napi::CallbackInfo& info);
   Napi::Value Metadata(const Napi::CallbackInfo& info);
   Napi::Value LoadPeer(const Napi::CallbackInfo& info);
   Napi::Value ForgetPeer(const Napi::CallbackInfo& info);
@@ -144,6 +149,10 @@ Napi::Function AgentWrap::Init(Napi::Env env) {
   return DefineClass(env, "NativeAgent",
                      {InstanceMethod("allocate", &AgentWrap::Allocate), InstanceMethod("register", &AgentWrap::Register),
                       InstanceMethod("deregister", &AgentWrap::Deregister),
+                      InstanceMethod("allocateVram", &AgentWrap::AllocateVram),
+                      InstanceMethod("registerVram", &AgentWrap::RegisterVram),
+                      InstanceMethod("writeRegion", &AgentWrap::WriteRegion),
+                      InstanceMethod("readRegion", &AgentWrap::ReadRegion),
                       InstanceMethod("metadata", &AgentWrap::Metadata), InstanceMethod("loadPeer", &AgentWrap::LoadPeer),
                       InstanceMethod("forgetPeer", &AgentWrap::ForgetPeer), InstanceMethod("post", &AgentWrap::Post),
                       InstanceMethod("cancel", &AgentWrap::Cancel), InstanceMethod("notify", &AgentWrap::Notify),
@@ -259,7 +268,8 @@ void AgentWrap::drive() {
     finishClose();
     return;
   }
-  bool spin = pollMode_ || now - lastActivityNs_ < spinWindowNs_;
+  // GPU copies signal no fd: while any is in flight the loop polls their events.
+  bool spin = pollMode_ || now - lastActivityNs_ < spinWindowNs_ || agent_->needsPolling();
   if (!spin && !agent_->arm()) {  // events arrived while we were deciding: go round again
     lastActivityNs_ = now;
     spin = true;
@@ -447,6 +457,61 @@ Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
   return regionObject(env, r.value());
 }
 
+// allocateVram(name, bytes, access, device) -> region (no host view: VRAM is reached by copies)
+Napi::Value AgentWrap::AllocateVram(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  auto r = agent_->allocateVram(info[0].As<Napi::String>(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
+                                accessFrom(info[2]), info[3].As<Napi::Number>().Uint32Value());
+  if (!r.isOk()) {
+    throwStatus(env, r.status());
+    return env.Undefined();
+  }
+  schedule();
+  return regionObject(env, r.value());
+}
+
+// registerVram(name, address: bigint, bytes, access, device) -> region
+Napi::Value AgentWrap::RegisterVram(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  bool lossless = false;
+  const uint64_t address = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
+  if (!lossless) {
+    throwInvalid(env, "register: address must be a bigint in [1, 2^64)");
+    return env.Undefined();
+  }
+  auto r = agent_->registerVram(info[0].As<Napi::String>(), address, static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue()),
+                                accessFrom(info[3]), info[4].As<Napi::Number>().Uint32Value());
+  if (!r.isOk()) {
+    throwStatus(env, r.status());
+    return env.Undefined();
+  }
+  schedule();
+  return regionObject(env, r.value());
+}
+
+// writeRegion(id, offset, bytes: Uint8Array) / readRegion(id, offset, into: Uint8Array): host copies.
+Napi::Value AgentWrap::WriteRegion(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  auto data = info[2].As<Napi::Uint8Array>();
+  Status st = agent_->writeRegion(info[0].As<Napi::Number>().Uint32Value(),
+                                  static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()), data.Data(), data.ByteLength());
+  if (!st) throwStatus(env, st);
+  return env.Undefined();
+}
+
+Napi::Value AgentWrap::ReadRegion(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!ensureOpen(env)) return env.Undefined();
+  auto into = info[2].As<Napi::Uint8Array>();
+  Status st = agent_->readRegion(info[0].As<Napi::Number>().Uint32Value(),
+                                 static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()), into.Data(), into.ByteLength());
+  if (!st) throwStatus(env, st);
+  return env.Undefined();
+}
+
 Napi::Value AgentWrap::Deregister(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
@@ -507,7 +572,7 @@ Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
   if (!ensureOpen(env)) return env.Undefined();
   kvwire::TransferRequest rq;
   rq.op = info[0].As<Napi::Number>().Uint32Value() == 0 ? kvwire::Op::Read : kvwire::Op::Write;
-  rq.path = static_cast<kvwire::Path>(std::min<uint32_t>(info[1].As<Napi::Number>().Uint32Value(), 4));
+  rq.path = static_cast<kvwire::Path>(std::min<uint32_t>(info[1].As<Napi::Number>().Uint32Value(), 5));  // Path::CudaIpc is the last
   rq.localRegion = info[2].As<Napi::Number>().Uint32Value();
   std::vector<uint64_t> lo, ll, ro, rl;
   if (!readOffsets(env, info[3], "local offset", &lo) || !readOffsets(env, info[4], "local length", &ll) ||
@@ -685,6 +750,32 @@ Napi::Value DecodeMetadata(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cudaInfo() -> { available, reason?, driver, testDouble?, version, devices: [{ ordinal, name, totalBytes }] }
+Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto o = Napi::Object::New(env);
+  auto d = kvwire::cuda::driver();
+  auto devices = kvwire::cuda::devices();
+  o.Set("available", devices.isOk());
+  if (!devices.isOk()) o.Set("reason", devices.status().message());
+  if (d.isOk()) {
+    o.Set("driver", d.value()->path);
+    if (!d.value()->testDouble.empty()) o.Set("testDouble", d.value()->testDouble);
+    o.Set("version", d.value()->version);
+  }
+  auto list = Napi::Array::New(env);
+  if (devices.isOk())
+    for (const auto& dev : devices.value()) {
+      auto x = Napi::Object::New(env);
+      x.Set("ordinal", dev.ordinal);
+      x.Set("name", dev.name);
+      x.Set("totalBytes", static_cast<double>(dev.totalBytes));
+      list.Set(list.Length(), x);
+    }
+  o.Set("devices", list);
+  return o;
+}
+
 // copyRuns(dst, dstOffsets, src, srcOffsets, lengths): a validated local gather/scatter (staging).
 Napi::Value CopyRuns(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -716,6 +807,20 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass));
   exports.Set("decodeMetadata", Napi::Function::New(env, DecodeMetadata));
   exports.Set("copyRuns", Napi::Function::New(env, CopyRuns));
+  exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
+  exports.Set("ucxInfo", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+    const kvwire::UcxInfo u = kvwire::ucxInfo();
+    auto o = Napi::Object::New(info.Env());
+    auto list = [&](const std::vector<std::string>& v) {
+      auto a = Napi::Array::New(info.Env());
+      for (size_t i = 0; i < v.size(); ++i) a.Set(i, v[i]);
+      return a;
+    };
+    o.Set("transports", list(u.transports));
+    o.Set("memoryTypes", list(u.memoryTypes));
+    if (!u.error.empty()) o.Set("error", u.error);
+    return o;
+  }));
   exports.Set("ucxVersion", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
     return Napi::String::New(info.Env(), kvwire::ucxVersion());
   }));

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <random>
 
+#include "../cuda/vram.h"
+
 namespace kvwire {
 
 uint64_t monotonicNs() {
@@ -24,6 +26,7 @@ const char* pathName(Path path) {
     case Path::ActiveMessage: return "am";
     case Path::Rma: return "rma";
     case Path::Cma: return "cma";
+    case Path::CudaIpc: return "cuda_ipc";
   }
   return "unknown";
 }
@@ -138,7 +141,7 @@ Result<RegionInfo> Agent::allocate(const std::string& name, uint64_t length, uin
   auto region = std::make_shared<LocalRegion>();
   region->memory = std::move(mem.value());
   region->info = {nextRegionId_++, name, MemKind::Dram, access, 0,
-                  reinterpret_cast<uint64_t>(region->memory->ptr), length, true, region->memory->rkey};
+                  reinterpret_cast<uint64_t>(region->memory->ptr), length, true, region->memory->rkey, {}};
   regions_[region->info.id] = region;
   backend_->regionRegistered(region);
   ++generation_;
@@ -159,11 +162,77 @@ Result<RegionInfo> Agent::registerMemory(const std::string& name, uint8_t* ptr, 
   region->memory = std::move(mem.value());
   region->keeper = std::move(keeper);
   region->info = {nextRegionId_++, name, MemKind::Dram, access, 0, reinterpret_cast<uint64_t>(ptr), length, false,
-                  region->memory->rkey};
+                  region->memory->rkey, {}};
   regions_[region->info.id] = region;
   backend_->regionRegistered(region);
   ++generation_;
   return region->info;
+}
+
+Result<RegionInfo> Agent::allocateVram(const std::string& name, uint64_t length, uint8_t access, uint32_t device) {
+  if (closing_) return Status(Code::Closed, "agent is closed");
+  if (length == 0) return Status(Code::InvalidParam, "allocate: bytes must be > 0");
+  auto mem = cuda::allocateVram(static_cast<int>(device), length);
+  if (!mem.isOk()) return mem.status();
+  return addVramRegion(name, std::move(mem.value()), access, device);
+}
+
+Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address, uint64_t length, uint8_t access,
+                                       uint32_t device) {
+  if (closing_) return Status(Code::Closed, "agent is closed");
+  if (address == 0 || length == 0) return Status(Code::InvalidParam, "register: address and bytes must be > 0");
+  auto mem = cuda::adoptVram(static_cast<int>(device), address, length);
+  if (!mem.isOk()) return mem.status();
+  return addVramRegion(name, std::move(mem.value()), access, device);
+}
+
+// A same-host peer reaches VRAM through its CUDA IPC handle (metadata section "cuda-ipc"). Memory the
+// driver cannot export (e.g. from a stream-ordered pool) is still a region: used locally, and across
+// hosts once that path lands, but not opened by same-host peers.
+Result<RegionInfo> Agent::addVramRegion(const std::string& name, std::unique_ptr<BackendMemory> memory, uint8_t access,
+                                        uint32_t device) {
+  auto region = std::make_shared<LocalRegion>();
+  region->memory = std::move(memory);
+  const uint64_t base = reinterpret_cast<uint64_t>(region->memory->ptr);
+  region->info = {nextRegionId_++, name, MemKind::Vram, access, device, base, region->memory->length,
+                  region->memory->allocated, {}, {}};
+  auto ipc = cuda::exportIpc(static_cast<int>(device), base);
+  if (ipc.isOk()) region->info.sections.push_back({cuda::kIpcSection, std::move(ipc.value())});
+  regions_[region->info.id] = region;
+  backend_->regionRegistered(region);
+  ++generation_;
+  return region->info;
+}
+
+Result<LocalRegionRef> Agent::regionRange(const char* what, uint32_t regionId, uint64_t offset, uint64_t length) const {
+  if (closing_) return Status(Code::Closed, "agent is closed");
+  auto it = regions_.find(regionId);
+  if (it == regions_.end()) return Status(Code::NotFound, std::string(what) + ": region " + std::to_string(regionId) + " is not registered");
+  const LocalRegionRef& r = it->second;
+  if (offset > r->info.length || length > r->info.length - offset)
+    return Status(Code::InvalidParam, std::string(what) + ": [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                                          ") lies outside region '" + r->info.name + "' (" + std::to_string(r->info.length) + " bytes)");
+  return r;
+}
+
+Status Agent::writeRegion(uint32_t regionId, uint64_t offset, const uint8_t* src, uint64_t length) {
+  auto r = regionRange("write", regionId, offset, length);
+  if (!r.isOk()) return r.status();
+  const LocalRegion& region = *r.value();
+  if (region.info.kind == MemKind::Vram)
+    return cuda::copyToDevice(static_cast<int>(region.info.deviceId), region.info.base + offset, src, length);
+  if (length != 0) std::memcpy(region.ptr() + offset, src, length);
+  return Status::ok();
+}
+
+Status Agent::readRegion(uint32_t regionId, uint64_t offset, uint8_t* dst, uint64_t length) {
+  auto r = regionRange("read", regionId, offset, length);
+  if (!r.isOk()) return r.status();
+  const LocalRegion& region = *r.value();
+  if (region.info.kind == MemKind::Vram)
+    return cuda::copyFromDevice(static_cast<int>(region.info.deviceId), dst, region.info.base + offset, length);
+  if (length != 0) std::memcpy(dst, region.ptr() + offset, length);
+  return Status::ok();
 }
 
 Status Agent::deregister(uint32_t regionId) {
@@ -289,7 +358,7 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
   Status why;
   uint64_t bytes = 0;
   for (const Segment& s : segs.value()) bytes += s.length;
-  Path path = peer.conn->choosePath(rq.remoteRegion, rq.path, bytes, segs.value().size(), &why);
+  Path path = peer.conn->choosePath(rq.remoteRegion, *local, rq.path, bytes, segs.value().size(), &why);
   if (!why) return why;
 
   auto t = std::make_shared<TransferState>();
@@ -445,6 +514,11 @@ Result<uint8_t*> Agent::resolveInbound(uint32_t regionId, uint64_t offset, uint6
   if (it == regions_.end())
     return Status(Code::NotFound, "region " + std::to_string(regionId) + " is not registered at '" + name_ + "'");
   const LocalRegionRef& r = it->second;
+  // A backend serving a peer copies with host instructions (or hands the pointer to UCX as host
+  // memory): a device address must never reach it. Same-host peers open VRAM themselves (cuda_ipc).
+  if (r->info.kind != MemKind::Dram)
+    return Status(Code::NotAllowed, "region '" + r->info.name + "' at '" + name_ + "' is VRAM: peers on this host reach "
+                                        "it by path 'cuda_ipc'; other paths move host memory only");
   if ((r->info.access & need) == 0)
     return Status(Code::NotAllowed, "region '" + r->info.name + "' at '" + name_ + "' is exported '" +
                                         accessName(r->info.access) + "'");

@@ -60,6 +60,15 @@ class Agent : public BackendHost {
   // hugePages: advise transparent huge pages for the whole 2 MiB pages inside [ptr, ptr + length).
   Result<RegionInfo> registerMemory(const std::string& name, uint8_t* ptr, uint64_t length, uint8_t access,
                                     std::shared_ptr<void> keeper, bool hugePages = false);
+  // GPU memory (VRAM) on CUDA device `device`: allocated by kvwire, or memory another library in
+  // this process owns at `address` (checked with the driver: device memory of that device, inside
+  // one allocation). ERR_UNAVAILABLE, with the reason, where there is no CUDA driver or device.
+  Result<RegionInfo> allocateVram(const std::string& name, uint64_t length, uint8_t access, uint32_t device);
+  Result<RegionInfo> registerVram(const std::string& name, uint64_t address, uint64_t length, uint8_t access,
+                                  uint32_t device);
+  // Copies between host memory and a region (any kind) at `offset`, inside its bounds.
+  Status writeRegion(uint32_t regionId, uint64_t offset, const uint8_t* src, uint64_t length);
+  Status readRegion(uint32_t regionId, uint64_t offset, uint8_t* dst, uint64_t length);
   Status deregister(uint32_t regionId);
   LocalRegionRef regionRef(uint32_t regionId) const;
 
@@ -76,6 +85,7 @@ class Agent : public BackendHost {
   bool progress();
   bool arm();
   bool busy() const;
+  bool needsPolling() const { return backend_ && backend_->needsPolling(); }
   SecurityCounters securityCounters() const { return backend_ ? backend_->securityCounters() : SecurityCounters{}; }
   bool receiveBlocked() const { return backend_ && backend_->receiveBlocked(); }
   uint64_t rebuilds() const { return backend_ ? backend_->rebuilds() : 0; }
@@ -118,6 +128,9 @@ class Agent : public BackendHost {
   // Ends a transfer with `status`, as soon as none of its bytes can land any more.
   void endEarly(const TransferRef& t, Status status, bool peerGone = false);
   PeerView viewOf(const PeerEntry& p) const;
+  Result<RegionInfo> addVramRegion(const std::string& name, std::unique_ptr<BackendMemory> memory, uint8_t access,
+                                   uint32_t device);
+  Result<LocalRegionRef> regionRange(const char* what, uint32_t regionId, uint64_t offset, uint64_t length) const;
 
   std::string name_;
   uint64_t agentId_;

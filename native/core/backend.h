@@ -41,9 +41,10 @@ class BackendPeer {
   virtual ~BackendPeer() = default;
   // Refresh the per-region state (keys, mappings) from newer metadata of the same peer instance.
   virtual Status updateRegions(const AgentMetadata& md) = 0;
-  // The path Auto resolves to for this remote region.
+  // The path Auto resolves to for this remote region and `local` region (their memory kinds).
   // `segments` of `bytes` in all: the shape of the batch, for a backend whose paths differ by size.
-  virtual Path choosePath(uint32_t remoteRegionId, Path requested, uint64_t bytes, size_t segments, Status* why) = 0;
+  virtual Path choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path requested, uint64_t bytes,
+                          size_t segments, Status* why) = 0;
   // The peer is gone (it said goodbye, or moved to a new endpoint): close without waiting on it.
   virtual void markGone() = 0;
 };
@@ -97,6 +98,9 @@ class Backend {
   virtual bool progress() = 0;     // true if anything happened
   virtual bool arm() = 0;          // true if armed (safe to sleep on the fd); false if events are pending
   virtual bool busy() const = 0;   // operations in flight that need progress to finish
+  // Work whose completion no event fd signals (CUDA copies): the caller keeps calling progress()
+  // instead of sleeping while this is true.
+  virtual bool needsPolling() const { return false; }
   virtual SecurityCounters securityCounters() const = 0;
   // This agent can no longer receive (its shared-memory queue is blocked by a peer that died
   // writing into it): only a new agent recovers.
@@ -109,6 +113,14 @@ class Backend {
 };
 
 std::string ucxVersion();
+// What the running UCX offers here (with this process's UCX_* settings): its transports as
+// "transport/device" and the memory types it can move. `error` says why it could not be asked.
+struct UcxInfo {
+  std::vector<std::string> transports;
+  std::vector<std::string> memoryTypes;
+  std::string error;
+};
+UcxInfo ucxInfo();
 Result<std::unique_ptr<Backend>> createUcxBackend(const BackendOptions& options, BackendHost* host);
 
 }  // namespace kvwire

@@ -20,7 +20,8 @@ namespace {
 //   body:   name str8, agentId u64, generation u64, backend str8, workerAddress blob32,
 //           regionCount u32, regions[regionCount]
 //   region: id u32, name str8, kind u8, access u8, flags u8 (bit0 backendAllocated),
-//           deviceId u32, base u64, length u64, rkey blob32
+//           deviceId u32, base u64, length u64, rkey blob32, sectionCount u8,
+//           sections[sectionCount] (name str8, data blob32)
 //   trailer: checksum u64 = metadataChecksum(header + body)
 constexpr size_t kHeaderBytes = 12;
 constexpr size_t kTrailerBytes = 8;
@@ -137,6 +138,15 @@ Result<std::vector<uint8_t>> encodeMetadata(const AgentMetadata& md) {
     w.u64(r.base);
     w.u64(r.length);
     w.blob32(r.rkey);
+    if (r.sections.size() > kMaxRegionSections)
+      return Status(Code::InvalidParam, "region '" + r.name + "' has more than " + std::to_string(kMaxRegionSections) + " sections");
+    w.u8(static_cast<uint8_t>(r.sections.size()));
+    for (const auto& s : r.sections) {
+      if (s.name.empty() || s.name.size() > kMaxNameBytes || s.data.size() > kMaxBlobBytes)
+        return Status(Code::InvalidParam, "region '" + r.name + "' section name or data too large");
+      w.str8(s.name);
+      w.blob32(s.data);
+    }
   }
   auto& out = w.bytes();
   uint32_t body = static_cast<uint32_t>(out.size() - kHeaderBytes);
@@ -187,8 +197,8 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
   if (!ok) return invalid(r.error());
   if (md.name.empty()) return invalid("empty agent name");
   if (md.workerAddress.empty()) return invalid("empty worker address");
-  // Each region takes at least 36 bytes, so a count the blob cannot hold is rejected before allocating.
-  constexpr size_t kMinRegionBytes = 4 + 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4;
+  // Each region takes at least 37 bytes, so a count the blob cannot hold is rejected before allocating.
+  constexpr size_t kMinRegionBytes = 4 + 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 1;
   if (count > kMaxRegions || count > r.remaining() / kMinRegionBytes)
     return invalid("region count " + std::to_string(count) + " cannot fit in the " +
                    std::to_string(r.remaining()) + " bytes left");
@@ -201,8 +211,21 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
          r.u8(g.access, "region access") && r.u8(rflags, "region flags") &&
          r.u32(g.deviceId, "region device id") && r.u64(g.base, "region base") &&
          r.u64(g.length, "region length") && r.blob32(g.rkey, "region key");
+    uint8_t sections = 0;
+    ok = ok && r.u8(sections, "region section count");
     if (!ok) return invalid("region " + std::to_string(i) + ": " + r.error());
     const std::string where = "region " + std::to_string(i) + " ('" + g.name + "'): ";
+    if (sections > kMaxRegionSections)
+      return invalid(where + std::to_string(sections) + " sections (at most " + std::to_string(kMaxRegionSections) + ")");
+    g.sections.resize(sections);
+    for (auto& s : g.sections) {
+      if (!r.str8(s.name, "region section name") || !r.blob32(s.data, "region section data"))
+        return invalid(where + r.error());
+      if (s.name.empty()) return invalid(where + "a section without a name");
+      if (&s != &g.sections.front())
+        for (const auto* o = &g.sections.front(); o != &s; ++o)
+          if (o->name == s.name) return invalid(where + "section '" + s.name + "' twice");
+    }
     if (kind > static_cast<uint8_t>(MemKind::Vram)) return invalid(where + "unknown memory kind " + std::to_string(kind));
     g.kind = static_cast<MemKind>(kind);
     if (g.access < kAccessRead || g.access > kAccessReadWrite)

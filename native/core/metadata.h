@@ -25,7 +25,19 @@ struct RegionInfo {
   uint64_t base = 0;
   uint64_t length = 0;
   bool backendAllocated = false;  // allocated by the backend: a same-host peer may map it
-  std::vector<uint8_t> rkey;      // backend-packed remote key
+  std::vector<uint8_t> rkey;      // backend-packed remote key (empty for VRAM: no UCX key)
+  // Named blobs a path needs besides the key, e.g. "cuda-ipc" (a VRAM region's CUDA IPC handle).
+  // Decoded only by the code that uses them, as strictly as the rest.
+  struct Section {
+    std::string name;
+    std::vector<uint8_t> data;
+  };
+  std::vector<Section> sections;
+  const std::vector<uint8_t>* section(const std::string& name) const {
+    for (const auto& s : sections)
+      if (s.name == name) return &s.data;
+    return nullptr;
+  }
 };
 
 struct AgentMetadata {
@@ -40,8 +52,10 @@ struct AgentMetadata {
 // Format limits, enforced on both encode and decode.
 constexpr uint32_t kMetadataMagic = 0x4d57564b;  // "KVWM" little-endian
 // Version 2: a checksum trails the body, so a corrupted blob is refused before any of its bytes
-// (the worker address and keys UCX parses, and can crash on) reach UCX.
-constexpr uint16_t kMetadataVersion = 2;
+// (the worker address and keys UCX parses, and can crash on) reach UCX. Version 3: regions carry
+// named sections (the CUDA IPC handle of a VRAM region).
+constexpr uint16_t kMetadataVersion = 3;
+constexpr size_t kMaxRegionSections = 8;
 constexpr size_t kMaxNameBytes = 255;
 // Notifications are small control messages: one limit for what is sent and what is accepted.
 constexpr size_t kMaxNotifyBytes = 16u << 20;

@@ -14,8 +14,9 @@ enum class Op : uint8_t { Read = 0, Write = 1 };
 
 // How a backend moves a transfer's bytes. Auto lets the backend choose per peer and region.
 // Direct: the peer's memory is mapped here (memcpy); Cma: same host, copied with process_vm_readv/
-// writev (the peer proved its pid on the connection); ActiveMessage: rendezvous, the target serves it.
-enum class Path : uint8_t { Auto = 0, Direct = 1, ActiveMessage = 2, Rma = 3, Cma = 4 };
+// writev (the peer proved its pid on the connection); ActiveMessage: rendezvous, the target serves it;
+// CudaIpc: VRAM on either side, same host, copied by this process on its own CUDA stream.
+enum class Path : uint8_t { Auto = 0, Direct = 1, ActiveMessage = 2, Rma = 3, Cma = 4, CudaIpc = 5 };
 const char* pathName(Path path);
 
 // One coalesced run: `length` bytes at `local` (a pointer in this process) and at `remoteOffset`

@@ -31,7 +31,14 @@ AgentMetadata sample() {
   b.name = "staging";
   b.access = kAccessReadWrite;
   b.backendAllocated = false;
-  md.regions = {a, b};
+  RegionInfo c = a;
+  c.id = 3;
+  c.name = "vram";
+  c.kind = MemKind::Vram;
+  c.deviceId = 3;
+  c.rkey = {};
+  c.sections = {{"cuda-ipc", std::vector<uint8_t>(72, 0xab)}, {"other", {}}};
+  md.regions = {a, b, c};
   return md;
 }
 
@@ -43,11 +50,39 @@ TEST(Metadata, RoundTrip) {
   EXPECT_EQ(md.value().name, "prefill-0");
   EXPECT_EQ(md.value().agentId, 0x1122334455667788ull);
   EXPECT_EQ(md.value().generation, 7u);
-  ASSERT_EQ(md.value().regions.size(), 2u);
+  ASSERT_EQ(md.value().regions.size(), 3u);
   EXPECT_EQ(md.value().regions[0].name, "kv");
   EXPECT_TRUE(md.value().regions[0].backendAllocated);
   EXPECT_EQ(md.value().regions[1].access, kAccessReadWrite);
   EXPECT_EQ(md.value().regions[1].rkey, (std::vector<uint8_t>{9, 9, 9}));
+  const RegionInfo& v = md.value().regions[2];
+  EXPECT_EQ(v.kind, MemKind::Vram);
+  EXPECT_EQ(v.deviceId, 3u);
+  ASSERT_EQ(v.sections.size(), 2u);
+  ASSERT_NE(v.section("cuda-ipc"), nullptr);
+  EXPECT_EQ(*v.section("cuda-ipc"), std::vector<uint8_t>(72, 0xab));
+  EXPECT_EQ(v.section("other")->size(), 0u);
+  EXPECT_EQ(v.section("missing"), nullptr);
+}
+
+// Region sections: unique, named, at most kMaxRegionSections, on encode and on decode.
+TEST(Metadata, SectionsAreCheckedBothWays) {
+  AgentMetadata md = sample();
+  md.regions[2].sections.assign(kMaxRegionSections + 1, {"s", {}});
+  EXPECT_FALSE(encodeMetadata(md).isOk());
+  md.regions[2].sections = {{"", {1}}};
+  EXPECT_FALSE(encodeMetadata(md).isOk());
+  // Encoded with two distinct names, then one renamed to the other and resealed: refused.
+  md.regions[2].sections = {{"aa", {1}}, {"ab", {2}}};
+  auto blob = encodeMetadata(md).value();
+  auto renamed = blob;
+  for (size_t i = 0; i + 1 < renamed.size(); ++i)
+    if (renamed[i] == 'a' && renamed[i + 1] == 'b') renamed[i + 1] = 'a';
+  const uint64_t sum = metadataChecksum(renamed.data(), renamed.size() - 8);
+  for (int i = 0; i < 8; ++i) renamed[renamed.size() - 8 + i] = static_cast<uint8_t>(sum >> (8 * i));
+  auto decoded = decodeMetadata(renamed.data(), renamed.size());
+  ASSERT_FALSE(decoded.isOk());
+  EXPECT_NE(decoded.status().message().find("section 'aa' twice"), std::string::npos) << decoded.status().message();
 }
 
 TEST(Metadata, EveryTruncationIsRejected) {

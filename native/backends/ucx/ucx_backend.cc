@@ -20,6 +20,7 @@
 
 #include "../../core/copy_pool.h"
 #include "../../core/hmac.h"
+#include "../../cuda/vram.h"
 #include "address_check.h"
 #include "cma.h"
 #include "wire.h"
@@ -75,6 +76,7 @@ struct RemoteRegion {
   RegionInfo info;
   std::unique_ptr<ucp_rkey, RkeyDeleter> rkey;
   uint8_t* mapped = nullptr;  // non-null when the peer's memory is mapped into this process
+  std::shared_ptr<cuda::IpcMapping> vram;  // a VRAM region, once opened through its CUDA IPC handle
 };
 using RemoteRegionRef = std::shared_ptr<RemoteRegion>;
 
@@ -85,7 +87,11 @@ class UcxPeer : public BackendPeer {
   UcxPeer(UcxBackendImpl* backend, uint64_t key, std::string name) : backend_(backend), key_(key), name_(std::move(name)) {}
   ~UcxPeer() override;
   Status updateRegions(const AgentMetadata& md) override;
-  Path choosePath(uint32_t remoteRegionId, Path requested, uint64_t bytes, size_t segments, Status* why) override;
+  Path choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path requested, uint64_t bytes, size_t segments,
+                  Status* why) override;
+  // Path 'cuda_ipc': why it cannot move between `local` and `rr` (ok when it can), opening the
+  // peer's VRAM region on first use.
+  Status cudaIpcReady(const LocalRegion& local, RemoteRegion& rr);
   void markGone() override { failed_ = true; }
 
   UcxBackendImpl* backend_;
@@ -215,11 +221,14 @@ class UcxBackendImpl : public Backend {
   bool progress() override;
   bool arm() override;
   bool busy() const override {
-    if (!requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty() || !retired_.empty()) return true;
+    if (!requests_.empty() || !inbound_.empty() || !closing_.empty() || !copyJobs_.empty() || !retired_.empty() ||
+        !cudaJobs_.empty())
+      return true;
     for (const auto& [ep, peer] : peersByEp_)  // work waiting for a handshake needs its timeout checked
       if (!peer->waiting_.empty()) return true;
     return false;
   }
+  bool needsPolling() const override { return !cudaJobs_.empty(); }
   SecurityCounters securityCounters() const override { return counters_; }
   bool receiveBlocked() const override { return receiveBlocked_; }
   void rebuild() override { rebuildWorker(); }
@@ -513,6 +522,17 @@ class UcxBackendImpl : public Backend {
   std::mutex copiedMutex_;
   std::vector<uint64_t> copied_;  // finished by the pool, settled by progress()
   std::atomic<ucp_worker_h> signalWorker_{nullptr};  // the worker pool threads wake (replaced in a rebuild)
+  // Path 'cuda_ipc': copies on one CUDA stream per local device, each transfer ended by an event
+  // that progress() polls. A job holds both sides' memory until its copies have finished.
+  Status postCudaIpc(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr);
+  bool pollCuda();
+  struct CudaJob {
+    TransferRef transfer;
+    RemoteRegionRef remote;
+  };
+  std::unordered_map<uint64_t, CudaJob> cudaJobs_;  // by transfer id
+  // Declared after cudaJobs_: destroyed first, waiting for the copies that use the jobs' memory.
+  std::map<int, std::unique_ptr<cuda::CopyQueue>> cudaQueues_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -702,6 +722,8 @@ void UcxBackendImpl::shutdown() {
 UcxBackendImpl::~UcxBackendImpl() {
   copyPool_.reset();  // finishes copies in flight; they touch only memory this backend still maps
   copyJobs_.clear();
+  cudaQueues_.clear();  // likewise: waits for the GPU copies, then the memory they used may go
+  cudaJobs_.clear();
   shutdown();
   const uint64_t deadline = monotonicNs() + 500'000'000ull;
   while ((!requests_.empty() || !closing_.empty()) && monotonicNs() < deadline) progress();
@@ -820,6 +842,9 @@ uint64_t sharedMappingBytesFrom(const void* p) {
 Result<RemoteRegionRef> UcxBackendImpl::unpackRegion(UcxPeer& peer, const RegionInfo& info) {
   auto rr = std::make_shared<RemoteRegion>();
   rr->info = info;
+  // VRAM has no UCX key (this UCX may have no CUDA support): a same-host peer opens it through its
+  // CUDA IPC handle, when a transfer first needs it (openVram).
+  if (info.kind == MemKind::Vram) return rr;
   ucp_rkey_h rkey = nullptr;
   ucs_status_t st = ucp_ep_rkey_unpack(peer.ep_, info.rkey.data(), &rkey);
   if (st != UCS_OK)
@@ -901,7 +926,12 @@ Status UcxPeer::updateRegions(const AgentMetadata& md) {
   for (const auto& info : md.regions) {
     auto it = regions_.find(info.id);
     if (it != regions_.end() && it->second->info.base == info.base && it->second->info.length == info.length &&
-        it->second->info.rkey == info.rkey) {
+        it->second->info.rkey == info.rkey && it->second->info.kind == info.kind &&
+        [&] {  // a VRAM region reopened elsewhere has a new IPC handle
+          const auto* was = it->second->info.section(cuda::kIpcSection);
+          const auto* now = info.section(cuda::kIpcSection);
+          return (was == nullptr) == (now == nullptr) && (was == nullptr || *was == *now);
+        }()) {
       it->second->info = info;  // access or name may have changed; the key is the same
       next.emplace(info.id, it->second);
       continue;
@@ -914,11 +944,47 @@ Status UcxPeer::updateRegions(const AgentMetadata& md) {
   return Status::ok();
 }
 
-Path UcxPeer::choosePath(uint32_t remoteRegionId, Path requested, uint64_t bytes, size_t segments, Status* why) {
+Status UcxPeer::cudaIpcReady(const LocalRegion& local, RemoteRegion& rr) {
+  const std::string region = "region '" + rr.info.name + "' of peer '" + name_ + "'";
+  if (rr.info.kind == MemKind::Dram) {
+    if (rr.mapped == nullptr)
+      return {Code::Unavailable, "VRAM moves to and from " + region + " (host memory) only when it is mapped into this "
+                                 "process: allocated by kvwire on this host, with a shared-memory transport"};
+    return Status::ok();
+  }
+  if (rr.vram) return Status::ok();
+  const auto* section = rr.info.section(cuda::kIpcSection);
+  if (section == nullptr)
+    return {Code::Unavailable, region + " (VRAM) publishes no CUDA IPC handle (its owner could not export it)"};
+  // The copies run on the local region's device; a host region's copies on device 0.
+  const int device = local.info.kind == MemKind::Vram ? static_cast<int>(local.info.deviceId) : 0;
+  auto opened = cuda::IpcMapping::open(device, *section, rr.info.length);
+  if (!opened.isOk()) return {opened.status().code(), region + ": " + opened.status().message()};
+  rr.vram = std::move(opened.value());
+  return Status::ok();
+}
+
+Path UcxPeer::choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path requested, uint64_t bytes,
+                         size_t segments, Status* why) {
   auto it = regions_.find(remoteRegionId);
   if (it == regions_.end()) {
     *why = Status(Code::NotFound, "peer '" + name_ + "' has no region " + std::to_string(remoteRegionId));
     return Path::Auto;
+  }
+  // VRAM on either side: only this process's own CUDA copies reach it (this UCX may have no CUDA
+  // transport, and none of the host paths may touch a device address).
+  if (local.info.kind == MemKind::Vram || it->second->info.kind == MemKind::Vram) {
+    if (requested != Path::Auto && requested != Path::CudaIpc) {
+      *why = Status(Code::Unavailable, std::string("path '") + pathName(requested) +
+                                           "' moves host memory only; VRAM moves by path 'cuda_ipc' (peers on one host)");
+      return requested;
+    }
+    *why = cudaIpcReady(local, *it->second);
+    return Path::CudaIpc;
+  }
+  if (requested == Path::CudaIpc) {
+    *why = Status(Code::Unavailable, "path 'cuda_ipc' moves VRAM; both regions are host memory");
+    return requested;
   }
   const bool mapped = it->second->mapped != nullptr;
   switch (requested) {
@@ -1177,6 +1243,7 @@ Status UcxBackendImpl::postNow(UcxPeer& peer, const TransferRef& t, const Remote
   switch (t->path) {
     case Path::Direct: return postDirect(peer, t, rr);
     case Path::Cma: return postCma(peer, t, rr);
+    case Path::CudaIpc: return postCudaIpc(peer, t, rr);
     case Path::Rma: return postRma(peer, t, rr);
     default: return postActiveMessage(peer, t);
   }
@@ -1294,6 +1361,57 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
       ucp_worker_signal(signalWorker_.load());  // thread-safe: wakes the event loop (the current worker)
     });
   }
+}
+
+Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
+  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) return st;  // the region may have been reloaded since
+  const int device = t->local->info.kind == MemKind::Vram ? static_cast<int>(t->local->info.deviceId)
+                                                          : rr->vram->device();
+  auto& queue = cudaQueues_[device];
+  if (!queue) {
+    auto created = cuda::CopyQueue::create(device);
+    if (!created.isOk()) {
+      cudaQueues_.erase(device);
+      return created.status();
+    }
+    queue = std::move(created.value());
+  }
+  const uint64_t remoteBase = rr->vram ? rr->vram->address() : reinterpret_cast<uint64_t>(rr->mapped);
+  std::vector<cuda::CopyRun> runs;
+  runs.reserve(t->segments.size());
+  const bool write = t->op == kvwire::Op::Write;
+  for (const Segment& s : t->segments) {
+    const uint64_t local = reinterpret_cast<uint64_t>(s.local);
+    const uint64_t remote = remoteBase + s.remoteOffset;
+    runs.push_back(write ? cuda::CopyRun{remote, local, s.length} : cuda::CopyRun{local, remote, s.length});
+  }
+  if (Status st = queue->submit(t->id, runs); !st) return st;
+  cudaJobs_[t->id] = {t, rr};
+  return Status::ok();
+}
+
+// Copies finished on the GPU: the peer is told (after the data, as every path does), the transfer settles.
+bool UcxBackendImpl::pollCuda() {
+  if (cudaJobs_.empty()) return false;
+  std::vector<std::pair<uint64_t, Status>> done;
+  for (auto& [device, queue] : cudaQueues_) queue->poll(done);
+  for (auto& [id, st] : done) {
+    auto it = cudaJobs_.find(id);
+    if (it == cudaJobs_.end()) continue;
+    TransferRef t = std::move(it->second.transfer);
+    cudaJobs_.erase(it);
+    if (t->ending) {
+      settleIfQuiet(t);
+      continue;
+    }
+    if (!st) {
+      endTransfer(t, st);
+      continue;
+    }
+    if (!t->settled) notifyAfter(t);
+    endTransfer(t, Status::ok());
+  }
+  return !done.empty();
 }
 
 Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
@@ -1417,7 +1535,7 @@ void UcxBackendImpl::endGrant(uint64_t token) {
 }
 
 void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
-  if (cmaAllowed_)
+  if (cmaAllowed_ && region->info.kind == MemKind::Dram)  // cma copies host memory only
     cmaTable_.publish(region->info.id, region->info.access, reinterpret_cast<uint64_t>(region->ptr()), region->info.length);
 }
 
@@ -1619,8 +1737,9 @@ bool UcxBackendImpl::abandon(const TransferRef& t, bool peerGone) {
   // memcpy) still are. They are not canceled either: ucp_request_cancel on such a receive over tcp
   // made UCX 1.13 complete it twice and abort (uct_iface.h: comp->count > 0) in the soak test.
   active_.erase(t->wireId);
-  if (!peerGone) return t->landingReceives == 0 && copyJobs_.count(t->id) == 0;
-  return copyJobs_.count(t->id) == 0;
+  // GPU copies cannot be stopped once queued: the transfer settles when they have finished.
+  if (!peerGone) return t->landingReceives == 0 && copyJobs_.count(t->id) == 0 && cudaJobs_.count(t->id) == 0;
+  return copyJobs_.count(t->id) == 0 && cudaJobs_.count(t->id) == 0;
 }
 
 void UcxBackendImpl::checkLiveness() {
@@ -1808,7 +1927,7 @@ void UcxBackendImpl::rebuildWorker() {
 }
 
 void UcxBackendImpl::settleIfQuiet(const TransferRef& t) {
-  if (t->ending && !t->settled && t->landingReceives == 0 && copyJobs_.count(t->id) == 0)
+  if (t->ending && !t->settled && t->landingReceives == 0 && copyJobs_.count(t->id) == 0 && cudaJobs_.count(t->id) == 0)
     host_->transferFinished(t, t->endStatus);
 }
 
@@ -2535,6 +2654,7 @@ bool UcxBackendImpl::progress() {
   // caller comes back at once when anything happened.
   for (int round = 0; round < 4096 && ucp_worker_progress(worker_) != 0; ++round) any = true;
   if (canary_ != nullptr) ucp_worker_progress(canary_);
+  if (pollCuda()) any = true;
   if (!copyJobs_.empty()) {
     std::vector<uint64_t> copied;
     {
@@ -2613,6 +2733,49 @@ std::string ucxVersion() {
   unsigned major = 0, minor = 0, release = 0;
   ucp_get_version(&major, &minor, &release);
   return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
+}
+
+UcxInfo ucxInfo() {
+  UcxInfo info;
+  ucp_config_t* config = nullptr;
+  if (ucs_status_t st = ucp_config_read(nullptr, nullptr, &config); st != UCS_OK) {
+    info.error = ucsMessage("ucp_config_read", st);
+    return info;
+  }
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA;
+  ucp_context_h context = nullptr;
+  ucs_status_t st = ucp_init(&params, config, &context);
+  ucp_config_release(config);
+  if (st != UCS_OK) {
+    info.error = ucsMessage("ucp_init", st);
+    return info;
+  }
+  // The transports: UCX's own listing ("#      resource 0  :  md 0  dev 0  flags -- tcp/lo").
+  char* text = nullptr;
+  size_t size = 0;
+  if (FILE* out = open_memstream(&text, &size)) {
+    ucp_context_print_info(context, out);
+    std::fclose(out);
+    for (const char* line = text; line && *line;) {
+      const char* end = std::strchr(line, '\n');
+      std::string l(line, end ? static_cast<size_t>(end - line) : std::strlen(line));
+      if (l.find("resource") != std::string::npos) {
+        const size_t at = l.find_last_of(' ');
+        if (at != std::string::npos && l.find('/', at) != std::string::npos) info.transports.push_back(l.substr(at + 1));
+      }
+      line = end ? end + 1 : nullptr;
+    }
+    std::free(text);
+  }
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  if (ucp_context_query(context, &attr) == UCS_OK)
+    for (int t = 0; t < UCS_MEMORY_TYPE_LAST; ++t)
+      if (attr.memory_types & (1ull << t)) info.memoryTypes.push_back(ucs_memory_type_names[t]);
+  ucp_cleanup(context);
+  return info;
 }
 
 Result<std::unique_ptr<Backend>> createUcxBackend(const BackendOptions& options, BackendHost* host) {

@@ -1,0 +1,239 @@
+#include "vram.h"
+
+#include <cstring>
+
+#include "driver.h"
+
+namespace kvwire {
+namespace cuda {
+
+namespace {
+
+// The driver, with `device`'s context current on this thread.
+Result<const Driver*> onDevice(int device) {
+  auto d = driver();
+  if (!d.isOk()) return d.status();
+  if (Status st = useDevice(device); !st) return st;
+  return d.value();
+}
+
+class VramMemory : public BackendMemory {
+ public:
+  VramMemory(int device, CUdeviceptr address, uint64_t bytes, bool owned) : device_(device), owned_(owned) {
+    ptr = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(address));
+    length = bytes;
+    allocated = owned;
+  }
+  ~VramMemory() override {
+    if (!owned_) return;
+    auto d = onDevice(device_);
+    if (d.isOk()) d.value()->memFree(reinterpret_cast<uintptr_t>(ptr));
+  }
+
+ private:
+  int device_;
+  bool owned_;
+};
+
+// What the driver says about `address`: device memory of `device`, and the allocation around it.
+struct PointerFacts {
+  unsigned memoryType = 0;
+  int device = -1;
+  CUdeviceptr rangeStart = 0;
+  size_t rangeSize = 0;
+};
+Result<PointerFacts> pointerFacts(const Driver& d, uint64_t address) {
+  PointerFacts f;
+  int attributes[] = {kPointerAttributeMemoryType, kPointerAttributeDeviceOrdinal, kPointerAttributeRangeStartAddr,
+                      kPointerAttributeRangeSize};
+  void* data[] = {&f.memoryType, &f.device, &f.rangeStart, &f.rangeSize};
+  if (CUresult r = d.pointerGetAttributes(4, attributes, data, address); r != kSuccess)
+    return d.fail("cuPointerGetAttributes", r);
+  return f;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<BackendMemory>> allocateVram(int device, uint64_t length) {
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  CUdeviceptr p = 0;
+  if (CUresult r = d.value()->memAlloc(&p, length); r != kSuccess)
+    return Status(r == kErrorOutOfMemory ? Code::Unavailable : Code::Backend,
+                  "allocate: " + std::to_string(length) + " bytes on CUDA device " + std::to_string(device) + ": " +
+                      d.value()->describe(r));
+  return std::unique_ptr<BackendMemory>(new VramMemory(device, p, length, true));
+}
+
+Result<std::unique_ptr<BackendMemory>> adoptVram(int device, uint64_t address, uint64_t length) {
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  auto facts = pointerFacts(*d.value(), address);
+  if (!facts.isOk()) return facts.status();
+  const PointerFacts& f = facts.value();
+  const std::string at = "register: address 0x" + [&] {
+    char hex[32];
+    std::snprintf(hex, sizeof hex, "%llx", static_cast<unsigned long long>(address));
+    return std::string(hex);
+  }();
+  if (f.memoryType != kMemoryTypeDevice)
+    return Status(Code::InvalidParam, at + " is not CUDA device memory" +
+                                          (f.memoryType == kMemoryTypeHost ? " (it is host memory registered with CUDA)" : ""));
+  if (f.device != device)
+    return Status(Code::InvalidParam, at + " is memory of CUDA device " + std::to_string(f.device) + ", not device " +
+                                          std::to_string(device));
+  if (address < f.rangeStart || length > f.rangeSize - (address - f.rangeStart))
+    return Status(Code::InvalidParam, at + " + " + std::to_string(length) + " bytes runs past its allocation (" +
+                                          std::to_string(f.rangeSize - (address - f.rangeStart)) + " bytes left from there)");
+  return std::unique_ptr<BackendMemory>(new VramMemory(device, address, length, false));
+}
+
+Status copyToDevice(int device, uint64_t dst, const uint8_t* src, uint64_t length) {
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  if (length == 0) return Status::ok();
+  if (CUresult r = d.value()->memcpyHtoD(dst, src, length); r != kSuccess) return d.value()->fail("cuMemcpyHtoD", r);
+  return Status::ok();
+}
+
+Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length) {
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  if (length == 0) return Status::ok();
+  if (CUresult r = d.value()->memcpyDtoH(dst, src, length); r != kSuccess) return d.value()->fail("cuMemcpyDtoH", r);
+  return Status::ok();
+}
+
+Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address) {
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  auto facts = pointerFacts(*d.value(), address);
+  if (!facts.isOk()) return facts.status();
+  CUipcMemHandle handle{};
+  if (CUresult r = d.value()->ipcGetMemHandle(&handle, address); r != kSuccess)
+    return d.value()->fail("cuIpcGetMemHandle", r);
+  std::vector<uint8_t> section(handle.reserved, handle.reserved + kIpcHandleBytes);
+  const uint64_t offset = address - facts.value().rangeStart;
+  for (int i = 0; i < 8; ++i) section.push_back(static_cast<uint8_t>(offset >> (8 * i)));
+  return section;
+}
+
+Result<std::shared_ptr<IpcMapping>> IpcMapping::open(int device, const std::vector<uint8_t>& section, uint64_t length) {
+  if (section.size() != kIpcSectionBytes)
+    return Status(Code::InvalidParam, "its cuda-ipc section is " + std::to_string(section.size()) + " bytes, not " +
+                                          std::to_string(kIpcSectionBytes));
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  const Driver& drv = *d.value();
+  CUipcMemHandle handle{};
+  std::memcpy(handle.reserved, section.data(), kIpcHandleBytes);
+  uint64_t offset = 0;
+  for (int i = 0; i < 8; ++i) offset |= static_cast<uint64_t>(section[kIpcHandleBytes + i]) << (8 * i);
+  std::shared_ptr<IpcMapping> m(new IpcMapping());
+  m->device_ = device;
+  if (CUresult r = drv.ipcOpenMemHandle(&m->base_, handle, kIpcMemLazyEnablePeerAccess); r != kSuccess) {
+    m->base_ = 0;
+    return Status(Code::Unavailable, "its CUDA IPC handle does not open here (cuIpcOpenMemHandle: " + drv.describe(r) +
+                                         "; a peer on another host, or in this same process, cannot be reached this way)");
+  }
+  CUdeviceptr base = 0;
+  size_t mapped = 0;
+  if (CUresult r = drv.memGetAddressRange(&base, &mapped, m->base_); r != kSuccess) return drv.fail("cuMemGetAddressRange", r);
+  if (base != m->base_ || offset > mapped || length > mapped - offset)
+    return Status(Code::InvalidParam, "it claims " + std::to_string(length) + " bytes at offset " + std::to_string(offset) +
+                                          " of an allocation of which " + std::to_string(mapped) + " bytes were mapped here");
+  m->offset_ = offset;
+  return m;
+}
+
+IpcMapping::~IpcMapping() {
+  if (base_ == 0) return;
+  auto d = onDevice(device_);
+  if (d.isOk()) d.value()->ipcCloseMemHandle(base_);
+}
+
+Result<std::unique_ptr<CopyQueue>> CopyQueue::create(int device) {
+  auto d = onDevice(device);
+  if (!d.isOk()) return d.status();
+  std::unique_ptr<CopyQueue> q(new CopyQueue());
+  q->device_ = device;
+  if (CUresult r = d.value()->streamCreate(&q->stream_, kStreamNonBlocking); r != kSuccess) {
+    q->stream_ = nullptr;
+    return d.value()->fail("cuStreamCreate", r);
+  }
+  return q;
+}
+
+CopyQueue::~CopyQueue() {
+  auto d = onDevice(device_);
+  if (!d.isOk()) return;
+  const Driver& drv = *d.value();
+  if (stream_ != nullptr) {
+    drv.streamSynchronize(stream_);
+    drv.streamDestroy(stream_);
+  }
+  for (Job& j : jobs_) drv.eventDestroy(j.event);
+  for (CUevent e : spareEvents_) drv.eventDestroy(e);
+}
+
+CUevent CopyQueue::takeEvent() {
+  if (!spareEvents_.empty()) {
+    CUevent e = spareEvents_.back();
+    spareEvents_.pop_back();
+    return e;
+  }
+  CUevent e = nullptr;
+  auto d = driver();
+  if (d.isOk() && d.value()->eventCreate(&e, kEventDisableTiming) != kSuccess) e = nullptr;
+  return e;
+}
+
+Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs) {
+  auto d = onDevice(device_);
+  if (!d.isOk()) return d.status();
+  const Driver& drv = *d.value();
+  CUevent event = takeEvent();
+  if (event == nullptr) return {Code::Backend, "cuEventCreate failed"};
+  Status error;
+  size_t enqueued = 0;
+  for (const CopyRun& run : runs) {
+    if (CUresult r = drv.memcpyAsync(run.dst, run.src, run.bytes, stream_); r != kSuccess) {
+      error = drv.fail("cuMemcpyAsync", r);
+      break;
+    }
+    ++enqueued;
+  }
+  if (enqueued == 0 && !error.isOk()) {
+    spareEvents_.push_back(event);
+    return error;
+  }
+  if (CUresult r = drv.eventRecord(event, stream_); r != kSuccess) {
+    // No event to wait on: wait for the stream here, so no copy is still running once this returns.
+    drv.streamSynchronize(stream_);
+    spareEvents_.push_back(event);
+    return error.isOk() ? drv.fail("cuEventRecord", r) : error;
+  }
+  jobs_.push_back({id, event, std::move(error)});
+  return Status::ok();
+}
+
+void CopyQueue::poll(std::vector<std::pair<uint64_t, Status>>& done) {
+  if (jobs_.empty()) return;
+  auto d = onDevice(device_);
+  if (!d.isOk()) return;
+  const Driver& drv = *d.value();
+  size_t finished = 0;
+  for (; finished < jobs_.size(); ++finished) {
+    Job& j = jobs_[finished];
+    CUresult r = drv.eventQuery(j.event);
+    if (r == kErrorNotReady) break;  // one stream: later jobs are not done either
+    Status st = std::move(j.error);
+    if (r != kSuccess && st.isOk()) st = drv.fail("copy on CUDA device " + std::to_string(device_), r);
+    done.emplace_back(j.id, std::move(st));
+    spareEvents_.push_back(j.event);
+  }
+  jobs_.erase(jobs_.begin(), jobs_.begin() + static_cast<std::ptrdiff_t>(finished));
+}
+
+}  // namespace cuda
+}  // namespace kvwire

@@ -1,0 +1,89 @@
+// GPU memory (VRAM) as kvwire regions, CUDA IPC between processes on one host, and a stream of
+// copies whose completion the progress loop polls. Every call makes the device's primary context
+// current on the calling thread first.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../core/status.h"
+#include "../core/transfer.h"
+#include "cuda_api.h"
+
+namespace kvwire {
+namespace cuda {
+
+// VRAM a region owns (allocate) or borrows (register: memory another library in the process owns).
+// `ptr` holds the device address: never dereference it on the host.
+Result<std::unique_ptr<BackendMemory>> allocateVram(int device, uint64_t length);
+Result<std::unique_ptr<BackendMemory>> adoptVram(int device, uint64_t address, uint64_t length);
+
+// Host <-> device copies for Region.write/read: synchronous, inside [address, address + length).
+Status copyToDevice(int device, uint64_t dst, const uint8_t* src, uint64_t length);
+Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length);
+
+// The metadata section ("cuda-ipc") through which a same-host peer opens a VRAM region: the IPC
+// handle of the allocation holding it and the region's offset inside that allocation.
+constexpr const char* kIpcSection = "cuda-ipc";
+constexpr size_t kIpcSectionBytes = kIpcHandleBytes + 8;
+Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address);
+
+// A peer's VRAM region opened in this process. Bounds come from what the driver mapped here: the
+// region (offset + length) must lie inside the opened allocation, whatever the metadata claims.
+class IpcMapping {
+ public:
+  static Result<std::shared_ptr<IpcMapping>> open(int device, const std::vector<uint8_t>& section, uint64_t length);
+  ~IpcMapping();
+  IpcMapping(const IpcMapping&) = delete;
+  IpcMapping& operator=(const IpcMapping&) = delete;
+  uint64_t address() const { return base_ + offset_; }  // the region's first byte, a device address here
+  int device() const { return device_; }
+
+ private:
+  IpcMapping() = default;
+  int device_ = 0;
+  CUdeviceptr base_ = 0;
+  uint64_t offset_ = 0;
+};
+
+// One copy: `bytes` from `src` to `dst`, each a device address or a host pointer (unified addressing).
+struct CopyRun {
+  uint64_t dst = 0;
+  uint64_t src = 0;
+  uint64_t bytes = 0;
+};
+
+// A stream on one device: jobs of copies, each finished by an event that poll() checks — no thread
+// waits on the GPU, and an idle queue costs nothing.
+class CopyQueue {
+ public:
+  static Result<std::unique_ptr<CopyQueue>> create(int device);
+  ~CopyQueue();  // waits for the copies in flight: memory they touch may be released right after
+  CopyQueue(const CopyQueue&) = delete;
+  CopyQueue& operator=(const CopyQueue&) = delete;
+
+  // Enqueues the copies and the event that ends job `id`. An error before any copy was enqueued is
+  // returned; one after is reported by poll() once the enqueued copies have finished.
+  Status submit(uint64_t id, const std::vector<CopyRun>& runs);
+  // Appends the jobs that finished (in order), each with its status.
+  void poll(std::vector<std::pair<uint64_t, Status>>& done);
+  size_t pending() const { return jobs_.size(); }
+  int device() const { return device_; }
+
+ private:
+  struct Job {
+    uint64_t id;
+    CUevent event;
+    Status error;
+  };
+  CopyQueue() = default;
+  CUevent takeEvent();
+  int device_ = 0;
+  CUstream stream_ = nullptr;
+  std::vector<Job> jobs_;          // in submission order
+  std::vector<CUevent> spareEvents_;
+};
+
+}  // namespace cuda
+}  // namespace kvwire

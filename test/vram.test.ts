@@ -1,0 +1,358 @@
+// GPU memory (VRAM) regions and path 'cuda_ipc'. CI has no GPU: these run against the CUDA driver
+// test double (test/cuda-double: libcuda's entry points over host memory, device pointers that fault
+// when the host touches them, IPC handles that really open across processes), selected with
+// KVWIRE_CUDA_DRIVER. `npm run test:gpu` runs the GPU suite against a real driver.
+import { createHash } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Agent, KvwireError, type Peer, type Region } from '../lib';
+import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reseal, rng, thrown } from './helpers';
+
+// This process's CUDA driver is the double (the driver is loaded on first use, after this line).
+process.env.KVWIRE_CUDA_DRIVER = CUDA_DOUBLE;
+const DOUBLE = { KVWIRE_CUDA_DRIVER: CUDA_DOUBLE };
+const CLI = path.join(__dirname, '..', 'dist', 'cli', 'index.js');
+const MiB = 1 << 20;
+
+function info(env: NodeJS.ProcessEnv): any {
+  return JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env: { ...process.env, ...env }, encoding: 'utf8' }));
+}
+
+function random(seed: number, size: number): Buffer {
+  const next = rng(seed);
+  const b = Buffer.alloc(size);
+  for (let i = 0; i < size; i += 4) b.writeUInt32LE(Math.floor(next() * 2 ** 32) >>> 0, i);
+  return b;
+}
+
+function hashOf(region: Region, offsets: number[], lengths: number[]): string {
+  const h = createHash('sha256');
+  for (let i = 0; i < offsets.length; i++)
+    h.update(region.kind === 'vram' ? region.read(offsets[i], lengths[i]) : region.bytes.subarray(offsets[i], offsets[i] + lengths[i]));
+  return h.digest('hex');
+}
+
+// Offset of the first region's length field in a plain metadata blob (native/core/metadata.cc).
+function firstRegionLengthOffset(blob: Buffer): number {
+  let p = 12;
+  p += 1 + blob[p]; // name
+  p += 16; // agent id, generation
+  p += 1 + blob[p]; // backend
+  p += 4 + blob.readUInt32LE(p); // worker address
+  p += 4; // region count
+  p += 4; // id
+  p += 1 + blob[p]; // name
+  p += 3 + 4 + 8; // kind, access, flags, device, base
+  return p;
+}
+
+describe('without a CUDA driver', () => {
+  it('every VRAM entry point answers ERR_UNAVAILABLE with the reason, and kvwire info says so', () => {
+    const env = { KVWIRE_CUDA_DRIVER: '/nonexistent/libcuda.so.1' };
+    const script = `
+      const { Agent } = require(${JSON.stringify(path.join(__dirname, '..', 'dist'))});
+      (async () => {
+        const a = await Agent.create({ name: 'no-gpu' });
+        const out = [];
+        for (const f of [() => a.allocate(4096, { name: 'v', memory: 'vram' }),
+                         () => a.register({ device: 0, address: 0x10000n, bytes: 4096 }, { name: 'r' })]) {
+          try { f(); out.push('no error'); } catch (e) { out.push(e.code + ': ' + e.message); }
+        }
+        const host = a.allocate(4096, { name: 'h' });  // host memory is unaffected
+        out.push(host.kind);
+        await a.close();
+        console.log(JSON.stringify(out));
+      })();`;
+    const out = JSON.parse(execFileSync(process.execPath, ['-e', script], { env: { ...process.env, ...env }, encoding: 'utf8' }));
+    expect(out[0]).toMatch(/^ERR_UNAVAILABLE: CUDA driver \/nonexistent\/libcuda\.so\.1 \(KVWIRE_CUDA_DRIVER\) could not be loaded/);
+    expect(out[1]).toMatch(/^ERR_UNAVAILABLE: CUDA driver \/nonexistent/);
+    expect(out[2]).toBe('dram');
+    const i = info(env);
+    expect(i.cuda.available).toBe(false);
+    expect(i.cuda.reason).toMatch(/\/nonexistent\/libcuda\.so\.1/);
+    expect(i.cuda.devices).toEqual([]);
+    for (const p of i.paths.filter((x: any) => x.path.startsWith('cuda_ipc'))) {
+      expect(p.ready).toBe(false);
+      expect(p.detail).toMatch(/could not be loaded/);
+    }
+  });
+
+  it('kvwire info on the default driver tells the truth: a real driver with devices, or why there is none', () => {
+    const { KVWIRE_CUDA_DRIVER: _, ...env } = process.env;
+    const i = JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env, encoding: 'utf8' }));
+    expect(i.cuda.testDouble).toBeUndefined();
+    if (i.cuda.available) expect(i.cuda.devices.length).toBeGreaterThan(0);
+    else expect(i.cuda.reason).toMatch(/libcuda\.so\.1 not found|no CUDA device|failed to initialise/);
+    expect(i.ucx.version).toMatch(/^\d+\.\d+\.\d+$/);
+    expect(i.ucx.transports.length).toBeGreaterThan(0);
+    expect(i.ucx.memoryTypes).toContain('host');
+    const gdr = i.paths.find((x: any) => x.path.startsWith('GPUDirect'));
+    expect(gdr.ready).toBe(false);
+  });
+});
+
+describe('VRAM regions (CUDA test double, one process)', () => {
+  let agent: Agent;
+  beforeAll(async () => {
+    agent = await Agent.create({ name: 'vram-local' });
+  });
+  afterAll(async () => {
+    await agent.close();
+  });
+
+  it('kvwire info names the double as a double, with its devices, and the cuda_ipc paths ready', () => {
+    const i = info(DOUBLE);
+    expect(i.cuda.available).toBe(true);
+    expect(i.cuda.testDouble).toMatch(/test double/);
+    expect(i.cuda.devices.map((d: any) => d.ordinal)).toEqual([0, 1]);
+    for (const p of i.paths.filter((x: any) => x.path.startsWith('cuda_ipc'))) {
+      expect(p.ready).toBe(true);
+      expect(p.detail).toMatch(/TEST DOUBLE/);
+    }
+  });
+
+  it('allocate(vram): no host view, write/read copies, bounds and device checked', () => {
+    const r = agent.allocate(MiB, { name: 'v0', memory: 'vram', device: 1 });
+    expect(r.kind).toBe('vram');
+    expect(r.device).toBe(1);
+    expect(r.address).toBeGreaterThan(0n);
+    expect(thrown(() => r.bytes).code).toBe('ERR_NOT_ALLOWED');
+    const data = random(1, 64 * 1024);
+    r.write(4096, data);
+    expect(r.read(4096, data.length).equals(data)).toBe(true);
+    r.write(MiB - 3, Buffer.from([1, 2, 3]));
+    expect([...r.read(MiB - 3, 3)]).toEqual([1, 2, 3]);
+    expect(thrown(() => r.write(MiB - 2, Buffer.alloc(3))).message).toMatch(/outside region 'v0'/);
+    expect(thrown(() => r.read(MiB, 1)).code).toBe('ERR_INVALID_PARAM');
+    expect(thrown(() => r.read(-1, 1)).code).toBe('ERR_INVALID_PARAM');
+    const e = thrown(() => agent.allocate(4096, { name: 'v9', memory: 'vram', device: 7 }));
+    expect(e.code).toBe('ERR_INVALID_PARAM');
+    expect(e.message).toMatch(/device 7 does not exist \(this machine has 2 CUDA devices\)/);
+    expect(thrown(() => agent.allocate(4096, { name: 'x', memory: 'vram', device: -1 })).message).toMatch(/^device:/);
+    expect(thrown(() => agent.allocate(4096, { name: 'x', memory: 'gpu' as any })).message).toMatch(/^memory:/);
+    expect(thrown(() => agent.allocate(4096, { name: 'x', device: 1 })).message).toMatch(/^device: applies to memory: 'vram'/);
+    agent.deregister(r);
+    expect(thrown(() => r.read(0, 1)).code).toBe('ERR_NOT_FOUND');
+  });
+
+  it('register({ device, address, bytes }): memory another library owns, checked with the driver, never freed by kvwire', () => {
+    const owner = agent.allocate(MiB, { name: 'owner', memory: 'vram' });
+    const data = random(2, 8192);
+    owner.write(8192, data);
+    const borrowed = agent.register({ device: 0, address: owner.address + 8192n, bytes: 65536 }, { name: 'borrowed' });
+    expect(borrowed.kind).toBe('vram');
+    expect(borrowed.read(0, 8192).equals(data)).toBe(true);
+    agent.deregister(borrowed);
+    expect(owner.read(8192, 8192).equals(data)).toBe(true); // still allocated: kvwire did not free it
+    const refused = (memory: any, pattern: RegExp) => {
+      const e = thrown(() => agent.register(memory, { name: 'bad' }));
+      expect(e.code).toBe('ERR_INVALID_PARAM');
+      expect(e.message).toMatch(pattern);
+    };
+    refused({ device: 0, address: 0x10000n, bytes: 4096 }, /is not CUDA device memory/);
+    refused({ device: 1, address: owner.address, bytes: 4096 }, /is memory of CUDA device 0, not device 1/);
+    refused({ device: 0, address: owner.address + 4096n, bytes: MiB }, /runs past its allocation \(1044480 bytes left/);
+    refused({ device: 0, address: 0n, bytes: 4096 }, /^address:/);
+    refused({ device: 0, address: 4096, bytes: 4096 }, /^address:/);
+    refused({ device: 0, address: 2n ** 64n - 1n, bytes: 4096 }, /^bytes: address \+ bytes runs past/);
+    refused({ device: 0.5, address: owner.address, bytes: 4096 }, /^device:/);
+    refused({ device: 0, address: owner.address, bytes: 0 }, /^bytes:/);
+    agent.deregister(owner);
+  });
+
+  it('a VRAM region is published with its kind and device; two agents of one process cannot use CUDA IPC between them', async () => {
+    const other = await Agent.create({ name: 'vram-other' });
+    try {
+      const v = agent.allocate(MiB, { name: 'pub', memory: 'vram', device: 1 });
+      const peer = other.loadPeer(agent.metadata());
+      expect(peer.region('pub').kind).toBe('vram');
+      expect(peer.region('pub').device).toBe(1);
+      const mine = other.allocate(MiB, { name: 'mine', memory: 'vram' });
+      const e = await other.write(mine.descriptors([0], [4096]), peer.region('pub').descriptors([0], [4096])).catch((x) => x);
+      expect(e).toBeInstanceOf(KvwireError);
+      expect(e.code).toBe('ERR_UNAVAILABLE');
+      expect(e.message).toMatch(/does not open here .*in this same process/);
+      agent.deregister(v);
+    } finally {
+      await other.close();
+    }
+  });
+});
+
+describe('path cuda_ipc between processes (CUDA test double)', () => {
+  const SIZE = 8 * MiB;
+  let gpu: PeerProcess; // VRAM region 'kv' on device 0
+  let hostAllocated: PeerProcess; // kvwire-allocated host memory (mapped by same-host peers)
+  let hostRegistered: PeerProcess; // a registered Buffer
+  let agent: Agent;
+  let peers: Record<string, Peer>;
+  let vram: Region;
+  let vram1: Region;
+  let dram: Region;
+
+  beforeAll(async () => {
+    gpu = new PeerProcess('gpu', DOUBLE);
+    hostAllocated = new PeerProcess('host-allocated', DOUBLE);
+    hostRegistered = new PeerProcess('host-registered', DOUBLE);
+    await Promise.all([
+      gpu.init({ memory: 'vram', size: SIZE }),
+      hostAllocated.init({ memory: 'allocated', size: SIZE }),
+      hostRegistered.init({ memory: 'registered', size: SIZE }),
+    ]);
+    agent = await Agent.create({ name: 'initiator' });
+    peers = {};
+    for (const p of [gpu, hostAllocated, hostRegistered]) peers[p.name] = agent.loadPeer(Buffer.from(p.metadata, 'base64'));
+    vram = agent.allocate(SIZE, { name: 'vram', memory: 'vram' });
+    vram1 = agent.allocate(SIZE, { name: 'vram1', memory: 'vram', device: 1 });
+    dram = agent.register(Buffer.alloc(SIZE), { name: 'dram' });
+    vram.write(0, random(3, SIZE));
+    vram1.write(0, random(4, SIZE));
+    dram.bytes.set(random(5, SIZE));
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await Promise.all([gpu, hostAllocated, hostRegistered].map((p) => p?.close()));
+  });
+
+  for (const count of [1, 64, 10_000]) {
+    it(`VRAM -> peer VRAM WRITE and back by READ, ${count} scattered descriptors, notification after the data`, async () => {
+      const lengths = count === 1 ? [MiB] : mixedLengths(count, count, 64, count === 64 ? 65536 : 512);
+      const local = place(count + 1, lengths, SIZE);
+      const remote = place(count + 2, lengths, SIZE);
+      const note = JSON.stringify({ offsets: remote, lengths });
+      const arrived = gpu.waitEvent('notification', 10_000, (m) => m.message === note);
+      const stats = await agent.write(vram.descriptors(local, lengths), peers.gpu.region('kv').descriptors(remote, lengths), { notify: note });
+      expect(stats.path).toBe('cuda_ipc');
+      expect(stats.descriptors).toBe(count);
+      // The peer hashed its ranges when the notification arrived: the data was there before it.
+      expect((await arrived).hash).toBe(hashOf(vram, local, lengths));
+      // Back into other places of a VRAM region on the other device.
+      const back = place(count + 3, lengths, SIZE);
+      const read = await agent.read(vram1.descriptors(back, lengths), peers.gpu.region('kv').descriptors(remote, lengths));
+      expect(read.path).toBe('cuda_ipc');
+      expect(hashOf(vram1, back, lengths)).toBe(hashOf(vram, local, lengths));
+    });
+  }
+
+  it('host memory <-> peer VRAM, both ways', async () => {
+    const lengths = mixedLengths(7, 300, 4096, 16384);
+    const local = place(8, lengths, SIZE);
+    const remote = place(9, lengths, SIZE);
+    await agent.write(dram.descriptors(local, lengths), peers.gpu.region('kv').descriptors(remote, lengths));
+    expect((await gpu.ok('hash', { offsets: remote, lengths })).hash).toBe(hashOf(dram, local, lengths));
+    const back = place(10, lengths, SIZE);
+    const fresh = agent.register(Buffer.alloc(SIZE), { name: 'fresh' });
+    const s = await agent.read(fresh.descriptors(back, lengths), peers.gpu.region('kv').descriptors(remote, lengths));
+    expect(s.path).toBe('cuda_ipc');
+    expect(hashOf(fresh, back, lengths)).toBe(hashOf(dram, local, lengths));
+    agent.deregister(fresh);
+  });
+
+  it("VRAM <-> a same-host peer's kvwire-allocated host memory, both ways; its registered host memory is refused with the reason", async () => {
+    const lengths = mixedLengths(11, 100, 4096, 65536);
+    const local = place(12, lengths, SIZE);
+    const remote = place(13, lengths, SIZE);
+    const w = await agent.write(vram.descriptors(local, lengths), peers['host-allocated'].region('kv').descriptors(remote, lengths));
+    expect(w.path).toBe('cuda_ipc');
+    expect((await hostAllocated.ok('hash', { offsets: remote, lengths })).hash).toBe(hashOf(vram, local, lengths));
+    await hostAllocated.ok('fill', { seed: 77 });
+    const back = place(14, lengths, SIZE);
+    await agent.read(vram1.descriptors(back, lengths), peers['host-allocated'].region('kv').descriptors(remote, lengths));
+    expect(hashOf(vram1, back, lengths)).toBe((await hostAllocated.ok('hash', { offsets: remote, lengths })).hash);
+    const e = await agent.write(vram.descriptors([0], [4096]), peers['host-registered'].region('kv').descriptors([0], [4096])).catch((x) => x);
+    expect(e.code).toBe('ERR_UNAVAILABLE');
+    expect(e.message).toMatch(/only when it is mapped into this process/);
+  });
+
+  it('host paths refuse VRAM, and cuda_ipc refuses host memory on both sides', async () => {
+    for (const path of ['am', 'direct', 'cma', 'rma'] as const) {
+      const e = await agent.write(vram.descriptors([0], [64]), peers.gpu.region('kv').descriptors([0], [64]), { path }).catch((x) => x);
+      expect(e.code, path).toBe('ERR_UNAVAILABLE');
+      expect(e.message).toMatch(new RegExp(`path '${path}' moves host memory only`));
+    }
+    const e = await agent.write(dram.descriptors([0], [64]), peers['host-allocated'].region('kv').descriptors([0], [64]), { path: 'cuda_ipc' }).catch((x) => x);
+    expect(e.code).toBe('ERR_UNAVAILABLE');
+    expect(e.message).toMatch(/both regions are host memory/);
+  });
+
+  it('metadata that claims more VRAM than the IPC handle maps, or carries a damaged handle, is refused and nothing is copied', async () => {
+    const plain = Buffer.from(gpu.metadata, 'base64');
+    await gpu.ok('fill', { seed: 21 });
+    const before = (await gpu.ok('hash', { offsets: [0], lengths: [SIZE] })).hash;
+    const wider = Buffer.from(plain);
+    const at = firstRegionLengthOffset(wider);
+    wider.writeBigUInt64LE(BigInt(SIZE) + 4096n, at);
+    const damaged = Buffer.from(plain);
+    const section = damaged.indexOf(Buffer.from('cuda-ipc'));
+    expect(section).toBeGreaterThan(0);
+    damaged[section + 8 + 4 + 40] ^= 0xff; // a byte of the handle itself
+    for (const [blob, code, pattern] of [
+      [reseal(wider), 'ERR_INVALID_PARAM', /claims 8392704 bytes at offset 0 of an allocation of which 8388608 bytes were mapped here/],
+      [reseal(damaged), 'ERR_UNAVAILABLE', /does not open here/],
+    ] as const) {
+      const fresh = await Agent.create({ name: 'forged-loader' });
+      try {
+        const peer = fresh.loadPeer(blob);
+        const mine = fresh.allocate(SIZE + 4096, { name: 'mine', memory: 'vram' });
+        if (blob === wider) {
+          // Inside the length the metadata claims, past what the handle maps.
+          const e = await fresh.write(mine.descriptors([SIZE], [4096]), peer.region('kv').descriptors([SIZE], [4096])).catch((x) => x);
+          expect(e.code).toBe(code);
+        }
+        const e2 = await fresh.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096])).catch((x) => x);
+        expect(e2.code).toBe(code);
+        expect(e2.message).toMatch(pattern);
+      } finally {
+        await fresh.close();
+      }
+    }
+    expect((await gpu.ok('hash', { offsets: [0], lengths: [SIZE] })).hash).toBe(before);
+  });
+
+  it('a failing GPU copy rejects the transfer with the driver error and the peer is not notified', async () => {
+    const failing = new PeerProcess('failing', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_FAIL_COPIES: '1' });
+    try {
+      await failing.init({ memory: 'vram', size: MiB });
+      await failing.ok('load', { metadata: gpu.metadata });
+      const r = await failing.call('transfer', { peer: 'gpu', op: 'write', localOffsets: [0], remoteOffsets: [0], lengths: [4096], notify: 'must-not-arrive' });
+      expect(r.ok).toBe(false);
+      expect(r.error!.code).toBe('ERR_BACKEND');
+      expect(r.error!.message).toMatch(/CUDA error 700/);
+      await new Promise((res) => setTimeout(res, 300));
+      expect(gpu.notifications.some((n) => n.message === 'must-not-arrive')).toBe(false);
+    } finally {
+      await failing.close();
+    }
+  });
+
+  it('a deadline during a GPU copy settles ERR_TIMEOUT only once the copy has finished; a peer killed mid-copy leaves the initiator working', async () => {
+    const slow = new PeerProcess('slow', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '400000' });
+    const victim = new PeerProcess('victim', DOUBLE);
+    try {
+      await Promise.all([slow.init({ memory: 'vram', size: MiB }), victim.init({ memory: 'vram', size: MiB })]);
+      await slow.ok('load', { metadata: gpu.metadata });
+      await slow.ok('load', { metadata: victim.metadata });
+      // Each GPU copy takes 0.4 s here: the notification must still arrive after the data.
+      await slow.ok('fill', { seed: 31 });
+      const note = JSON.stringify({ offsets: [65536], lengths: [4096] });
+      const arrived = gpu.waitEvent('notification', 10_000, (m) => m.message === note);
+      await slow.ok('transfer', { peer: 'gpu', op: 'write', localOffsets: [8192], remoteOffsets: [65536], lengths: [4096], notify: note });
+      expect((await arrived).hash).toBe((await slow.ok('hash', { offsets: [8192], lengths: [4096] })).hash);
+      const t0 = Date.now();
+      const r = await slow.call('transfer', { peer: 'gpu', op: 'write', localOffsets: [0], remoteOffsets: [0], lengths: [4096], deadlineMs: 50 });
+      expect(r.error?.code).toBe('ERR_TIMEOUT');
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(390);
+      const killed = slow.call('transfer', { peer: 'victim', op: 'read', localOffsets: [0], remoteOffsets: [0], lengths: [65536] });
+      await new Promise((res) => setTimeout(res, 100));
+      victim.kill();
+      const settled = await killed; // the mapping stays valid here: it completes, or fails as disconnected
+      if (!settled.ok) expect(settled.error!.code).toBe('ERR_REMOTE_DISCONNECT');
+      const after = await slow.call('transfer', { peer: 'gpu', op: 'read', localOffsets: [0], remoteOffsets: [4096], lengths: [4096] });
+      expect(after.ok).toBe(true);
+      expect(after.stats.path).toBe('cuda_ipc');
+    } finally {
+      await Promise.all([slow.close(), victim.close()]);
+    }
+  });
+});
