@@ -89,9 +89,9 @@ class UcxPeer : public BackendPeer {
   Status updateRegions(const AgentMetadata& md) override;
   Path choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path requested, uint64_t bytes, size_t segments,
                   Status* why) override;
-  // Path 'cuda_ipc': why it cannot move between `local` and `rr` (ok when it can), opening the
-  // peer's VRAM region on first use.
-  Status cudaIpcReady(const LocalRegion& local, RemoteRegion& rr);
+  // Path 'cuda_ipc': why it cannot move between `local` and `rr` (ok when it can); with `open`, the
+  // peer's VRAM region is opened through its IPC handle if it is not yet.
+  Status cudaIpcReady(const LocalRegion& local, RemoteRegion& rr, bool open);
   void markGone() override { failed_ = true; }
 
   UcxBackendImpl* backend_;
@@ -318,7 +318,17 @@ class UcxBackendImpl : public Backend {
     uint64_t oldest = 0;
     for (const auto& [id, job] : copyJobs_)
       if (job->cmaToken == token && (oldest == 0 || job->epoch < oldest)) oldest = job->epoch;
+    for (const auto& [id, job] : cudaJobs_)  // GPU copies checked against the same table (cuda_ipc)
+      if (job.cmaToken == token && (oldest == 0 || job.epoch < oldest)) oldest = job.epoch;
     return oldest;
+  }
+  // A copy of grant `token` ended: publish the safe epoch a REVOKE asked for, forget a grant whose
+  // peer is gone once nothing of it runs.
+  void copyEnded(uint64_t token) {
+    auto held = heldGrants_.find(token);
+    if (token == 0 || held == heldGrants_.end()) return;
+    if (held->second.revokePending) publishSafeEpoch(token);
+    if (held->second.peerGone && oldestCopy(token) == 0) heldGrants_.erase(held);
   }
   std::unordered_map<uint64_t, HeldGrant> heldGrants_;
   void publishSafeEpoch(uint64_t token);
@@ -529,6 +539,9 @@ class UcxBackendImpl : public Backend {
   struct CudaJob {
     TransferRef transfer;
     RemoteRegionRef remote;
+    std::shared_ptr<cuda::IpcMapping> mapping;  // kept open while the copies run, even after a REVOKE
+    uint64_t cmaToken = 0;  // the grant its region was checked through (0: unchecked), and the
+    uint64_t epoch = 0;     // target table's epoch read before that check
   };
   std::unordered_map<uint64_t, CudaJob> cudaJobs_;  // by transfer id
   // Declared after cudaJobs_: destroyed first, waiting for the copies that use the jobs' memory.
@@ -944,7 +957,7 @@ Status UcxPeer::updateRegions(const AgentMetadata& md) {
   return Status::ok();
 }
 
-Status UcxPeer::cudaIpcReady(const LocalRegion& local, RemoteRegion& rr) {
+Status UcxPeer::cudaIpcReady(const LocalRegion& local, RemoteRegion& rr, bool open) {
   const std::string region = "region '" + rr.info.name + "' of peer '" + name_ + "'";
   if (rr.info.kind == MemKind::Dram) {
     if (rr.mapped == nullptr)
@@ -956,6 +969,7 @@ Status UcxPeer::cudaIpcReady(const LocalRegion& local, RemoteRegion& rr) {
   const auto* section = rr.info.section(cuda::kIpcSection);
   if (section == nullptr)
     return {Code::Unavailable, region + " (VRAM) publishes no CUDA IPC handle (its owner could not export it)"};
+  if (!open) return Status::ok();
   // The copies run on the local region's device; a host region's copies on device 0.
   const int device = local.info.kind == MemKind::Vram ? static_cast<int>(local.info.deviceId) : 0;
   auto opened = cuda::IpcMapping::open(device, *section, rr.info.length);
@@ -979,7 +993,7 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path
                                            "' moves host memory only; VRAM moves by path 'cuda_ipc' (peers on one host)");
       return requested;
     }
-    *why = cudaIpcReady(local, *it->second);
+    *why = cudaIpcReady(local, *it->second, false);  // opened when posted, after the region is checked
     return Path::CudaIpc;
   }
   if (requested == Path::CudaIpc) {
@@ -1364,7 +1378,32 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
 }
 
 Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
-  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) return st;  // the region may have been reloaded since
+  // Where the target publishes its regions (a same-host peer that granted cma), the region must still
+  // be there, of the kind and at least the length this copy assumes: a region deregistered since the
+  // metadata was loaded is not written into (its VRAM may already belong to something else), and the
+  // target holds a deregistered one until the copies that passed this check have ended.
+  uint64_t token = 0, epoch = 0;
+  if (peer.cma_ == UcxPeer::Cma::Ready) {
+    ucx::CmaEntry e{};
+    ucx::CmaLookup found =
+        ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaTableAddr_, peer.cmaNonce_, t->remoteRegionId, &e, &epoch);
+    if (ucx::cmaGone(peer.cmaPidfd_)) found = ucx::CmaLookup::GrantGone;
+    if (found == ucx::CmaLookup::GrantGone) {
+      peer.cma_ = UcxPeer::Cma::Off;  // the target ended the grant or exited: unchecked from now on
+    } else {
+      const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
+      const uint32_t kind = rr->info.kind == MemKind::Vram ? ucx::kCmaVram : 0;
+      bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && (e.access & ucx::kCmaVram) == kind;
+      for (size_t i = 0; fits && i < t->segments.size(); ++i)
+        fits = t->segments[i].remoteOffset <= e.length && t->segments[i].length <= e.length - t->segments[i].remoteOffset;
+      if (!fits)
+        return {Code::NotFound, "region '" + rr->info.name + "' of peer '" + peer.name_ +
+                                    "' is not published by that process as its metadata says (deregistered since?); "
+                                    "load its current metadata"};
+      token = peer.cmaToken_;
+    }
+  }
+  if (Status st = peer.cudaIpcReady(*t->local, *rr, true); !st) return st;
   const int device = t->local->info.kind == MemKind::Vram ? static_cast<int>(t->local->info.deviceId)
                                                           : rr->vram->device();
   auto& queue = cudaQueues_[device];
@@ -1386,7 +1425,7 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     runs.push_back(write ? cuda::CopyRun{remote, local, s.length} : cuda::CopyRun{local, remote, s.length});
   }
   if (Status st = queue->submit(t->id, runs); !st) return st;
-  cudaJobs_[t->id] = {t, rr};
+  cudaJobs_[t->id] = {t, rr, rr->vram, token, epoch};
   return Status::ok();
 }
 
@@ -1399,7 +1438,9 @@ bool UcxBackendImpl::pollCuda() {
     auto it = cudaJobs_.find(id);
     if (it == cudaJobs_.end()) continue;
     TransferRef t = std::move(it->second.transfer);
-    cudaJobs_.erase(it);
+    const uint64_t token = it->second.cmaToken;
+    cudaJobs_.erase(it);  // (its IPC mapping closes here if a REVOKE or new metadata dropped it)
+    copyEnded(token);
     if (t->ending) {
       settleIfQuiet(t);
       continue;
@@ -1425,7 +1466,8 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   // have been given to another process yet).
   if (ucx::cmaGone(peer.cmaPidfd_)) found = ucx::CmaLookup::GrantGone;
   const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
-  bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && e.base + e.length >= e.base;
+  bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && (e.access & ucx::kCmaVram) == 0 &&
+              e.base + e.length >= e.base;
   for (size_t i = 0; fits && i < t->segments.size(); ++i) {
     const Segment& s = t->segments[i];
     fits = s.remoteOffset <= e.length && s.length <= e.length - s.remoteOffset;
@@ -1535,8 +1577,13 @@ void UcxBackendImpl::endGrant(uint64_t token) {
 }
 
 void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
-  if (cmaAllowed_ && region->info.kind == MemKind::Dram)  // cma copies host memory only
-    cmaTable_.publish(region->info.id, region->info.access, reinterpret_cast<uint64_t>(region->ptr()), region->info.length);
+  if (!cmaAllowed_) return;
+  // VRAM is published too, marked: cma never copies it, but a cuda_ipc initiator checks there that
+  // the region is still published (and how long it is) before each copy, and a deregistered one is
+  // then held (its memory not freed) until those initiators' copies have ended, as for cma.
+  const uint32_t vram = region->info.kind == MemKind::Vram ? ucx::kCmaVram : 0;
+  cmaTable_.publish(region->info.id, region->info.access | vram, reinterpret_cast<uint64_t>(region->ptr()),
+                    region->info.length);
 }
 
 void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
@@ -1580,6 +1627,12 @@ void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
   // region withdrawn), stop at their next system call; the safe epoch follows as they end.
   for (const auto& [id, job] : copyJobs_)
     if (job->cmaToken == h.token && job->regionId == h.regionId) job->revoked.store(true, std::memory_order_release);
+  // A VRAM region's IPC mapping is closed (once its queued GPU copies, which cannot be stopped, end),
+  // before the target frees the memory: the CUDA documentation leaves freeing memory a peer still
+  // maps undefined.
+  for (auto& [ep, peer] : peersByEp_)
+    if (peer->cmaToken_ == h.token)
+      if (auto rr = peer->regions_.find(h.regionId); rr != peer->regions_.end()) rr->second->vram.reset();
   held->second.revokePending = true;
   publishSafeEpoch(h.token);
 }
@@ -2669,10 +2722,7 @@ bool UcxBackendImpl::progress() {
       const uint64_t token = it->second->cmaToken;
       copyJobs_.erase(it);
       any = true;
-      if (auto held = heldGrants_.find(token); token != 0 && held != heldGrants_.end()) {
-        if (held->second.revokePending) publishSafeEpoch(token);
-        if (held->second.peerGone && oldestCopy(token) == 0) heldGrants_.erase(held);
-      }
+      copyEnded(token);
       if (t->ending) {
         settleIfQuiet(t);
         continue;
