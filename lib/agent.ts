@@ -305,8 +305,8 @@ export class Agent extends EventEmitter {
    */
   register(memory: ArrayBufferView | ArrayBuffer | SharedArrayBuffer | DeviceMemory, options: RegionOptions): Region {
     if (isDeviceMemory(memory)) return this.#registerVram(memory, options);
-    check(options?.memory === undefined && options?.device === undefined, 'memory',
-      "host memory is registered as a Buffer; GPU memory as { device, address, bytes }");
+    check(options?.memory === undefined, 'memory', "does not apply to register(): host memory is registered as a Buffer, GPU memory as { device, address, bytes }");
+    check(options?.device === undefined, 'device', 'does not apply to host memory (GPU memory is registered as { device, address, bytes })');
     let view: Uint8Array;
     const isBuffer = memory instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && memory instanceof SharedArrayBuffer);
     if (!ArrayBuffer.isView(memory) && !isBuffer)

@@ -1,3 +1,4 @@
+import { constants as bufferConstants } from 'node:buffer';
 import { DescriptorList, type ByteSpans } from './descriptors';
 import { KvwireError } from './errors';
 import type { NativeRegion } from './native';
@@ -103,10 +104,11 @@ export class Region extends RegionDescription {
   }
 
   /** Copies `data` into the region at byte `offset` (host to device for VRAM; synchronous). */
-  write(offset: number, data: ArrayBufferView | ArrayBuffer): void {
+  write(offset: number, data: ArrayBufferView | ArrayBuffer | SharedArrayBuffer): void {
+    const isBuffer = data instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && data instanceof SharedArrayBuffer);
     const bytes = ArrayBuffer.isView(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength)
-      : data instanceof ArrayBuffer ? new Uint8Array(data) : null;
-    if (bytes === null) throw new KvwireError('ERR_INVALID_PARAM', 'data: must be a Buffer, typed array, DataView or ArrayBuffer');
+      : isBuffer ? new Uint8Array(data) : null;
+    if (bytes === null) throw new KvwireError('ERR_INVALID_PARAM', 'data: must be a Buffer, typed array, DataView, ArrayBuffer or SharedArrayBuffer');
     this.#checkRange('write', offset, bytes.byteLength);
     this.#io.write(this.id, offset, bytes);
   }
@@ -114,6 +116,8 @@ export class Region extends RegionDescription {
   /** Copies `length` bytes at byte `offset` out of the region (device to host for VRAM; synchronous). */
   read(offset: number, length: number): Buffer {
     this.#checkRange('read', offset, length);
+    if (length > bufferConstants.MAX_LENGTH)
+      throw new KvwireError('ERR_INVALID_PARAM', `length: ${length} bytes is more than one Buffer holds (${bufferConstants.MAX_LENGTH}); read in parts`);
     const out = Buffer.alloc(length);
     this.#io.read(this.id, offset, out);
     return out;
@@ -121,6 +125,8 @@ export class Region extends RegionDescription {
 
   #checkRange(what: string, offset: number, length: number): void {
     if (!this.#live) throw new KvwireError('ERR_NOT_FOUND', `region '${this.name}' was deregistered`);
+    if (this.#bytes !== null && this.#bytes.byteLength !== this.length)
+      throw new KvwireError('ERR_INVALID_PARAM', `region '${this.name}' lost its memory (its ArrayBuffer was detached); deregister it`);
     if (!Number.isSafeInteger(offset) || offset < 0)
       throw new KvwireError('ERR_INVALID_PARAM', `offset: must be a non-negative integer, got ${offset}`);
     if (!Number.isSafeInteger(length) || length < 0)

@@ -39,6 +39,8 @@ export interface NativeCudaInfo {
   testDouble?: string;
   version?: number;
   devices: { ordinal: number; name: string; totalBytes: number }[];
+  /** Why a trial CUDA IPC export on device 0 failed (absent when it worked). */
+  ipcProblem?: string;
 }
 
 /** Row layout of the Float64Array passed to onSettled, one row per settled transfer. */

@@ -1,7 +1,7 @@
 // Metadata codec: round trip, and rejection of every malformed variant (never a crash).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, decodeMetadata } from '../lib';
-import { reseal } from './helpers';
+import { reencodeMetadata as reencode, reseal } from './helpers';
 
 function code(fn: () => unknown): string {
   try {
@@ -70,6 +70,21 @@ describe('metadata codec', () => {
     expect(mutate((b) => b.writeUInt32LE(b.readUInt32LE(8) + 1, 8))).toBe('ERR_INVALID_PARAM');
     expect(code(() => decodeMetadata(reseal(Buffer.concat([blob, Buffer.from([0])]))))).toBe('ERR_INVALID_PARAM');
     expect(() => decodeMetadata(Buffer.from([1, 2, 3]))).toThrow(/shorter than the 12-byte header/);
+  });
+
+  it('reads a version-2 blob (the previous release: no region sections); refuses a host region without a key', () => {
+    expect(code(() => decodeMetadata(reencode(blob, () => {})))).toBe('OK');
+    const v2 = decodeMetadata(reencode(blob, () => {}, 2)) as any;
+    expect(v2.regions.map((r: any) => r.name).sort()).toEqual(['kv', 'staging']);
+    const keyless = reencode(blob, (regions) => (regions[0].key = Buffer.alloc(0)));
+    expect(() => decodeMetadata(keyless)).toThrow(/host memory without a key/);
+    // A VRAM region (kind byte 1) carrying a UCX key: not what this version publishes.
+    const vramWithKey = reencode(blob, (regions) => {
+      const f = Buffer.from(regions[0].fixed);
+      f[4 + 1 + f[4]] = 1;
+      regions[0].fixed = f;
+    });
+    expect(() => decodeMetadata(vramWithKey)).toThrow(/VRAM with a UCX key/);
   });
 
   it('rejects huge counts and lengths without allocating them', () => {

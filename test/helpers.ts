@@ -167,6 +167,47 @@ export function reseal(blob: Buffer): Buffer {
   return blob;
 }
 
+// The regions of a plain blob, split into their fixed part (id..length), key and sections, and
+// re-encoded after `edit` (as `version`), with body length and checksum fixed: a careful forger.
+export interface RawRegion { fixed: Buffer; key: Buffer; sections: Buffer }
+export function reencodeMetadata(blob: Buffer, edit: (regions: RawRegion[]) => void, version = 3): Buffer {
+  let q = 12;
+  q += 1 + blob[q] + 16; // name, agent id, generation
+  q += 1 + blob[q]; // backend
+  q += 4 + blob.readUInt32LE(q); // worker address
+  const regionCount = q;
+  const firstRegion = q + 4;
+  const regions: RawRegion[] = [];
+  let p = firstRegion;
+  for (let i = 0; i < blob.readUInt32LE(regionCount); i++) {
+    const start = p;
+    p += 4;
+    p += 1 + blob[p] + 3 + 4 + 8 + 8;
+    const fixed = blob.subarray(start, p);
+    const key = blob.subarray(p + 4, p + 4 + blob.readUInt32LE(p));
+    p += 4 + key.length;
+    const sectionsStart = p;
+    const n = blob[p++];
+    for (let k = 0; k < n; k++) {
+      p += 1 + blob[p];
+      p += 4 + blob.readUInt32LE(p);
+    }
+    regions.push({ fixed, key, sections: blob.subarray(sectionsStart, p) });
+  }
+  edit(regions);
+  const parts = [blob.subarray(0, firstRegion)];
+  for (const r of regions) {
+    const len = Buffer.alloc(4);
+    len.writeUInt32LE(r.key.length);
+    parts.push(r.fixed, len, r.key, version === 3 ? r.sections : Buffer.alloc(0));
+  }
+  parts.push(Buffer.alloc(8));
+  const out = Buffer.concat(parts);
+  out.writeUInt16LE(version, 4);
+  out.writeUInt32LE(out.length - 12 - 8, 8);
+  return reseal(out);
+}
+
 /** The KvwireError `fn` throws (the test fails if it throws nothing, or something else). */
 export function thrown(fn: () => unknown): KvwireError {
   try {

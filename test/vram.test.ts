@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
-import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reseal, rng, thrown } from './helpers';
+import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, thrown } from './helpers';
 
 // This process's CUDA driver is the double (the driver is loaded on first use, after this line).
 process.env.KVWIRE_CUDA_DRIVER = CUDA_DOUBLE;
@@ -112,8 +112,9 @@ describe('VRAM regions (CUDA test double, one process)', () => {
     }
   });
 
-  it('allocate(vram): no host view, write/read copies, bounds and device checked', () => {
+  it('allocate(vram): zeroed (the double hands out dirty memory, as GPUs do), no host view, write/read copies, bounds and device checked', () => {
     const r = agent.allocate(MiB, { name: 'v0', memory: 'vram', device: 1 });
+    expect(r.read(0, MiB).equals(Buffer.alloc(MiB))).toBe(true);
     expect(r.kind).toBe('vram');
     expect(r.device).toBe(1);
     expect(r.address).toBeGreaterThan(0n);
@@ -123,6 +124,10 @@ describe('VRAM regions (CUDA test double, one process)', () => {
     expect(r.read(4096, data.length).equals(data)).toBe(true);
     r.write(MiB - 3, Buffer.from([1, 2, 3]));
     expect([...r.read(MiB - 3, 3)]).toEqual([1, 2, 3]);
+    const shared = new Uint8Array(new SharedArrayBuffer(16)).fill(9);
+    r.write(0, shared.buffer);
+    expect([...r.read(0, 16)]).toEqual([...shared]);
+    expect(thrown(() => r.write(0, 'text' as any)).message).toMatch(/^data:/);
     expect(thrown(() => r.write(MiB - 2, Buffer.alloc(3))).message).toMatch(/outside region 'v0'/);
     expect(thrown(() => r.read(MiB, 1)).code).toBe('ERR_INVALID_PARAM');
     expect(thrown(() => r.read(-1, 1)).code).toBe('ERR_INVALID_PARAM');
@@ -132,6 +137,8 @@ describe('VRAM regions (CUDA test double, one process)', () => {
     expect(thrown(() => agent.allocate(4096, { name: 'x', memory: 'vram', device: -1 })).message).toMatch(/^device:/);
     expect(thrown(() => agent.allocate(4096, { name: 'x', memory: 'gpu' as any })).message).toMatch(/^memory:/);
     expect(thrown(() => agent.allocate(4096, { name: 'x', device: 1 })).message).toMatch(/^device: applies to memory: 'vram'/);
+    expect(thrown(() => agent.register(Buffer.alloc(16), { name: 'x', device: 1 })).message).toMatch(/^device: does not apply to host memory/);
+    expect(thrown(() => agent.register(Buffer.alloc(16), { name: 'x', memory: 'vram' })).message).toMatch(/^memory: does not apply/);
     agent.deregister(r);
     expect(thrown(() => r.read(0, 1)).code).toBe('ERR_NOT_FOUND');
   });
@@ -159,6 +166,57 @@ describe('VRAM regions (CUDA test double, one process)', () => {
     refused({ device: 0.5, address: owner.address, bytes: 4096 }, /^device:/);
     refused({ device: 0, address: owner.address, bytes: 0 }, /^bytes:/);
     agent.deregister(owner);
+  });
+
+  it('only a whole allocation is exported to same-host peers (a CUDA IPC handle opens all of it)', async () => {
+    const other = await Agent.create({ name: 'vram-viewer' });
+    try {
+      const owner = agent.allocate(MiB, { name: 'whole', memory: 'vram' });
+      const part = agent.register({ device: 0, address: owner.address + 4096n, bytes: 4096 }, { name: 'part' });
+      const same = agent.register({ device: 0, address: owner.address, bytes: MiB }, { name: 'same' });
+      const peer = other.loadPeer(agent.metadata());
+      const mine = other.allocate(8192, { name: 'mine', memory: 'vram' });
+      const tryWrite = (name: string) => other.write(mine.descriptors([0], [4096]), peer.region(name).descriptors([0], [4096])).catch((x) => x);
+      const e = await tryWrite('part');
+      expect(e.code).toBe('ERR_UNAVAILABLE');
+      expect(e.message).toMatch(/publishes no CUDA IPC handle: its owner exports only regions that are a whole CUDA allocation/);
+      // The whole ones carry a handle: refused only later, because both agents are in this process.
+      for (const name of ['whole', 'same']) expect((await tryWrite(name)).message).toMatch(/does not open here/);
+      for (const r of [part, same, owner]) agent.deregister(r);
+    } finally {
+      await other.close();
+    }
+  });
+
+  it("a target refuses a peer's active-message WRITE into its VRAM (metadata forged to call it host memory, with a real key)", async () => {
+    const other = await Agent.create({ name: 'vram-forger' });
+    try {
+      const v = agent.allocate(MiB, { name: 'victim', memory: 'vram' });
+      const h = agent.register(Buffer.alloc(MiB), { name: 'host-key' });
+      const forged = reencodeMetadata(Buffer.from(agent.metadata()), (regions) => {
+        const names = regions.map((r) => r.fixed.subarray(5, 5 + r.fixed[4]).toString());
+        const victim = regions[names.indexOf('victim')];
+        const keyed = regions[names.indexOf('host-key')];
+        const f = Buffer.from(victim.fixed);
+        f[4 + 1 + f[4]] = 0; // kind: dram
+        victim.fixed = f;
+        victim.key = keyed.key;
+        victim.sections = Buffer.from([0]);
+      });
+      const peer = other.loadPeer(forged);
+      expect(peer.region('victim').kind).toBe('dram');
+      const mine = other.register(Buffer.alloc(4096, 7), { name: 'mine' });
+      for (const path of ['am', 'auto'] as const) {
+        const e = await other.write(mine.descriptors([0], [4096]), peer.region('victim').descriptors([0], [4096]), { path }).catch((x) => x);
+        expect(e.code, path).toBe('ERR_NOT_ALLOWED');
+        expect(e.message).toMatch(/is VRAM: peers on this host reach it by path 'cuda_ipc'/);
+      }
+      expect(v.read(0, 4096).equals(Buffer.alloc(4096))).toBe(true);
+      agent.deregister(v);
+      agent.deregister(h);
+    } finally {
+      await other.close();
+    }
   });
 
   it('a VRAM region is published with its kind and device; two agents of one process cannot use CUDA IPC between them', async () => {
@@ -346,6 +404,21 @@ describe('path cuda_ipc between processes (CUDA test double)', () => {
       expect(stale.error!.message).toMatch(/not published by that process as its metadata says/);
     } finally {
       await Promise.all([owner.close(), slow.close()]);
+    }
+  });
+
+  it('closing an agent during a GPU copy settles the transfer only after the copy has landed', async () => {
+    const closing = new PeerProcess('closing', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '400000' });
+    try {
+      await closing.init({ memory: 'registered', size: MiB });
+      await closing.ok('load', { metadata: gpu.metadata });
+      await gpu.ok('fill', { seed: 41 });
+      const want = (await gpu.ok('hash', { offsets: [0], lengths: [65536] })).hash;
+      const r = await closing.ok('readThenClose', { peer: 'gpu', length: 65536, closeAfterMs: 50 });
+      expect(r.code).toBe('ERR_CANCELED');
+      expect(r.hash).toBe(want); // the bytes were there when the READ was rejected, not after
+    } finally {
+      await closing.close();
     }
   });
 

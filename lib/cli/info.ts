@@ -23,8 +23,8 @@ export function collectInfo(): KvwireInfo {
   const has = (tl: string) => ucx.transports.some((t) => t.split('/')[0] === tl);
   const sharedMemory = ['posix', 'sysv', 'xpmem'].filter(has);
   const double = cuda.testDouble ? ` — TEST DOUBLE (${cuda.testDouble}): host memory standing in for a GPU, not a GPU` : '';
-  const cudaReady = cuda.available;
-  const cudaWhy = cuda.reason ?? 'no CUDA device';
+  const cudaReady = cuda.available && cuda.ipcProblem === undefined;
+  const cudaWhy = cuda.reason ?? `CUDA IPC export fails here (trial on device 0): ${cuda.ipcProblem}`;
   const ucxCuda = ucx.memoryTypes.includes('cuda');
   const paths: PathReadiness[] = [
     {
@@ -37,7 +37,7 @@ export function collectInfo(): KvwireInfo {
     {
       path: 'am (host, any host)',
       ready: ucx.transports.length > 0,
-      detail: ucx.transports.length > 0 ? `active-message rendezvous over ${[...new Set(ucx.transports.map((t) => t.split('/')[0]))].join(', ')}`
+      detail: ucx.transports.length > 0 ? `active-message rendezvous over ${[...new Set(ucx.transports.map((t) => t.split('/')[0]).filter((t) => t !== 'self'))].join(', ')}`
         : `UCX offers no transport${ucx.error ? `: ${ucx.error}` : ''}`,
     },
     {

@@ -11,6 +11,7 @@
 
 #include "../core/agent.h"
 #include "../cuda/driver.h"
+#include "../cuda/vram.h"
 
 namespace {
 
@@ -773,6 +774,12 @@ Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
       list.Set(list.Length(), x);
     }
   o.Set("devices", list);
+  // A trial export on device 0 (2 MiB): IPC can be off where a driver and devices are not (some
+  // containers, virtualised or partitioned GPUs).
+  if (devices.isOk()) {
+    const std::string ipc = kvwire::cuda::probeIpc(0);
+    if (!ipc.empty()) o.Set("ipcProblem", ipc);
+  }
   return o;
 }
 

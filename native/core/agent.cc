@@ -85,6 +85,9 @@ Agent::~Agent() { close(); }
 
 void Agent::beginClose() {
   if (closing_) return;
+  // Copies this process runs itself (GPU streams, the copy pool) cannot be stopped: they finish
+  // before the transfers settle, so no byte lands in memory after its transfer was rejected.
+  if (backend_) backend_->finishLocalCopies();
   std::vector<TransferRef> all;
   for (auto& [id, t] : transfers_) all.push_back(t);
   // Closing settles everything now, landing bytes or not: the connections are about to go.
@@ -186,9 +189,10 @@ Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address
   return addVramRegion(name, std::move(mem.value()), access, device);
 }
 
-// A same-host peer reaches VRAM through its CUDA IPC handle (metadata section "cuda-ipc"). Memory the
-// driver cannot export (e.g. from a stream-ordered pool) is still a region: used locally, and across
-// hosts once that path lands, but not opened by same-host peers.
+// A same-host peer reaches VRAM through its CUDA IPC handle (metadata section "cuda-ipc"). A region
+// that is not a whole allocation (the handle would open all of it), or memory the driver cannot
+// export (e.g. from a stream-ordered pool), is still a region: used locally, and across hosts once
+// that path lands, but not opened by same-host peers.
 Result<RegionInfo> Agent::addVramRegion(const std::string& name, std::unique_ptr<BackendMemory> memory, uint8_t access,
                                         uint32_t device) {
   auto region = std::make_shared<LocalRegion>();
@@ -196,7 +200,7 @@ Result<RegionInfo> Agent::addVramRegion(const std::string& name, std::unique_ptr
   const uint64_t base = reinterpret_cast<uint64_t>(region->memory->ptr);
   region->info = {nextRegionId_++, name, MemKind::Vram, access, device, base, region->memory->length,
                   region->memory->allocated, {}, {}};
-  auto ipc = cuda::exportIpc(static_cast<int>(device), base);
+  auto ipc = cuda::exportIpc(static_cast<int>(device), base, region->info.length);
   if (ipc.isOk()) region->info.sections.push_back({cuda::kIpcSection, std::move(ipc.value())});
   regions_[region->info.id] = region;
   backend_->regionRegistered(region);

@@ -110,6 +110,8 @@ class Backend {
   virtual void rebuild() = 0;
   // Force-closes every connection and cancels what can be canceled; progress then drains the rest.
   virtual void shutdown() = 0;
+  // Waits for the copies this process runs itself (GPU streams, copy threads) to finish.
+  virtual void finishLocalCopies() {}
 };
 
 std::string ucxVersion();

@@ -174,9 +174,11 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
   r.u16(flags, "flags");
   r.u32(body, "body length");
   if (magic != kMetadataMagic) return invalid("wrong magic (not a kvwire metadata blob)");
-  if (version != kMetadataVersion)
-    return invalid("unsupported version " + std::to_string(version) + " (this build reads version " +
-                   std::to_string(kMetadataVersion) + ")");
+  // Version 2 (no region sections) is still read: agents of the previous release keep working
+  // with this one while a deployment upgrades.
+  if (version != kMetadataVersion && version != kMetadataVersionNoSections)
+    return invalid("unsupported version " + std::to_string(version) + " (this build reads versions " +
+                   std::to_string(kMetadataVersionNoSections) + " and " + std::to_string(kMetadataVersion) + ")");
   if (flags != 0) return invalid("unknown flags 0x" + std::to_string(flags));
   if (size < kHeaderBytes + kTrailerBytes || body != size - kHeaderBytes - kTrailerBytes)
     return invalid("body length field says " + std::to_string(body) + " bytes but " +
@@ -198,7 +200,7 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
   if (md.name.empty()) return invalid("empty agent name");
   if (md.workerAddress.empty()) return invalid("empty worker address");
   // Each region takes at least 37 bytes, so a count the blob cannot hold is rejected before allocating.
-  constexpr size_t kMinRegionBytes = 4 + 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + 1;
+  const size_t kMinRegionBytes = 4 + 1 + 1 + 1 + 1 + 4 + 8 + 8 + 4 + (version == kMetadataVersion ? 1 : 0);
   if (count > kMaxRegions || count > r.remaining() / kMinRegionBytes)
     return invalid("region count " + std::to_string(count) + " cannot fit in the " +
                    std::to_string(r.remaining()) + " bytes left");
@@ -212,7 +214,7 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
          r.u32(g.deviceId, "region device id") && r.u64(g.base, "region base") &&
          r.u64(g.length, "region length") && r.blob32(g.rkey, "region key");
     uint8_t sections = 0;
-    ok = ok && r.u8(sections, "region section count");
+    if (version == kMetadataVersion) ok = ok && r.u8(sections, "region section count");
     if (!ok) return invalid("region " + std::to_string(i) + ": " + r.error());
     const std::string where = "region " + std::to_string(i) + " ('" + g.name + "'): ";
     if (sections > kMaxRegionSections)
@@ -232,6 +234,10 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
       return invalid(where + "unknown access " + std::to_string(g.access));
     if (rflags > 1) return invalid(where + "unknown flags " + std::to_string(rflags));
     g.backendAllocated = rflags & 1;
+    // A host region is reached through its UCX key (UCX parses it, and crashed on an empty one);
+    // VRAM has none (same-host peers open it by its CUDA IPC handle).
+    if (g.kind == MemKind::Dram && g.rkey.empty()) return invalid(where + "host memory without a key");
+    if (g.kind == MemKind::Vram && !g.rkey.empty()) return invalid(where + "VRAM with a UCX key (not produced by this version)");
     if (g.length == 0) return invalid(where + "zero length");
     if (g.base + g.length < g.base) return invalid(where + "base + length overflows");
     if (!seenIds.insert(g.id).second) return invalid(where + "duplicate region id " + std::to_string(g.id));

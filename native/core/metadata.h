@@ -55,6 +55,7 @@ constexpr uint32_t kMetadataMagic = 0x4d57564b;  // "KVWM" little-endian
 // (the worker address and keys UCX parses, and can crash on) reach UCX. Version 3: regions carry
 // named sections (the CUDA IPC handle of a VRAM region).
 constexpr uint16_t kMetadataVersion = 3;
+constexpr uint16_t kMetadataVersionNoSections = 2;
 constexpr size_t kMaxRegionSections = 8;
 constexpr size_t kMaxNameBytes = 255;
 // Notifications are small control messages: one limit for what is sent and what is accepted.

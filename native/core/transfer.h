@@ -42,6 +42,10 @@ struct LocalRegion {
   RegionInfo info;
   std::unique_ptr<BackendMemory> memory;
   std::shared_ptr<void> keeper;  // holds the caller's buffer alive (set by the binding)
+  // Host memory page-locked with the CUDA driver for cuda_ipc copies (set on first use); declared
+  // after `memory` and `keeper`, so it is unregistered before either goes.
+  std::shared_ptr<void> pinned;
+  bool pinTried = false;
   bool live = true;              // false once deregistered; memory is released with the last ref
   uint8_t* ptr() const { return memory->ptr; }
 };

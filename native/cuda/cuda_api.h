@@ -59,11 +59,13 @@ constexpr unsigned kMemHostRegisterPortable = 0x1;     // CU_MEMHOSTREGISTER_POR
   X(cuDevicePrimaryCtxRetain, primaryCtxRetain, (CUcontext * context, CUdevice device))                        \
   X(cuDevicePrimaryCtxRelease_v2, primaryCtxRelease, (CUdevice device))                                        \
   X(cuCtxSetCurrent, ctxSetCurrent, (CUcontext context))                                                       \
+  X(cuCtxGetCurrent, ctxGetCurrent, (CUcontext * context))                                                     \
   X(cuMemAlloc_v2, memAlloc, (CUdeviceptr * pointer, size_t bytes))                                            \
   X(cuMemFree_v2, memFree, (CUdeviceptr pointer))                                                              \
   X(cuMemGetAddressRange_v2, memGetAddressRange, (CUdeviceptr * base, size_t * bytes, CUdeviceptr pointer))    \
   X(cuPointerGetAttributes, pointerGetAttributes,                                                              \
     (unsigned count, int* attributes, void** data, CUdeviceptr pointer))                                       \
+  X(cuMemsetD8_v2, memsetD8, (CUdeviceptr dst, unsigned char value, size_t count))                            \
   X(cuMemcpyHtoD_v2, memcpyHtoD, (CUdeviceptr dst, const void* src, size_t bytes))                            \
   X(cuMemcpyDtoH_v2, memcpyDtoH, (void* dst, CUdeviceptr src, size_t bytes))                                  \
   X(cuMemcpyAsync, memcpyAsync, (CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream))            \

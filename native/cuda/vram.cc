@@ -9,13 +9,36 @@ namespace cuda {
 
 namespace {
 
-// The driver, with `device`'s context current on this thread.
-Result<const Driver*> onDevice(int device) {
-  auto d = driver();
-  if (!d.isOk()) return d.status();
-  if (Status st = useDevice(device); !st) return st;
-  return d.value();
-}
+// `device`'s context current on this thread for the scope's life; the context that was current
+// before (the application's own, e.g. PyTorch's) is restored after.
+class OnDevice {
+ public:
+  explicit OnDevice(int device) {
+    auto d = driver();
+    if (!d.isOk()) {
+      status_ = d.status();
+      return;
+    }
+    d_ = d.value();
+    if (d_->ctxGetCurrent(&previous_) != kSuccess) previous_ = nullptr;
+    status_ = useDevice(device);
+    restore_ = true;
+  }
+  ~OnDevice() {
+    if (restore_) d_->ctxSetCurrent(previous_);
+  }
+  OnDevice(const OnDevice&) = delete;
+  OnDevice& operator=(const OnDevice&) = delete;
+  bool isOk() const { return status_.isOk(); }
+  const Status& status() const { return status_; }
+  const Driver* value() const { return d_; }
+
+ private:
+  const Driver* d_ = nullptr;
+  Status status_;
+  CUcontext previous_ = nullptr;
+  bool restore_ = false;
+};
 
 class VramMemory : public BackendMemory {
  public:
@@ -26,7 +49,7 @@ class VramMemory : public BackendMemory {
   }
   ~VramMemory() override {
     if (!owned_) return;
-    auto d = onDevice(device_);
+    OnDevice d(device_);
     if (d.isOk()) d.value()->memFree(reinterpret_cast<uintptr_t>(ptr));
   }
 
@@ -55,18 +78,21 @@ Result<PointerFacts> pointerFacts(const Driver& d, uint64_t address) {
 }  // namespace
 
 Result<std::unique_ptr<BackendMemory>> allocateVram(int device, uint64_t length) {
-  auto d = onDevice(device);
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   CUdeviceptr p = 0;
   if (CUresult r = d.value()->memAlloc(&p, length); r != kSuccess)
     return Status(r == kErrorOutOfMemory ? Code::Unavailable : Code::Backend,
                   "allocate: " + std::to_string(length) + " bytes on CUDA device " + std::to_string(device) + ": " +
                       d.value()->describe(r));
-  return std::unique_ptr<BackendMemory>(new VramMemory(device, p, length, true));
+  std::unique_ptr<BackendMemory> memory(new VramMemory(device, p, length, true));
+  // Zeroed, as host allocations are: peers must not read what this process's GPU held before.
+  if (CUresult r = d.value()->memsetD8(p, 0, length); r != kSuccess) return d.value()->fail("cuMemsetD8", r);
+  return memory;
 }
 
 Result<std::unique_ptr<BackendMemory>> adoptVram(int device, uint64_t address, uint64_t length) {
-  auto d = onDevice(device);
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   auto facts = pointerFacts(*d.value(), address);
   if (!facts.isOk()) return facts.status();
@@ -89,31 +115,41 @@ Result<std::unique_ptr<BackendMemory>> adoptVram(int device, uint64_t address, u
 }
 
 Status copyToDevice(int device, uint64_t dst, const uint8_t* src, uint64_t length) {
-  auto d = onDevice(device);
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   if (length == 0) return Status::ok();
   if (CUresult r = d.value()->memcpyHtoD(dst, src, length); r != kSuccess) return d.value()->fail("cuMemcpyHtoD", r);
+  // From pageable memory the call may return before the DMA has landed: wait for it, so a transfer
+  // posted next (on another stream) reads what was written.
+  if (CUresult r = d.value()->streamSynchronize(nullptr); r != kSuccess) return d.value()->fail("cuStreamSynchronize", r);
   return Status::ok();
 }
 
 Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length) {
-  auto d = onDevice(device);
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   if (length == 0) return Status::ok();
   if (CUresult r = d.value()->memcpyDtoH(dst, src, length); r != kSuccess) return d.value()->fail("cuMemcpyDtoH", r);
   return Status::ok();
 }
 
-Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address) {
-  auto d = onDevice(device);
+Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t length) {
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   auto facts = pointerFacts(*d.value(), address);
   if (!facts.isOk()) return facts.status();
+  const PointerFacts& f = facts.value();
+  // The handle opens the whole allocation, read-write: a region narrower than its allocation would
+  // hand peers memory outside it.
+  if (address != f.rangeStart || length != f.rangeSize)
+    return Status(Code::Unavailable, "the region is " + std::to_string(length) + " bytes at offset " +
+                                         std::to_string(address - f.rangeStart) + " of a " + std::to_string(f.rangeSize) +
+                                         "-byte CUDA allocation; CUDA IPC would open all of it");
   CUipcMemHandle handle{};
-  if (CUresult r = d.value()->ipcGetMemHandle(&handle, address); r != kSuccess)
+  if (CUresult r = d.value()->ipcGetMemHandle(&handle, f.rangeStart); r != kSuccess)
     return d.value()->fail("cuIpcGetMemHandle", r);
   std::vector<uint8_t> section(handle.reserved, handle.reserved + kIpcHandleBytes);
-  const uint64_t offset = address - facts.value().rangeStart;
+  const uint64_t offset = address - f.rangeStart;
   for (int i = 0; i < 8; ++i) section.push_back(static_cast<uint8_t>(offset >> (8 * i)));
   return section;
 }
@@ -122,7 +158,7 @@ Result<std::shared_ptr<IpcMapping>> IpcMapping::open(int device, const std::vect
   if (section.size() != kIpcSectionBytes)
     return Status(Code::InvalidParam, "its cuda-ipc section is " + std::to_string(section.size()) + " bytes, not " +
                                           std::to_string(kIpcSectionBytes));
-  auto d = onDevice(device);
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   const Driver& drv = *d.value();
   CUipcMemHandle handle{};
@@ -148,16 +184,19 @@ Result<std::shared_ptr<IpcMapping>> IpcMapping::open(int device, const std::vect
 
 IpcMapping::~IpcMapping() {
   if (base_ == 0) return;
-  auto d = onDevice(device_);
+  OnDevice d(device_);
   if (d.isOk()) d.value()->ipcCloseMemHandle(base_);
 }
 
 Result<std::unique_ptr<CopyQueue>> CopyQueue::create(int device) {
-  auto d = onDevice(device);
+  OnDevice d(device);
   if (!d.isOk()) return d.status();
   std::unique_ptr<CopyQueue> q(new CopyQueue());
   q->device_ = device;
-  if (CUresult r = d.value()->streamCreate(&q->stream_, kStreamNonBlocking); r != kSuccess) {
+  // A blocking stream: its copies start after work the application queued before on the legacy
+  // default stream (e.g. the kernels that wrote the KV blocks). Work on the application's own
+  // non-blocking streams must be synchronised by the application before it posts a transfer.
+  if (CUresult r = d.value()->streamCreate(&q->stream_, 0); r != kSuccess) {
     q->stream_ = nullptr;
     return d.value()->fail("cuStreamCreate", r);
   }
@@ -165,7 +204,7 @@ Result<std::unique_ptr<CopyQueue>> CopyQueue::create(int device) {
 }
 
 CopyQueue::~CopyQueue() {
-  auto d = onDevice(device_);
+  OnDevice d(device_);
   if (!d.isOk()) return;
   const Driver& drv = *d.value();
   if (stream_ != nullptr) {
@@ -188,8 +227,13 @@ CUevent CopyQueue::takeEvent() {
   return e;
 }
 
+void CopyQueue::drain() {
+  OnDevice d(device_);
+  if (d.isOk() && stream_ != nullptr) d.value()->streamSynchronize(stream_);
+}
+
 Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs) {
-  auto d = onDevice(device_);
+  OnDevice d(device_);
   if (!d.isOk()) return d.status();
   const Driver& drv = *d.value();
   CUevent event = takeEvent();
@@ -219,7 +263,7 @@ Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs) {
 
 void CopyQueue::poll(std::vector<std::pair<uint64_t, Status>>& done) {
   if (jobs_.empty()) return;
-  auto d = onDevice(device_);
+  OnDevice d(device_);
   if (!d.isOk()) return;
   const Driver& drv = *d.value();
   size_t finished = 0;
@@ -233,6 +277,25 @@ void CopyQueue::poll(std::vector<std::pair<uint64_t, Status>>& done) {
     spareEvents_.push_back(j.event);
   }
   jobs_.erase(jobs_.begin(), jobs_.begin() + static_cast<std::ptrdiff_t>(finished));
+}
+
+Result<std::shared_ptr<void>> pinHost(int device, void* pointer, uint64_t length) {
+  OnDevice d(device);
+  if (!d.isOk()) return d.status();
+  if (CUresult r = d.value()->memHostRegister(pointer, length, kMemHostRegisterPortable); r != kSuccess)
+    return d.value()->fail("cuMemHostRegister", r);
+  const Driver* drv = d.value();
+  return std::shared_ptr<void>(pointer, [drv, device](void* p) {
+    OnDevice scope(device);
+    drv->memHostUnregister(p);
+  });
+}
+
+std::string probeIpc(int device) {
+  auto memory = allocateVram(device, 2u << 20);
+  if (!memory.isOk()) return memory.status().message();
+  auto section = exportIpc(device, reinterpret_cast<uint64_t>(memory.value()->ptr), 2u << 20);
+  return section.isOk() ? std::string() : section.status().message();
 }
 
 }  // namespace cuda

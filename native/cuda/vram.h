@@ -27,7 +27,15 @@ Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length);
 // handle of the allocation holding it and the region's offset inside that allocation.
 constexpr const char* kIpcSection = "cuda-ipc";
 constexpr size_t kIpcSectionBytes = kIpcHandleBytes + 8;
-Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address);
+// Only a region that is a whole allocation is exported (the handle opens all of it, writable).
+Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t length);
+
+// Page-locks host memory for the driver (cuMemHostRegister), so copies between it and VRAM run at
+// PCIe rate without blocking the calling thread; unregistered when the last reference goes.
+Result<std::shared_ptr<void>> pinHost(int device, void* pointer, uint64_t length);
+
+// Why CUDA IPC export does not work on `device` (a trial allocation), or "" when it does.
+std::string probeIpc(int device);
 
 // A peer's VRAM region opened in this process. Bounds come from what the driver mapped here: the
 // region (offset + length) must lie inside the opened allocation, whatever the metadata claims.
@@ -68,6 +76,8 @@ class CopyQueue {
   Status submit(uint64_t id, const std::vector<CopyRun>& runs);
   // Appends the jobs that finished (in order), each with its status.
   void poll(std::vector<std::pair<uint64_t, Status>>& done);
+  // Waits until every copy queued so far has finished (poll() still reports them).
+  void drain();
   size_t pending() const { return jobs_.size(); }
   int device() const { return device_; }
 

@@ -656,6 +656,13 @@ KVWIRE_DOUBLE_EXPORT CUresult cuCtxSetCurrent(CUcontext context) {
   return kSuccess;
 }
 
+KVWIRE_DOUBLE_EXPORT CUresult cuCtxGetCurrent(CUcontext* context) {
+  if (!ready()) return kErrorNotInitialized;
+  if (context == nullptr) return kErrorInvalidValue;
+  *context = tCurrent;
+  return kSuccess;
+}
+
 // ---- device memory --------------------------------------------------------------------------------
 
 KVWIRE_DOUBLE_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
@@ -693,6 +700,9 @@ KVWIRE_DOUBLE_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) 
         fcntl(m.fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0 || !mapTwice(m, extent)) {
       return kErrorOutOfMemory;
     }
+    // A real GPU hands out memory holding whatever it held before (another process's data, even):
+    // not zeroed. So nothing here is either.
+    std::memset(m.alias, 0xa5, bytes);
     range->base = reinterpret_cast<uintptr_t>(m.device);
     s.ranges[range->base] = range;
     d.used += extent;
@@ -813,6 +823,24 @@ CUresult copySync(uintptr_t devicePointer, uintptr_t hostPointer, size_t bytes, 
 }
 
 }  // namespace
+
+// Synchronous, like the real cuMemsetD8 on memory of the current device: inside one device range.
+KVWIRE_DOUBLE_EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count) {
+  return guarded([&]() -> CUresult {
+    if (!ready()) return kErrorNotInitialized;
+    std::shared_ptr<Range> range;
+    {
+      std::lock_guard<std::mutex> lock(state().mu);
+      int device = 0;
+      if (CUresult r = currentDevice(&device); r != kSuccess) return r;
+      if (count == 0) return kSuccess;
+      if (dst == 0 || overflows(static_cast<uintptr_t>(dst), count)) return kErrorInvalidValue;
+      if (locate(static_cast<uintptr_t>(dst), count, &range) != Place::kDevice) return kErrorInvalidValue;
+    }
+    std::memset(static_cast<unsigned char*>(range->mapping->alias) + (static_cast<uintptr_t>(dst) - range->base), value, count);
+    return kSuccess;
+  });
+}
 
 KVWIRE_DOUBLE_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
   return guarded([&]() -> CUresult {

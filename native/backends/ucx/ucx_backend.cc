@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <map>
 #include <set>
 #include <mutex>
+#include <thread>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -76,7 +78,12 @@ struct RemoteRegion {
   RegionInfo info;
   std::unique_ptr<ucp_rkey, RkeyDeleter> rkey;
   uint8_t* mapped = nullptr;  // non-null when the peer's memory is mapped into this process
-  std::shared_ptr<cuda::IpcMapping> vram;  // a VRAM region, once opened through its CUDA IPC handle
+  // A VRAM region, opened through its CUDA IPC handle: once per local device whose stream copies.
+  std::map<int, std::shared_ptr<cuda::IpcMapping>> vram;
+  // The mapped host memory page-locked for cuda_ipc copies (declared after rkey: unregistered
+  // before the mapping goes).
+  std::shared_ptr<void> pinned;
+  bool pinTried = false;
 };
 using RemoteRegionRef = std::shared_ptr<RemoteRegion>;
 
@@ -89,9 +96,10 @@ class UcxPeer : public BackendPeer {
   Status updateRegions(const AgentMetadata& md) override;
   Path choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path requested, uint64_t bytes, size_t segments,
                   Status* why) override;
-  // Path 'cuda_ipc': why it cannot move between `local` and `rr` (ok when it can); with `open`, the
-  // peer's VRAM region is opened through its IPC handle if it is not yet.
-  Status cudaIpcReady(const LocalRegion& local, RemoteRegion& rr, bool open);
+  // Path 'cuda_ipc': why it cannot move between `local` and `rr` (ok when it can).
+  Status cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) const;
+  // The peer's VRAM region opened on `device` (through its IPC handle, the first time).
+  Result<std::shared_ptr<cuda::IpcMapping>> openVram(RemoteRegion& rr, int device);
   void markGone() override { failed_ = true; }
 
   UcxBackendImpl* backend_;
@@ -229,6 +237,19 @@ class UcxBackendImpl : public Backend {
     return false;
   }
   bool needsPolling() const override { return !cudaJobs_.empty(); }
+  void finishLocalCopies() override {
+    for (auto& [device, queue] : cudaQueues_) queue->drain();
+    // The copy pool's jobs report when done (copied_); wait for every one in flight.
+    for (;;) {
+      size_t done = 0;
+      {
+        std::lock_guard<std::mutex> lock(copiedMutex_);
+        for (uint64_t id : copied_) done += copyJobs_.count(id);
+      }
+      if (done >= copyJobs_.size()) return;
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
   SecurityCounters securityCounters() const override { return counters_; }
   bool receiveBlocked() const override { return receiveBlocked_; }
   void rebuild() override { rebuildWorker(); }
@@ -957,7 +978,7 @@ Status UcxPeer::updateRegions(const AgentMetadata& md) {
   return Status::ok();
 }
 
-Status UcxPeer::cudaIpcReady(const LocalRegion& local, RemoteRegion& rr, bool open) {
+Status UcxPeer::cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) const {
   const std::string region = "region '" + rr.info.name + "' of peer '" + name_ + "'";
   if (rr.info.kind == MemKind::Dram) {
     if (rr.mapped == nullptr)
@@ -965,17 +986,22 @@ Status UcxPeer::cudaIpcReady(const LocalRegion& local, RemoteRegion& rr, bool op
                                  "process: allocated by kvwire on this host, with a shared-memory transport"};
     return Status::ok();
   }
-  if (rr.vram) return Status::ok();
-  const auto* section = rr.info.section(cuda::kIpcSection);
-  if (section == nullptr)
-    return {Code::Unavailable, region + " (VRAM) publishes no CUDA IPC handle (its owner could not export it)"};
-  if (!open) return Status::ok();
-  // The copies run on the local region's device; a host region's copies on device 0.
-  const int device = local.info.kind == MemKind::Vram ? static_cast<int>(local.info.deviceId) : 0;
-  auto opened = cuda::IpcMapping::open(device, *section, rr.info.length);
-  if (!opened.isOk()) return {opened.status().code(), region + ": " + opened.status().message()};
-  rr.vram = std::move(opened.value());
+  if (rr.info.section(cuda::kIpcSection) == nullptr)
+    return {Code::Unavailable, region + " (VRAM) publishes no CUDA IPC handle: its owner exports only regions that are a "
+                               "whole CUDA allocation (the handle opens all of it), from memory the driver can export"};
   return Status::ok();
+}
+
+Result<std::shared_ptr<cuda::IpcMapping>> UcxPeer::openVram(RemoteRegion& rr, int device) {
+  auto& mapping = rr.vram[device];
+  if (mapping) return mapping;
+  auto opened = cuda::IpcMapping::open(device, *rr.info.section(cuda::kIpcSection), rr.info.length);
+  if (!opened.isOk()) {
+    rr.vram.erase(device);
+    return Status(opened.status().code(), "region '" + rr.info.name + "' of peer '" + name_ + "': " + opened.status().message());
+  }
+  mapping = std::move(opened.value());
+  return mapping;
 }
 
 Path UcxPeer::choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path requested, uint64_t bytes,
@@ -993,7 +1019,7 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path
                                            "' moves host memory only; VRAM moves by path 'cuda_ipc' (peers on one host)");
       return requested;
     }
-    *why = cudaIpcReady(local, *it->second, false);  // opened when posted, after the region is checked
+    *why = cudaIpcReady(local, *it->second);  // opened when posted, after the region is checked
     return Path::CudaIpc;
   }
   if (requested == Path::CudaIpc) {
@@ -1403,9 +1429,29 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
       token = peer.cmaToken_;
     }
   }
-  if (Status st = peer.cudaIpcReady(*t->local, *rr, true); !st) return st;
-  const int device = t->local->info.kind == MemKind::Vram ? static_cast<int>(t->local->info.deviceId)
-                                                          : rr->vram->device();
+  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) return st;  // the region may have been reloaded since
+  // The copies run on the local region's device (a host region's on device 0), where the peer's VRAM
+  // is opened too.
+  const int device = t->local->info.kind == MemKind::Vram ? static_cast<int>(t->local->info.deviceId) : 0;
+  std::shared_ptr<cuda::IpcMapping> mapping;
+  if (rr->info.kind == MemKind::Vram) {
+    auto opened = peer.openVram(*rr, device);
+    if (!opened.isOk()) return opened.status();
+    mapping = std::move(opened.value());
+  }
+  // Host memory on either side is page-locked with the driver once (copies from pageable memory
+  // block the calling thread and run below PCIe rate); where the driver refuses (locked-memory
+  // limits), copies still run, pageable.
+  if (t->local->info.kind == MemKind::Dram && !t->local->pinTried) {
+    t->local->pinTried = true;
+    auto pinned = cuda::pinHost(device, t->local->ptr(), t->local->info.length);
+    if (pinned.isOk()) t->local->pinned = std::move(pinned.value());
+  }
+  if (rr->info.kind == MemKind::Dram && !rr->pinTried) {
+    rr->pinTried = true;
+    auto pinned = cuda::pinHost(device, rr->mapped, rr->info.length);
+    if (pinned.isOk()) rr->pinned = std::move(pinned.value());
+  }
   auto& queue = cudaQueues_[device];
   if (!queue) {
     auto created = cuda::CopyQueue::create(device);
@@ -1415,7 +1461,7 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     }
     queue = std::move(created.value());
   }
-  const uint64_t remoteBase = rr->vram ? rr->vram->address() : reinterpret_cast<uint64_t>(rr->mapped);
+  const uint64_t remoteBase = mapping ? mapping->address() : reinterpret_cast<uint64_t>(rr->mapped);
   std::vector<cuda::CopyRun> runs;
   runs.reserve(t->segments.size());
   const bool write = t->op == kvwire::Op::Write;
@@ -1425,7 +1471,7 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     runs.push_back(write ? cuda::CopyRun{remote, local, s.length} : cuda::CopyRun{local, remote, s.length});
   }
   if (Status st = queue->submit(t->id, runs); !st) return st;
-  cudaJobs_[t->id] = {t, rr, rr->vram, token, epoch};
+  cudaJobs_[t->id] = {t, rr, std::move(mapping), token, epoch};
   return Status::ok();
 }
 
@@ -1632,7 +1678,7 @@ void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
   // maps undefined.
   for (auto& [ep, peer] : peersByEp_)
     if (peer->cmaToken_ == h.token)
-      if (auto rr = peer->regions_.find(h.regionId); rr != peer->regions_.end()) rr->second->vram.reset();
+      if (auto rr = peer->regions_.find(h.regionId); rr != peer->regions_.end()) rr->second->vram.clear();
   held->second.revokePending = true;
   publishSafeEpoch(h.token);
 }
