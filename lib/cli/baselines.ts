@@ -11,7 +11,12 @@ export type PerftestResult = { test: string; gbps: number; runs: number[] } | { 
  * buffers when kvwire can map the peer's allocated region (shared memory); otherwise tag_bw, which
  * is what an AM/rendezvous transfer of user memory costs.
  */
-export function perftestFor(transport: string, memory: MemoryKind, op: Op): { test: string; env: Record<string, string> } {
+export function perftestFor(transport: string, memory: MemoryKind, op: Op): { test: string; env: Record<string, string>; memArgs?: string[] } {
+  // VRAM: put_bw over cuda_ipc for both ops (UCX's get of cuda memory is software emulation, < 1 GB/s:
+  // the issue's G1 measures READ against put too); host<->VRAM: tag rendezvous (RMA mixing the two
+  // is emulated as well).
+  if (memory === 'vram') return { test: 'ucp_put_bw', env: {}, memArgs: ['-m', 'cuda,cuda'] };
+  if (memory === 'vram-dram') return { test: 'tag_bw', env: {}, memArgs: ['-m', 'cuda,host'] };
   if (memory === 'allocated' && transport === 'shm') return { test: op === 'write' ? 'ucp_put_bw' : 'ucp_get', env: {} };
   return { test: 'tag_bw', env: memory === 'registered' ? { UCX_ALLOC_PRIO: 'mmap,heap' } : {} };
 }
@@ -51,6 +56,8 @@ export interface PerftestSpec {
   transports: string;
   block: number;
   runs: number;
+  /** ucx_perftest memory types (`-m cuda,cuda`) for GPU cells. */
+  memArgs?: string[];
   /** A remote `kvwire bench --serve` target's perftest server; else one is started here per run. */
   remote?: { host: string; port: number };
 }
@@ -70,7 +77,7 @@ export async function perftest(s: PerftestSpec): Promise<PerftestResult> {
       const server = s.remote ? undefined : spawn('ucx_perftest', ['-p', String(port)], { env, stdio: 'ignore' });
       await sleep(s.remote ? 200 + attempt * 300 : 300);
       const args = [s.remote?.host ?? '127.0.0.1', '-p', String(port), '-t', s.test, '-s', String(s.block),
-        '-n', String(iterations), '-w', String(Math.min(20, iterations))];
+        '-n', String(iterations), '-w', String(Math.min(20, iterations)), ...(s.memArgs ?? [])];
       const { code, out } = await runClient(args, env, 120_000);
       server?.kill('SIGKILL');
       gbps = code === 0 ? parseFinal(out) : undefined;

@@ -3,7 +3,7 @@ import { parseArgs } from 'node:util';
 import { parseSize, type BenchOptions, type ExtraBaseline, type Pattern, type Transport } from './bench';
 import type { MemoryKind, Op } from './bench-node';
 
-export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered] [--op write,read]
+export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered,vram,vram-dram] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
          [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--huge-pages] [--no-baselines]
          [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE] [--baseline nixl]
@@ -66,7 +66,8 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
   const options: BenchOptions = {
     transports: v.peer || v.serve ? list('transport', v.transport === 'shm,tcp' ? 'tcp' : v.transport!, ['tcp'] as const) : list<Transport>('transport', v.transport!, ['shm', 'tcp']),
     // A remote target has one region, so a remote run is one memory kind (registered unless told).
-    memories: list<MemoryKind>('memory', (v.peer || v.serve) && v.memory === 'allocated,registered' ? 'registered' : v.memory!, ['allocated', 'registered']),
+    memories: list<MemoryKind>('memory', (v.peer || v.serve) && v.memory === 'allocated,registered' ? 'registered' : v.memory!,
+      v.peer || v.serve ? ['allocated', 'registered'] : ['allocated', 'registered', 'vram', 'vram-dram']),
     ops: list<Op>('op', v.op!, ['write', 'read']),
     patterns,
     blocks: [...new Set(v.block!.split(',').map(parseSize))].sort((a, b) => a - b),

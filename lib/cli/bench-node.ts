@@ -8,7 +8,16 @@ import { Agent } from '../agent';
 import type { Region, RemoteRegion } from '../memory';
 
 export type Op = 'write' | 'read';
-export type MemoryKind = 'allocated' | 'registered';
+/**
+ * allocated / registered: host memory both sides. vram: GPU memory both sides (device 0). vram-dram:
+ * the initiator's GPU memory, the target's kvwire-allocated host memory (mapped by the initiator).
+ */
+export type MemoryKind = 'allocated' | 'registered' | 'vram' | 'vram-dram';
+/** The region one side of a group holds. */
+export function memoryOf(memory: MemoryKind, role: 'initiator' | 'target'): 'allocated' | 'registered' | 'vram' {
+  if (memory === 'vram-dram') return role === 'initiator' ? 'vram' : 'allocated';
+  return memory;
+}
 
 /** Wall clock in µs, comparable between processes on one host. */
 export const wallUs = (): number => (performance.timeOrigin + performance.now()) * 1e3;
@@ -76,6 +85,13 @@ let socketServer: net.Server | undefined;
 
 function makeRegion(a: Agent, memory: MemoryKind, bytes: number, hugePages: boolean): Region {
   if (memory === 'allocated') return a.allocate(bytes, { name: 'kv' });
+  if (memory === 'vram' || memory === 'vram-dram') {
+    const region = a.allocate(bytes, { name: 'kv', memory: 'vram' });
+    const chunk = Buffer.alloc(Math.min(bytes, 64 << 20));
+    for (let i = 0; i < chunk.length; i += 4096) chunk[i] = (i >> 12) & 0xff;
+    for (let at = 0; at < bytes; at += chunk.length) region.write(at, chunk.subarray(0, Math.min(chunk.length, bytes - at)));
+    return region;
+  }
   if (hugePages) {
     // A pool as such a user builds it: allocated, registered with the advice, then filled.
     const region = a.register(Buffer.alloc(bytes), { name: 'kv', hugePages: true });
@@ -91,7 +107,7 @@ export async function init(m: NodeInit): Promise<{ metadata: string; socketPort?
   agent = await Agent.create({ name: m.name, progress: m.progress, ucx: { transports: m.transports }, cma: m.cma ?? true });
   region = makeRegion(agent, m.memory, m.regionBytes, m.hugePages ?? false);
   let socketPort: number | undefined;
-  if (m.socketHost) {
+  if (m.socketHost && region.kind === 'dram') {
     socketServer = serveSocket(region.bytes);
     await new Promise<void>((resolve) => socketServer!.listen(0, m.socketHost, resolve));
     socketPort = (socketServer.address() as net.AddressInfo).port;

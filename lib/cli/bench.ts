@@ -8,7 +8,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { ucxVersion } from '../index';
 import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
-import { init as initNode, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
+import { addon } from '../native';
+import { init as initNode, memoryOf, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
 import { chartSvg } from './chart';
 import { nixlCell, nixlProgress, probeNixl, type NixlResult } from './nixl';
 import { median, percentile } from './stats';
@@ -150,9 +151,11 @@ export interface BenchResult {
     /** One per (transport, op, block) with `--baseline nixl`; both memory kinds compare against it. */
     nixl: ({ transport: Transport; op: Op; block: number; batch: number } & NixlResult)[];
   };
-  latency: { mode: 'event' | 'poll'; transport: Transport; size: number; p50Us: number; p99Us: number; samples: number }[];
+  latency: { mode: 'event' | 'poll'; transport: Transport; memory?: 'vram'; size: number; p50Us: number; p99Us: number; samples: number }[];
   idle: { seconds: number; initiatorPercent: number; targetPercent: number } | null;
   targets: { id: string; case: string; target: string; measured: string; met: boolean | null }[];
+  /** With VRAM cells: the CUDA driver they ran on (`testDouble` set: not a GPU). */
+  cuda?: { driver?: string; version?: number; testDouble?: string; devices: string[] };
 }
 
 function summarize(r: RunResult[], cell: { block: number; batch: number }): Omit<Cell, 'transport' | 'memory' | 'pattern' | 'op' | 'block' | 'batch' | 'vs'> {
@@ -197,7 +200,7 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
   const nInit = pattern === 'many-to-one' ? opts.fan : 1;
   const nTarget = remote ? 1 : pattern === 'one-to-many' ? opts.fan : 1;
   const maxArea = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b), 2 * DESCRIPTOR_CELL.batch * DESCRIPTOR_CELL.block);
-  const base = { transports: transportsOf(t), memory, progress: opts.progress, cma: opts.cma, hugePages: opts.hugePages };
+  const base = { transports: transportsOf(t), progress: opts.progress, cma: opts.cma, hugePages: opts.hugePages };
   const initiators = Array.from({ length: nInit }, (_, i) => new Node(`initiator-${i}`));
   const targets = remote ? [] : Array.from({ length: nTarget }, (_, i) => new Node(`target-${i}`));
   const all = [...initiators, ...targets];
@@ -205,9 +208,9 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
     const targetInfo = remote
       ? [{ metadata: remote.metadata, socketPort: remote.socketPort }]
       : await Promise.all(
-          targets.map((n, i) => n.call('init', { ...base, name: `bench-target-${i}`, regionBytes: maxArea * nInit, socketHost: '127.0.0.1' })),
+          targets.map((n, i) => n.call('init', { ...base, memory: memoryOf(memory, 'target'), name: `bench-target-${i}`, regionBytes: maxArea * nInit, socketHost: '127.0.0.1' })),
         );
-    await Promise.all(initiators.map((n, i) => n.call('init', { ...base, name: `bench-init-${i}`, regionBytes: maxArea * nTarget })));
+    await Promise.all(initiators.map((n, i) => n.call('init', { ...base, memory: memoryOf(memory, 'initiator'), name: `bench-init-${i}`, regionBytes: maxArea * nTarget })));
     await Promise.all(initiators.map((n) => n.call('peers', { metadata: targetInfo.map((x: any) => x.metadata) })));
     return { initiators, targets, all, peerCount: targetInfo.length, socket: { host: remote?.host ?? '127.0.0.1', port: targetInfo[0].socketPort as number | undefined } };
   } catch (e) {
@@ -236,6 +239,10 @@ interface RemoteTarget {
   host: string;
   socketPort?: number;
   perftestPort?: number;
+}
+
+function isVram(memory: MemoryKind): boolean {
+  return memory === 'vram' || memory === 'vram-dram';
 }
 
 function ratio(x: number, base: { gbps?: number } | undefined): number | null {
@@ -268,6 +275,13 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   log(`kvwire bench: ${total} cells (${opts.transports.join('/')} x ${opts.memories.join('/')} x ${opts.patterns.join('/')} x ` +
     `${opts.ops.join('/')} x ${opts.blocks.length} block sizes), median of ${opts.runs} runs of >= ${opts.runMs} ms` +
     (remote ? `, remote target ${remote.host}` : ''));
+  if (opts.memories.some(isVram)) {
+    const c = addon.cudaInfo();
+    if (!c.available) throw new Error(`--memory ${opts.memories.filter(isVram).join(',')}: no CUDA (${c.reason})`);
+    result.cuda = { driver: c.driver, version: c.version, testDouble: c.testDouble, devices: c.devices.map((d) => d.name) };
+    log(c.testDouble ? `CUDA: TEST DOUBLE (${c.driver}) — VRAM cells time host memcpy through the double, not a GPU; their figures mean nothing`
+      : `CUDA driver ${c.version}, device 0: ${c.devices[0]?.name}`);
+  }
   let done = 0;
   const socketCache = new Map<string, BenchResult['baselines']['socket'][number]>();
   const memcpyCache = new Map<number, BenchResult['baselines']['memcpy'][number]>();
@@ -296,7 +310,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
         for (const op of opts.ops) {
           const s = summarize(await runCell(opts, g, op, block, batch), { block, batch });
           const key = `${op}:${block}`;
-          if (opts.baselines && !socketCache.has(key) && g.socket.port) {
+          if (opts.baselines && !socketCache.has(key) && g.socket.port && !isVram(memory)) {
             const m = await g.initiators[0].call('socket', { ...g.socket, op, block, batch, slots: slotsFor(opts, batch), runs: opts.runs, runMs: opts.runMs });
             socketCache.set(key, { op, block, gbps: round(median(m.gbps), 3), runs: m.gbps.map((x: number) => round(x, 3)) });
           }
@@ -304,7 +318,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           if (opts.baselines) {
             const spec = perftestFor(t, memory, op);
             // tag_bw does not depend on the op: READ and WRITE of one memory kind share one measurement.
-            const key = `${t}|${spec.test}|${JSON.stringify(spec.env)}|${block}`;
+            const key = `${t}|${spec.test}|${JSON.stringify(spec.env)}|${spec.memArgs?.join(' ') ?? ''}|${block}`;
             pt = perftestCache.get(key);
             if (!pt) {
               pt = remote && !remote.perftestPort
@@ -319,6 +333,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           let nx: Cell['vs']['nixl'];
           if (nixlWanted) {
             if (nixlOff) nx = { ratio: null, skipped: nixlOff };
+            else if (isVram(memory)) nx = { ratio: null, skipped: 'the NIXL baseline here moves host memory only' };
             else if (pattern !== 'pairwise') nx = { ratio: null, skipped: 'NIXL baseline runs pairwise only' };
             else {
               // NIXL has one kind of host memory: both kvwire memory kinds compare against one measurement.
@@ -409,6 +424,25 @@ async function latencyAndIdle(opts: BenchOptions, result: BenchResult): Promise<
     } finally {
       await Promise.all([a.exit(), b.exit()]);
     }
+    if (opts.latencySamples > 0 && opts.memories.includes('vram')) await vramLatency(opts, result, mode);
+  }
+}
+
+/** 4 KiB VRAM WRITE (path cuda_ipc) + notification seen by the target in JS, ping-pong (G5). */
+async function vramLatency(opts: BenchOptions, result: BenchResult, mode: 'event' | 'poll'): Promise<void> {
+  const t = opts.transports[0];
+  const a = new Node('latency-vram-a');
+  const b = new Node('latency-vram-b');
+  try {
+    const base = { transports: transportsOf(t), memory: 'vram', regionBytes: 1 << 20, progress: mode };
+    const [ia, ib] = await Promise.all([a.call('init', { ...base, name: 'lat-vram-a' }), b.call('init', { ...base, name: 'lat-vram-b' })]);
+    await Promise.all([a.call('peers', { metadata: [ib.metadata] }), b.call('peers', { metadata: [ia.metadata] })]);
+    await b.call('pingPong', { size: 4096, samples: 0, serve: true });
+    const { oneWayUs } = await a.call('pingPong', { size: 4096, samples: opts.latencySamples, serve: false });
+    result.latency.push({ mode, transport: t, memory: 'vram', size: 4096, p50Us: round(median(oneWayUs), 1), p99Us: round(percentile(oneWayUs, 99), 1), samples: oneWayUs.length });
+    log(`  latency, ${mode} mode: 4 KiB VRAM WRITE (cuda_ipc) + notification seen in JS, one way ${round(median(oneWayUs), 1)} µs p50`);
+  } finally {
+    await Promise.all([a.exit(), b.exit()]);
   }
 }
 
@@ -436,7 +470,28 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
     const rate = r.cells.filter((c) => c.memory === memory && c.block === DESCRIPTOR_CELL.block && c.batch === DESCRIPTOR_CELL.batch).map((c) => c.nsPerDescriptor);
     if (rate.length) add('T4', `10,000 x 64 B in one batch, ${memory} (${memory === 'allocated' ? 'direct' : 'am, wire included'}), post to completion in JS`, '<= 200 ns per descriptor', rate, (m) => m <= 200, (x) => `${x} ns`);
   }
-  for (const l of r.latency)
+  // GPU targets (issue 9): same host, two processes.
+  const vram = pair.filter((c) => c.memory === 'vram');
+  add('G1', 'VRAM<->VRAM, 1-4 MiB blocks, WRITE and READ', '>= 90% of ucx_perftest ucp_put_bw -m cuda,cuda',
+    ratios(vram.filter((c) => c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
+  for (const [block, floor] of [[4 << 10, 200], [64 << 10, 400]] as const)
+    add('G2', `VRAM<->VRAM, ${formatSize(block)} blocks, ~16 MiB batches`, `>= ${floor} GB/s`,
+      vram.filter((c) => c.block === block).map((c) => c.gbps), (m) => m >= floor, (x) => `${x} GB/s`);
+  add('G3', 'DRAM<->VRAM across processes, >= 64 KiB blocks', '>= 45 GB/s',
+    pair.filter((c) => c.memory === 'vram-dram' && c.block >= 64 << 10).map((c) => c.gbps), (m) => m >= 45, (x) => `${x} GB/s`);
+  const vramRate = r.cells.filter((c) => c.memory === 'vram' && c.block === DESCRIPTOR_CELL.block && c.batch === DESCRIPTOR_CELL.batch).map((c) => c.nsPerDescriptor);
+  if (vramRate.length) add('G4', '10,000 x 64 B VRAM descriptors, post to completion in JS', '<= 200 ns per descriptor', vramRate, (m) => m <= 200, (x) => `${x} ns`);
+  for (const l of r.latency.filter((x) => x.memory === 'vram'))
+    out.push({ id: 'G5', case: `4 KiB VRAM WRITE + notification seen by the target in JS, ${l.mode} mode`, target: '<= 30 µs p50',
+      measured: `p50 ${l.p50Us} µs (p99 ${l.p99Us} µs)`, met: l.p50Us <= 30 });
+  // Figures taken through the CUDA test double time host copies, not a GPU: no verdict from them.
+  if (r.cuda?.testDouble)
+    for (const v of out)
+      if (v.id.startsWith('G') && v.met !== null) {
+        v.met = null;
+        v.measured += ' — CUDA test double, not a GPU: no verdict';
+      }
+  for (const l of r.latency.filter((x) => x.memory === undefined))
     out.push({ id: 'T5', case: `4 KiB WRITE + notification seen in JS, ${l.mode} mode`, target: l.mode === 'event' ? '<= 15 µs' : '<= 5 µs',
       measured: `p50 ${l.p50Us} µs (p99 ${l.p99Us} µs)`, met: l.p50Us <= (l.mode === 'event' ? 15 : 5) });
   if (r.idle)
@@ -471,7 +526,7 @@ function printTables(r: BenchResult): void {
   if (nixlRun) console.log(`NIXL: ${nixlRun.nixl}, UCX backend, DRAM both sides, ${nixlRun.progress}; request prepared once per cell and reposted per batch`);
   const skipped = new Set(r.baselines.perftest.filter((p) => 'skipped' in p).map((p) => (p as any).skipped));
   for (const s of skipped) console.log(`perftest column skipped: ${s}`);
-  if (r.latency.length || r.idle) console.table([...r.latency.map((l) => ({ what: `4 KiB WRITE + notify, one way, ${l.mode}`, p50: `${l.p50Us} µs`, p99: `${l.p99Us} µs` })),
+  if (r.latency.length || r.idle) console.table([...r.latency.map((l) => ({ what: `4 KiB ${l.memory === 'vram' ? 'VRAM ' : ''}WRITE + notify, one way, ${l.mode}`, p50: `${l.p50Us} µs`, p99: `${l.p99Us} µs` })),
     ...(r.idle ? [{ what: `idle CPU, ${r.idle.seconds} s`, p50: `initiator ${r.idle.initiatorPercent}%`, p99: `target ${r.idle.targetPercent}%` }] : [])]);
   console.table(r.targets.map((t) => ({ id: t.id, case: t.case, target: t.target, measured: t.measured, met: t.met === null ? 'n/a' : t.met ? 'yes' : 'NO' })));
 }
