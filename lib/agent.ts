@@ -47,6 +47,8 @@ export interface AgentHealth {
   rebuilds: number;
   /** Deregistered regions still held for a same-host peer's one-sided copies (see `health`). */
   retiredRegions: number;
+  /** VRAM<->VRAM batches (path 'cuda_ipc') this agent ran as one launch of its copy kernel. */
+  gpuKernelBatches: number;
 }
 
 /**
@@ -558,11 +560,13 @@ export class Agent extends EventEmitter {
    * is still held because a same-host peer granted path 'cma' has not yet confirmed that its copies
    * into them ended (it is told at once, and confirms by writing into this agent's table, which no
    * other peer can do for it; none is waited for longer than 5 s, or than the 2 s close grace at
-   * `close()`).
+   * `close()`). `gpuKernelBatches`: VRAM<->VRAM batches moved by one launch of kvwire's copy kernel
+   * (the others went as one CUDA copy per run: a single run, or a driver that cannot load the kernel).
    */
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();
-    return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0 };
+    return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0,
+      gpuKernelBatches: c?.gpuKernelBatches ?? 0 };
   }
 
   /**

@@ -75,7 +75,7 @@ export interface NativeAgent {
   close(): Promise<void>;
   setRef(ref: boolean): void;
   rebuildTransport(): void;
-  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number };
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number; gpuKernelBatches: number };
 }
 
 interface Addon {

@@ -32,7 +32,7 @@ function info(env: NodeJS.ProcessEnv): any {
 function random(seed: number, size: number): Buffer {
   const next = rng(seed);
   const b = Buffer.alloc(size);
-  for (let i = 0; i < size; i += 4) b.writeUInt32LE(Math.floor(next() * 2 ** 32) >>> 0, i);
+  for (let i = 0; i + 4 <= size; i += 4) b.writeUInt32LE(next(), i); // rng gives 32-bit integers
   return b;
 }
 
@@ -296,16 +296,25 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
       const remote = place(count + 2, lengths, SIZE);
       const note = JSON.stringify({ offsets: remote, lengths });
       const arrived = gpu.waitEvent('notification', 10_000, (m) => m.message === note);
+      const batches = agent.health.gpuKernelBatches;
+      const want = hashOf(vram, local, lengths);
       const stats = await agent.write(vram.descriptors(local, lengths), peers.gpu.region('kv').descriptors(remote, lengths), { notify: note });
       expect(stats.path).toBe('cuda_ipc');
       expect(stats.descriptors).toBe(count);
-      // The peer hashed its ranges when the notification arrived: the data was there before it.
-      expect((await arrived).hash).toBe(hashOf(vram, local, lengths));
-      // Back into other places of a VRAM region on the other device.
+      // The peer hashed its ranges when the notification arrived: the data was there before it, and
+      // the source is unchanged (a copy the wrong way round would pass a comparison of the two sides).
+      expect((await arrived).hash).toBe(want);
+      expect(hashOf(vram, local, lengths)).toBe(want);
+      // Back into other places of a VRAM region on the other device (holding other bytes before).
       const back = place(count + 3, lengths, SIZE);
+      expect(hashOf(vram1, back, lengths)).not.toBe(want);
       const read = await agent.read(vram1.descriptors(back, lengths), peers.gpu.region('kv').descriptors(remote, lengths));
       expect(read.path).toBe('cuda_ipc');
-      expect(hashOf(vram1, back, lengths)).toBe(hashOf(vram, local, lengths));
+      expect(hashOf(vram1, back, lengths)).toBe(want);
+      expect((await gpu.ok('hash', { offsets: remote, lengths })).hash).toBe(want);
+      // Many runs go as one launch of the copy kernel each way (its run table built here, executed by
+      // the double as the kernel's contract says); a single run as one CUDA copy.
+      expect(agent.health.gpuKernelBatches - batches).toBe(count === 1 ? 0 : 2);
     });
   }
 

@@ -636,6 +636,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("receiveBlocked", Napi::Boolean::New(env, agent_ && agent_->receiveBlocked()));
   out.Set("rebuilds", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->rebuilds()) : 0));
   out.Set("retiredRegions", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->retiredRegions()) : 0));
+  out.Set("gpuKernelBatches", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->gpuKernelBatches()) : 0));
   return out;
 }
 

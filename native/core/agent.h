@@ -90,6 +90,7 @@ class Agent : public BackendHost {
   bool receiveBlocked() const { return backend_ && backend_->receiveBlocked(); }
   uint64_t rebuilds() const { return backend_ ? backend_->rebuilds() : 0; }
   uint64_t retiredRegions() const { return backend_ ? backend_->retiredRegions() : 0; }
+  uint64_t gpuKernelBatches() const { return backend_ ? backend_->gpuKernelBatches() : 0; }
   void rebuildTransport() {  // tests: the path a blocked shared-memory queue takes, on demand
     if (backend_ && !closing_) backend_->rebuild();
   }

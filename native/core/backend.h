@@ -84,6 +84,8 @@ class Backend {
   virtual void regionDeregistered(const LocalRegionRef& region) { (void)region; }
   // Deregistered regions still kept for such peers.
   virtual uint64_t retiredRegions() const { return 0; }
+  // Batches moved by one launch of a GPU copy kernel.
+  virtual uint64_t gpuKernelBatches() const { return 0; }
   virtual Status notify(BackendPeer& peer, const std::string& message) = 0;
   // Notifies an agent that connected to this one by name (one whose metadata we never loaded).
   virtual Status notifyConnection(const std::string& name, const std::string& message) = 0;

@@ -17,6 +17,8 @@ using CUdeviceptr = unsigned long long;
 using CUcontext = struct CUctx_st*;
 using CUstream = struct CUstream_st*;
 using CUevent = struct CUevent_st*;
+using CUmodule = struct CUmod_st*;
+using CUfunction = struct CUfunc_st*;
 
 constexpr size_t kIpcHandleBytes = 64;  // CU_IPC_HANDLE_SIZE
 struct CUipcMemHandle {
@@ -32,6 +34,7 @@ constexpr CUresult kErrorNoDevice = 100;
 constexpr CUresult kErrorInvalidDevice = 101;
 constexpr CUresult kErrorInvalidContext = 201;
 constexpr CUresult kErrorNotReady = 600;
+constexpr CUresult kErrorUnsupportedPtxVersion = 222;
 
 // CUpointer_attribute
 constexpr int kPointerAttributeMemoryType = 2;
@@ -69,6 +72,12 @@ constexpr unsigned kMemHostRegisterPortable = 0x1;     // CU_MEMHOSTREGISTER_POR
   X(cuMemcpyHtoD_v2, memcpyHtoD, (CUdeviceptr dst, const void* src, size_t bytes))                            \
   X(cuMemcpyDtoH_v2, memcpyDtoH, (void* dst, CUdeviceptr src, size_t bytes))                                  \
   X(cuMemcpyAsync, memcpyAsync, (CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream))            \
+  X(cuMemcpyHtoDAsync_v2, memcpyHtoDAsync, (CUdeviceptr dst, const void* src, size_t bytes, CUstream stream))   \
+  X(cuModuleLoadData, moduleLoadData, (CUmodule * module, const void* image))                                  \
+  X(cuModuleGetFunction, moduleGetFunction, (CUfunction * function, CUmodule module, const char* name))         \
+  X(cuLaunchKernel, launchKernel,                                                                              \
+    (CUfunction function, unsigned gridX, unsigned gridY, unsigned gridZ, unsigned blockX, unsigned blockY,    \
+     unsigned blockZ, unsigned sharedBytes, CUstream stream, void** params, void** extra))                     \
   X(cuMemHostRegister_v2, memHostRegister, (void* pointer, size_t bytes, unsigned flags))                     \
   X(cuMemHostUnregister, memHostUnregister, (void* pointer))                                                   \
   X(cuIpcGetMemHandle, ipcGetMemHandle, (CUipcMemHandle * handle, CUdeviceptr pointer))                       \

@@ -1,8 +1,11 @@
 #include "vram.h"
 
+#include <algorithm>
 #include <cstring>
+#include <tuple>
 
 #include "driver.h"
+#include "kernels/copy_runs_ptx.h"
 
 namespace kvwire {
 namespace cuda {
@@ -211,8 +214,12 @@ CopyQueue::~CopyQueue() {
     drv.streamSynchronize(stream_);
     drv.streamDestroy(stream_);
   }
-  for (Job& j : jobs_) drv.eventDestroy(j.event);
+  for (Job& j : jobs_) {
+    drv.eventDestroy(j.event);
+    if (j.table != 0) drv.memFree(j.table);
+  }
   for (CUevent e : spareEvents_) drv.eventDestroy(e);
+  for (auto& [table, bytes] : spareTables_) drv.memFree(table);
 }
 
 CUevent CopyQueue::takeEvent() {
@@ -232,12 +239,85 @@ void CopyQueue::drain() {
   if (d.isOk() && stream_ != nullptr) d.value()->streamSynchronize(stream_);
 }
 
-Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs) {
+// The kernel is JIT-compiled by the driver from the PTX kvwire ships, once per device. A driver too old
+// for that PTX (CUDA_ERROR_UNSUPPORTED_PTX_VERSION) keeps the per-run copies.
+bool CopyQueue::loadKernel() {
+  if (kernelTried_) return kernel_ != nullptr;
+  kernelTried_ = true;
+  auto d = driver();
+  if (!d.isOk()) return false;
+  if (d.value()->moduleLoadData(&module_, kCopyRunsPtx) != kSuccess) {
+    module_ = nullptr;
+    return false;
+  }
+  if (d.value()->moduleGetFunction(&kernel_, module_, kCopyRunsKernel) != kSuccess) kernel_ = nullptr;
+  return kernel_ != nullptr;
+}
+
+bool CopyQueue::launch(const std::vector<CopyRun>& runs, Job* job) {
+  const Driver& drv = *driver().value();
+  // Large runs are cut into chunks, one thread block each, so a batch of a few large blocks still
+  // spreads over the whole GPU.
+  constexpr uint64_t kChunk = 64u << 10;
+  std::vector<uint64_t> table;
+  table.reserve(runs.size() * 3);
+  for (const CopyRun& run : runs)
+    for (uint64_t at = 0; at < run.bytes; at += kChunk) {
+      table.push_back(run.dst + at);
+      table.push_back(run.src + at);
+      table.push_back(std::min(kChunk, run.bytes - at));
+    }
+  const uint64_t count = table.size() / 3;
+  if (count == 0 || count > UINT32_MAX) return false;
+  const size_t bytes = table.size() * sizeof(uint64_t);
+  CUdeviceptr buffer = 0;
+  size_t capacity = 0;
+  for (size_t i = 0; i < spareTables_.size(); ++i)
+    if (spareTables_[i].second >= bytes) {
+      std::tie(buffer, capacity) = spareTables_[i];
+      spareTables_.erase(spareTables_.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  if (buffer == 0) {
+    capacity = 64u << 10;
+    while (capacity < bytes) capacity *= 2;
+    if (drv.memAlloc(&buffer, capacity) != kSuccess) return false;
+  }
+  // From pageable memory: the driver takes the bytes before the call returns.
+  if (drv.memcpyHtoDAsync(buffer, table.data(), bytes, stream_) != kSuccess) {
+    spareTables_.emplace_back(buffer, capacity);
+    return false;
+  }
+  job->table = buffer;
+  job->tableBytes = capacity;
+  unsigned runCount = static_cast<unsigned>(count);
+  void* params[] = {&buffer, &runCount};
+  const unsigned grid = static_cast<unsigned>(std::min<uint64_t>(count, 65535));
+  if (CUresult r = drv.launchKernel(kernel_, grid, 1, 1, 256, 1, 1, 0, stream_, params, nullptr); r != kSuccess) {
+    job->error = drv.fail("cuLaunchKernel (kvwire_copy_runs)", r);
+    return true;  // the table upload is queued: the job ends with this error once it has run
+  }
+  ++kernelLaunches_;
+  return true;
+}
+
+Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs, bool deviceToDevice) {
   OnDevice d(device_);
   if (!d.isOk()) return d.status();
   const Driver& drv = *d.value();
   CUevent event = takeEvent();
   if (event == nullptr) return {Code::Backend, "cuEventCreate failed"};
+  Job job{id, event, Status::ok()};
+  if (deviceToDevice && runs.size() > 1 && loadKernel() && launch(runs, &job)) {
+    if (CUresult r = drv.eventRecord(event, stream_); r != kSuccess) {
+      drv.streamSynchronize(stream_);
+      spareEvents_.push_back(event);
+      if (job.table != 0) spareTables_.emplace_back(job.table, job.tableBytes);
+      return job.error.isOk() ? drv.fail("cuEventRecord", r) : job.error;
+    }
+    jobs_.push_back(std::move(job));
+    return Status::ok();
+  }
   Status error;
   size_t enqueued = 0;
   for (const CopyRun& run : runs) {
@@ -257,7 +337,7 @@ Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs) {
     spareEvents_.push_back(event);
     return error.isOk() ? drv.fail("cuEventRecord", r) : error;
   }
-  jobs_.push_back({id, event, std::move(error)});
+  jobs_.push_back({id, event, std::move(error), 0, 0});
   return Status::ok();
 }
 
@@ -275,6 +355,7 @@ void CopyQueue::poll(std::vector<std::pair<uint64_t, Status>>& done) {
     if (r != kSuccess && st.isOk()) st = drv.fail("copy on CUDA device " + std::to_string(device_), r);
     done.emplace_back(j.id, std::move(st));
     spareEvents_.push_back(j.event);
+    if (j.table != 0) spareTables_.emplace_back(j.table, j.tableBytes);
   }
   jobs_.erase(jobs_.begin(), jobs_.begin() + static_cast<std::ptrdiff_t>(finished));
 }

@@ -72,8 +72,13 @@ class CopyQueue {
   CopyQueue& operator=(const CopyQueue&) = delete;
 
   // Enqueues the copies and the event that ends job `id`. An error before any copy was enqueued is
-  // returned; one after is reported by poll() once the enqueued copies have finished.
-  Status submit(uint64_t id, const std::vector<CopyRun>& runs);
+  // returned; one after is reported by poll() once the enqueued copies have finished. With
+  // `deviceToDevice` (every run between device memory reachable from this device), the whole batch
+  // is one launch of the copy kernel (kernels/copy_runs.cu) over a table of runs in device memory;
+  // otherwise (or where the kernel cannot load) one cuMemcpyAsync per run (host memory: the DMA
+  // engines do it best).
+  Status submit(uint64_t id, const std::vector<CopyRun>& runs, bool deviceToDevice);
+  uint64_t kernelLaunches() const { return kernelLaunches_; }
   // Appends the jobs that finished (in order), each with its status.
   void poll(std::vector<std::pair<uint64_t, Status>>& done);
   // Waits until every copy queued so far has finished (poll() still reports them).
@@ -86,13 +91,23 @@ class CopyQueue {
     uint64_t id;
     CUevent event;
     Status error;
+    CUdeviceptr table = 0;  // the kernel's run table, reused once the job finished
+    size_t tableBytes = 0;
   };
   CopyQueue() = default;
   CUevent takeEvent();
+  bool loadKernel();
+  // Enqueues `runs` as one kernel launch; false (nothing enqueued) where that cannot be done.
+  bool launch(const std::vector<CopyRun>& runs, Job* job);
   int device_ = 0;
   CUstream stream_ = nullptr;
   std::vector<Job> jobs_;          // in submission order
   std::vector<CUevent> spareEvents_;
+  CUmodule module_ = nullptr;
+  CUfunction kernel_ = nullptr;
+  bool kernelTried_ = false;
+  uint64_t kernelLaunches_ = 0;
+  std::vector<std::pair<CUdeviceptr, size_t>> spareTables_;
 };
 
 }  // namespace cuda

@@ -41,7 +41,9 @@
 #include <cstring>
 #include <deque>
 #include <iterator>
+#include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <system_error>
@@ -154,11 +156,13 @@ struct Marker {  // an event record's place in its stream
   std::shared_ptr<StreamStatus> status;
 };
 
-struct Op {  // one queued stream operation: a copy, or (marker set) an event record
+struct Op {  // one queued stream operation: a copy, a kernel (run set), or (marker set) an event record
   unsigned char* dst = nullptr;
   const unsigned char* src = nullptr;
   size_t bytes = 0;
   std::shared_ptr<Mapping> keepDst, keepSrc;
+  std::shared_ptr<std::vector<unsigned char>> staged;  // a pageable host source, copied at the call
+  std::function<CUresult()> run;  // a kernel the double knows, as host code: its error faults the stream
   std::shared_ptr<Marker> marker;
 };
 
@@ -363,6 +367,13 @@ void execute(Stream& s, Op& op) {
   if (s.failCopies) {
     int expected = kSuccess;
     s.status->sticky.compare_exchange_strong(expected, kErrorIllegalAddress);
+    return;
+  }
+  if (op.run) {
+    if (CUresult r = op.run(); r != kSuccess) {
+      int expected = kSuccess;
+      s.status->sticky.compare_exchange_strong(expected, r);
+    }
     return;
   }
   std::memmove(op.dst, op.src, op.bytes);
@@ -1223,5 +1234,189 @@ KVWIRE_DOUBLE_EXPORT CUresult cuEventQuery(CUevent event) {
     if (!marker->done.load(std::memory_order_acquire)) return kErrorNotReady;
     sticky = marker->status->sticky.load();  // a copy before the marker may have failed meanwhile
     return sticky != kSuccess ? sticky : kSuccess;
+  });
+}
+
+// ---- modules and kernels --------------------------------------------------------------------------
+// A module is PTX text; the double cannot run PTX. It records the entry points the text declares and
+// runs the kernels it knows by name as host code with the same contract (kvwire_copy_runs: native/
+// cuda/kernels/copy_runs.cu), on the stream, in order, with the faults a GPU would take.
+
+namespace {
+
+struct Module {
+  int device = 0;
+  std::set<std::string> entries;
+};
+struct Function {
+  int device = 0;
+  std::string name;
+};
+std::map<uintptr_t, std::shared_ptr<Module>>& modules() {
+  static auto* m = new std::map<uintptr_t, std::shared_ptr<Module>>;
+  return *m;
+}
+std::map<uintptr_t, std::shared_ptr<Function>>& functions() {
+  static auto* f = new std::map<uintptr_t, std::shared_ptr<Function>>;
+  return *f;
+}
+constexpr CUresult kErrorInvalidImage = 200;
+constexpr CUresult kErrorNotFound = 500;
+constexpr CUresult kErrorNotSupported = 801;
+
+// kvwire_copy_runs(const Run* runs, unsigned count), Run = {dst, src, bytes} (u64 each): every run
+// copied. A GPU faults on an address it cannot reach: here, anything but device memory of a range
+// (allocated or opened) or host memory registered with the driver.
+CUresult copyRunsOnHost(CUdeviceptr table, unsigned count) {
+  struct Run {
+    uint64_t dst, src, bytes;
+  };
+  struct Piece {
+    unsigned char* dst;
+    const unsigned char* src;
+    size_t bytes;
+  };
+  std::vector<Piece> pieces;
+  std::vector<std::shared_ptr<Mapping>> keep;
+  {
+    std::lock_guard<std::mutex> lock(state().mu);
+    const size_t tableBytes = size_t{count} * sizeof(Run);
+    std::shared_ptr<Range> range;
+    if (count == 0) return kSuccess;
+    if (overflows(static_cast<uintptr_t>(table), tableBytes) ||
+        locate(static_cast<uintptr_t>(table), tableBytes, &range) != Place::kDevice) {
+      return kErrorIllegalAddress;
+    }
+    std::vector<Run> runs(count);
+    std::memcpy(runs.data(), static_cast<unsigned char*>(range->mapping->alias) + (table - range->base), tableBytes);
+    keep.push_back(range->mapping);
+    auto reach = [&](uint64_t p, uint64_t bytes, unsigned char** out) {
+      std::shared_ptr<Range> r;
+      if (overflows(static_cast<uintptr_t>(p), bytes)) return false;
+      Place place = locate(static_cast<uintptr_t>(p), bytes, &r);
+      if (place == Place::kDevice) {
+        *out = static_cast<unsigned char*>(r->mapping->alias) + (p - r->base);
+        keep.push_back(r->mapping);
+        return true;
+      }
+      if (place != Place::kHost) return false;
+      auto h = state().host.upper_bound(static_cast<uintptr_t>(p));
+      if (h == state().host.begin()) return false;
+      --h;
+      if (p < h->second.base || p + bytes > h->second.base + h->second.size) return false;
+      *out = reinterpret_cast<unsigned char*>(p);
+      return true;
+    };
+    for (const Run& run : runs) {
+      if (run.bytes == 0) continue;
+      unsigned char *dst = nullptr, *src = nullptr;
+      if (!reach(run.dst, run.bytes, &dst) || !reach(run.src, run.bytes, &src)) return kErrorIllegalAddress;
+      pieces.push_back({dst, src, static_cast<size_t>(run.bytes)});
+    }
+  }
+  for (const Piece& p : pieces) std::memmove(p.dst, p.src, p.bytes);
+  return kSuccess;
+}
+
+}  // namespace
+
+KVWIRE_DOUBLE_EXPORT CUresult cuModuleLoadData(CUmodule* module, const void* image) {
+  return guarded([&]() -> CUresult {
+    if (!ready()) return kErrorNotInitialized;
+    std::lock_guard<std::mutex> lock(state().mu);
+    int device = 0;
+    if (CUresult r = currentDevice(&device); r != kSuccess) return r;
+    if (module == nullptr || image == nullptr) return kErrorInvalidValue;
+    const std::string text(static_cast<const char*>(image), strnlen(static_cast<const char*>(image), 1u << 24));
+    if (text.find(".version") == std::string::npos || text.find(".target") == std::string::npos) return kErrorInvalidImage;
+    auto m = std::make_shared<Module>();
+    m->device = device;
+    for (size_t at = text.find(".entry "); at != std::string::npos; at = text.find(".entry ", at + 7)) {
+      size_t from = at + 7, to = from;
+      while (to < text.size() && (std::isalnum(static_cast<unsigned char>(text[to])) || text[to] == '_')) ++to;
+      if (to > from) m->entries.insert(text.substr(from, to - from));
+    }
+    const uintptr_t handle = newHandle();
+    modules()[handle] = m;
+    *module = reinterpret_cast<CUmodule>(handle);
+    return kSuccess;
+  });
+}
+
+KVWIRE_DOUBLE_EXPORT CUresult cuModuleGetFunction(CUfunction* function, CUmodule module, const char* name) {
+  return guarded([&]() -> CUresult {
+    if (!ready()) return kErrorNotInitialized;
+    std::lock_guard<std::mutex> lock(state().mu);
+    int device = 0;
+    if (CUresult r = currentDevice(&device); r != kSuccess) return r;
+    if (function == nullptr || name == nullptr) return kErrorInvalidValue;
+    auto it = modules().find(reinterpret_cast<uintptr_t>(module));
+    if (it == modules().end()) return kErrorInvalidHandle;
+    if (it->second->entries.count(name) == 0) return kErrorNotFound;
+    auto f = std::make_shared<Function>();
+    f->device = it->second->device;
+    f->name = name;
+    const uintptr_t handle = newHandle();
+    functions()[handle] = f;
+    *function = reinterpret_cast<CUfunction>(handle);
+    return kSuccess;
+  });
+}
+
+KVWIRE_DOUBLE_EXPORT CUresult cuLaunchKernel(CUfunction function, unsigned gridX, unsigned gridY, unsigned gridZ,
+                                             unsigned blockX, unsigned blockY, unsigned blockZ, unsigned sharedBytes,
+                                             CUstream stream, void** params, void** extra) {
+  return guarded([&]() -> CUresult {
+    if (!ready()) return kErrorNotInitialized;
+    std::shared_ptr<Stream> s;
+    Op op;
+    {
+      std::lock_guard<std::mutex> lock(state().mu);
+      int device = 0;
+      if (CUresult r = currentDevice(&device); r != kSuccess) return r;
+      auto it = functions().find(reinterpret_cast<uintptr_t>(function));
+      if (it == functions().end() || it->second->device != device) return kErrorInvalidHandle;
+      if (gridX == 0 || gridY == 0 || gridZ == 0 || blockX == 0 || blockY == 0 || blockZ == 0 ||
+          uint64_t{blockX} * blockY * blockZ > 1024 || sharedBytes > 48 * 1024 || extra != nullptr || params == nullptr) {
+        return kErrorInvalidValue;
+      }
+      if (stream != nullptr && state().streams.count(reinterpret_cast<uintptr_t>(stream)) == 0) return kErrorInvalidHandle;
+      if (it->second->name != "kvwire_copy_runs") return kErrorNotSupported;
+      // The parameters are read at launch, as the driver does.
+      const CUdeviceptr table = *static_cast<const CUdeviceptr*>(params[0]);
+      const unsigned count = *static_cast<const unsigned*>(params[1]);
+      op.run = [table, count] { return copyRunsOnHost(table, count); };
+      s = streamFor(stream, device);
+    }
+    return enqueue(*s, std::move(op));
+  });
+}
+
+// Pageable host source: its bytes are taken at the call, as the driver stages them.
+KVWIRE_DOUBLE_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream stream) {
+  return guarded([&]() -> CUresult {
+    if (!ready()) return kErrorNotInitialized;
+    std::shared_ptr<Stream> s;
+    Op op;
+    {
+      std::lock_guard<std::mutex> lock(state().mu);
+      int device = 0;
+      if (CUresult r = currentDevice(&device); r != kSuccess) return r;
+      if (stream != nullptr && state().streams.count(reinterpret_cast<uintptr_t>(stream)) == 0) return kErrorInvalidHandle;
+      if (bytes == 0) return kSuccess;
+      std::shared_ptr<Range> range;
+      if (src == nullptr || dst == 0 || overflows(static_cast<uintptr_t>(dst), bytes) ||
+          locate(static_cast<uintptr_t>(dst), bytes, &range) != Place::kDevice) {
+        return kErrorInvalidValue;
+      }
+      op.staged = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
+                                                               static_cast<const unsigned char*>(src) + bytes);
+      op.dst = static_cast<unsigned char*>(range->mapping->alias) + (dst - range->base);
+      op.keepDst = range->mapping;
+      op.src = op.staged->data();
+      op.bytes = bytes;
+      s = streamFor(stream, device);
+    }
+    return enqueue(*s, std::move(op));
   });
 }

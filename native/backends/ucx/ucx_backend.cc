@@ -221,6 +221,11 @@ class UcxBackendImpl : public Backend {
   void regionRegistered(const LocalRegionRef& region) override;
   void regionDeregistered(const LocalRegionRef& region) override;
   uint64_t retiredRegions() const override { return retired_.size(); }
+  uint64_t gpuKernelBatches() const override {
+    uint64_t n = 0;
+    for (const auto& [device, queue] : cudaQueues_) n += queue->kernelLaunches();
+    return n;
+  }
   Status notify(BackendPeer& peer, const std::string& message) override;
   bool abandon(const TransferRef& t, bool peerGone) override;
   // An ending transfer's last landing byte arrived: settle it now.
@@ -1470,7 +1475,8 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     const uint64_t remote = remoteBase + s.remoteOffset;
     runs.push_back(write ? cuda::CopyRun{remote, local, s.length} : cuda::CopyRun{local, remote, s.length});
   }
-  if (Status st = queue->submit(t->id, runs); !st) return st;
+  const bool deviceToDevice = t->local->info.kind == MemKind::Vram && mapping != nullptr;
+  if (Status st = queue->submit(t->id, runs, deviceToDevice); !st) return st;
   cudaJobs_[t->id] = {t, rr, std::move(mapping), token, epoch};
   return Status::ok();
 }
