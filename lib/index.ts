@@ -1,9 +1,24 @@
 export { Agent, type AgentOptions, type Notification, type Disconnect, type SecurityCounters, type AgentHealth, type Rebuilt } from './agent';
 export { DescriptorList, type ByteSpans, type DescriptorTarget } from './descriptors';
 export { KvwireError, type ErrorCode } from './errors';
-export { Peer, Region, RemoteRegion, type Access, type DeviceMemory, type MemoryKind, type RegionOptions } from './memory';
+export { Peer, Region, RemoteRegion, copyRuns, type Access, type DeviceMemory, type MemoryKind, type RegionOptions } from './memory';
 export { Transfer, type TransferOptions, type TransferPath, type TransferState, type TransferStats } from './transfer';
-import { addon } from './native';
+import { addon, type NativeCudaInfo } from './native';
+
+export type CudaInfo = NativeCudaInfo;
+
+/**
+ * The CUDA driver kvwire would use here (libcuda.so.1, or what KVWIRE_CUDA_DRIVER names) and its
+ * devices, or why there is none; `testDouble` is set when it is kvwire's CUDA test double.
+ */
+export function cudaInfo(): CudaInfo {
+  return addon.cudaInfo();
+}
+
+/** What the running UCX offers with this process's UCX_* settings: transports ("tcp/lo", …) and memory types. */
+export function ucxInfo(): { transports: string[]; memoryTypes: string[]; error?: string } {
+  return addon.ucxInfo();
+}
 
 /** The UCX version the addon runs against (e.g. '1.13.1'). */
 export function ucxVersion(): string {

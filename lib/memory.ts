@@ -1,7 +1,16 @@
 import { constants as bufferConstants } from 'node:buffer';
 import { DescriptorList, type ByteSpans } from './descriptors';
 import { KvwireError } from './errors';
-import type { NativeRegion } from './native';
+import { addon, type NativeRegion } from './native';
+
+/**
+ * A local gather/scatter between two host buffers: run i copies `lengths[i]` bytes from
+ * `src[srcOffsets[i]]` to `dst[dstOffsets[i]]`, in one native call. Every run is checked against
+ * both buffers first (ERR_INVALID_PARAM naming the first bad index): a bad list copies nothing.
+ */
+export function copyRuns(dst: Uint8Array, dstOffsets: Float64Array, src: Uint8Array, srcOffsets: Float64Array, lengths: Float64Array): void {
+  addon.copyRuns(dst, dstOffsets, src, srcOffsets, lengths);
+}
 
 export type Access = 'read' | 'write' | 'readwrite';
 export type MemoryKind = 'dram' | 'vram';

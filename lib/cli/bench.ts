@@ -6,9 +6,8 @@ import { fork, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { ucxVersion } from '../index';
+import { cudaInfo, ucxVersion } from '../index';
 import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
-import { addon } from '../native';
 import { init as initNode, memoryOf, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
 import { chartSvg } from './chart';
 import { nixlCell, nixlProgress, probeNixl, type NixlResult } from './nixl';
@@ -276,7 +275,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
     `${opts.ops.join('/')} x ${opts.blocks.length} block sizes), median of ${opts.runs} runs of >= ${opts.runMs} ms` +
     (remote ? `, remote target ${remote.host}` : ''));
   if (opts.memories.some(isVram)) {
-    const c = addon.cudaInfo();
+    const c = cudaInfo();
     if (!c.available) throw new Error(`--memory ${opts.memories.filter(isVram).join(',')}: no CUDA (${c.reason})`);
     result.cuda = { driver: c.driver, version: c.version, testDouble: c.testDouble, devices: c.devices.map((d) => d.name) };
     log(c.testDouble ? `CUDA: TEST DOUBLE (${c.driver}) — VRAM cells time host memcpy through the double, not a GPU; their figures mean nothing`

@@ -1,6 +1,6 @@
 // `kvwire info`: what this machine and this build can do — versions, what the running UCX offers,
 // the CUDA driver and devices, and for each transfer path "ready" or the exact reason it is not.
-import { addon } from '../native';
+import { cudaInfo, ucxInfo, ucxVersion, type CudaInfo } from '../index';
 
 export interface PathReadiness {
   path: string;
@@ -13,13 +13,13 @@ export interface KvwireInfo {
   kvwire: string;
   node: string;
   ucx: { version: string; transports: string[]; memoryTypes: string[]; error?: string };
-  cuda: ReturnType<typeof addon.cudaInfo>;
+  cuda: CudaInfo;
   paths: PathReadiness[];
 }
 
 export function collectInfo(): KvwireInfo {
-  const ucx = { version: addon.ucxVersion(), ...addon.ucxInfo() };
-  const cuda = addon.cudaInfo();
+  const ucx = { version: ucxVersion(), ...ucxInfo() };
+  const cuda = cudaInfo();
   const has = (tl: string) => ucx.transports.some((t) => t.split('/')[0] === tl);
   const sharedMemory = ['posix', 'sysv', 'xpmem'].filter(has);
   const double = cuda.testDouble ? ` — TEST DOUBLE (${cuda.testDouble}): host memory standing in for a GPU, not a GPU` : '';

@@ -3,10 +3,9 @@
 // layer by layer as prefill computes them. Control messages ride on kvwire notifications.
 import type { Agent, Disconnect, Notification } from '../agent';
 import { check, KvwireError } from '../errors';
-import type { Peer, Region } from '../memory';
+import { copyRuns, type Peer, type Region } from '../memory';
 import type { TransferStats } from '../transfer';
 import { KvLayout } from './layout';
-import { addon } from '../native';
 
 const PREFIX = 'kvwire.kv:';
 
@@ -291,7 +290,7 @@ export class KvSender extends KvEndpoint {
       const offset = this.#allocateStaging(length);
       if (offset < 0) return reply({ error: `staging full (${length} bytes needed)` });
       // One native call gathers every slice (validated first: a bad list copies nothing).
-      addon.copyRuns(this.#staging.bytes, runs.packed.map((x) => x + offset), this.pool.bytes, runs.offsets, runs.lengths);
+      copyRuns(this.#staging.bytes, runs.packed.map((x) => x + offset), this.pool.bytes, runs.offsets, runs.lengths);
       this.#staged.set(`${from}/${msg.id}`, [offset, length]);
       return reply({ offset, length });
     } catch (e) {
@@ -603,7 +602,7 @@ export class KvReceiver extends KvEndpoint {
         { deadlineMs: rq.deadlineMs, signal: read.controller.signal },
       );
       const runs = headSliceRuns(this.layout, rq.destinationBlocks, layers, lo, hi, 0);
-      addon.copyRuns(this.pool.bytes, runs.offsets, buffer, runs.packed, runs.lengths);
+      copyRuns(this.pool.bytes, runs.offsets, buffer, runs.packed, runs.lengths);
       return stats;
     } finally {
       this.#returnLanding(landing);

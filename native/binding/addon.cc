@@ -9,7 +9,9 @@
 #include <unordered_set>
 #include <vector>
 
+#include "../backends/ucx/ucx_backend.h"
 #include "../core/agent.h"
+#include "../core/backend_registry.h"
 #include "../cuda/driver.h"
 #include "../cuda/vram.h"
 
@@ -811,6 +813,8 @@ Napi::Value CopyRuns(const Napi::CallbackInfo& info) {
 
 Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new AddonData());
+  // The backends this addon links: the core finds them by name.
+  kvwire::registerBackend("ucx", kvwire::createUcxBackend);
   exports.Set("NativeAgent", AgentWrap::Init(env));
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass));
   exports.Set("decodeMetadata", Napi::Function::New(env, DecodeMetadata));

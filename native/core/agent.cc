@@ -11,6 +11,7 @@
 #include <random>
 
 #include "../cuda/vram.h"
+#include "backend_registry.h"
 
 namespace kvwire {
 
@@ -75,7 +76,7 @@ Result<std::unique_ptr<Agent>> Agent::create(const std::string& name, const Back
   BackendOptions opts = options;
   opts.agentName = name;
   opts.agentId = agent->agentId_;
-  auto backend = createUcxBackend(opts, agent.get());
+  auto backend = createBackend(opts.backend, opts, agent.get());
   if (!backend.isOk()) return backend.status();
   agent->backend_ = std::move(backend.value());
   return agent;

@@ -50,6 +50,7 @@ class BackendPeer {
 };
 
 struct BackendOptions {
+  std::string backend = "ucx";  // which registered backend (backend_registry.h) the agent uses
   std::string transports;   // UCX_TLS
   std::string devices;      // UCX_NET_DEVICES
   std::string agentName;
@@ -115,16 +116,5 @@ class Backend {
   // Waits for the copies this process runs itself (GPU streams, copy threads) to finish.
   virtual void finishLocalCopies() {}
 };
-
-std::string ucxVersion();
-// What the running UCX offers here (with this process's UCX_* settings): its transports as
-// "transport/device" and the memory types it can move. `error` says why it could not be asked.
-struct UcxInfo {
-  std::vector<std::string> transports;
-  std::vector<std::string> memoryTypes;
-  std::string error;
-};
-UcxInfo ucxInfo();
-Result<std::unique_ptr<Backend>> createUcxBackend(const BackendOptions& options, BackendHost* host);
 
 }  // namespace kvwire

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <random>
 
+#include "core/backend_registry.h"
 #include "core/descriptors.h"
 #include "core/hmac.h"
 #include "core/metadata.h"
@@ -223,3 +224,24 @@ TEST(Hmac, MatchesNodeCrypto) {
   EXPECT_TRUE(kvwire::digestsEqual(a.data(), a.data()));
   EXPECT_FALSE(kvwire::digestsEqual(a.data(), b.data()));
 }
+
+namespace kvwire {
+namespace {
+
+// The core creates backends by name only; an unknown one is refused with the names it has.
+TEST(BackendRegistry, UnknownBackendIsUnavailableAndNamesTheOthers) {
+  registerBackend("fake-for-test", [](const BackendOptions&, BackendHost*) -> Result<std::unique_ptr<Backend>> {
+    return Status(Code::Backend, "fake backend: not for moving bytes");
+  });
+  auto missing = createBackend("nccl", BackendOptions{}, nullptr);
+  ASSERT_FALSE(missing.isOk());
+  EXPECT_EQ(missing.status().code(), Code::Unavailable);
+  EXPECT_NE(missing.status().message().find("backend 'nccl' is not built into this kvwire"), std::string::npos);
+  EXPECT_NE(missing.status().message().find("fake-for-test"), std::string::npos);
+  auto fake = createBackend("fake-for-test", BackendOptions{}, nullptr);
+  ASSERT_FALSE(fake.isOk());
+  EXPECT_EQ(fake.status().message(), "fake backend: not for moving bytes");
+}
+
+}  // namespace
+}  // namespace kvwire
