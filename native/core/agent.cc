@@ -12,6 +12,7 @@
 
 #include "../cuda/vram.h"
 #include "backend_registry.h"
+#include "memory_ops.h"
 
 namespace kvwire {
 
@@ -223,21 +224,13 @@ Result<LocalRegionRef> Agent::regionRange(const char* what, uint32_t regionId, u
 Status Agent::writeRegion(uint32_t regionId, uint64_t offset, const uint8_t* src, uint64_t length) {
   auto r = regionRange("write", regionId, offset, length);
   if (!r.isOk()) return r.status();
-  const LocalRegion& region = *r.value();
-  if (region.info.kind == MemKind::Vram)
-    return cuda::copyToDevice(static_cast<int>(region.info.deviceId), region.info.base + offset, src, length);
-  if (length != 0) std::memcpy(region.ptr() + offset, src, length);
-  return Status::ok();
+  return memoryOps(r.value()->info.kind).write(*r.value(), offset, src, length);
 }
 
 Status Agent::readRegion(uint32_t regionId, uint64_t offset, uint8_t* dst, uint64_t length) {
   auto r = regionRange("read", regionId, offset, length);
   if (!r.isOk()) return r.status();
-  const LocalRegion& region = *r.value();
-  if (region.info.kind == MemKind::Vram)
-    return cuda::copyFromDevice(static_cast<int>(region.info.deviceId), dst, region.info.base + offset, length);
-  if (length != 0) std::memcpy(dst, region.ptr() + offset, length);
-  return Status::ok();
+  return memoryOps(r.value()->info.kind).read(*r.value(), offset, dst, length);
 }
 
 Status Agent::deregister(uint32_t regionId) {
