@@ -2,12 +2,12 @@
 // blocks, verifies every byte, and reports the figures.
 import { Agent } from '../agent';
 import { KvLayout, type KvLayoutSpec } from '../kv/layout';
-import type { Peer } from '../memory';
+import type { Peer, Region } from '../memory';
 import { KvReceiver } from '../kv/worker';
 import { countWrongBytes } from './kv-content';
 
 type Msg =
-  | { cmd: 'init'; name: string; layout: KvLayoutSpec; prefillLayout: KvLayoutSpec; prefills: string[]; transports: string; secret: string }
+  | { cmd: 'init'; name: string; layout: KvLayoutSpec; prefillLayout: KvLayoutSpec; prefills: string[]; transports: string; secret: string; memory: 'dram' | 'vram' }
   | { cmd: 'pull'; req: string; sourceBlocks: number[]; destinationBlocks: number[] }
   | { cmd: 'exit' };
 
@@ -17,6 +17,7 @@ let prefillLayout: KvLayout;
 let receiver: KvReceiver;
 let sources: Peer[];
 let pool: Uint8Array;
+let vram: Region | undefined; // a VRAM pool: its blocks are copied into `pool` (a host mirror) to verify
 
 // The demo's orchestrator went away (killed, Ctrl-C): do not linger.
 process.on('disconnect', () => process.exit(0));
@@ -27,8 +28,13 @@ process.on('message', async (m: Msg) => {
     prefillLayout = new KvLayout(m.prefillLayout);
     layout.assertCompatible(prefillLayout);
     agent = await Agent.create({ name: m.name, secret: Buffer.from(m.secret, 'base64'), ucx: { transports: m.transports } });
-    const region = agent.allocate(layout.regionBytes, { name: 'kv' });
-    pool = region.bytes;
+    const region = agent.allocate(layout.regionBytes, m.memory === 'vram' ? { name: 'kv', memory: 'vram' } : { name: 'kv' });
+    if (m.memory === 'vram') {
+      vram = region;
+      pool = new Uint8Array(layout.regionBytes);
+    } else {
+      pool = region.bytes;
+    }
     receiver = new KvReceiver(agent, layout, region);
     sources = m.prefills.map((md) => agent.loadPeer(Buffer.from(md, 'base64')));
     process.send!({ t: 'ready' });
@@ -44,6 +50,11 @@ process.on('message', async (m: Msg) => {
         deadlineMs: 20_000,
       });
       const transferUs = Number(process.hrtime.bigint() - started) / 1e3;
+      if (vram) {
+        // Every byte checked on the host: the pulled blocks copied out of GPU memory first.
+        const { offsets, lengths } = layout.descriptorsFor(m.destinationBlocks);
+        for (let i = 0; i < offsets.length; i++) pool.set(vram.read(offsets[i], lengths[i]), offsets[i]);
+      }
       const wrong = countWrongBytes(layout, pool, m.destinationBlocks, m.sourceBlocks);
       process.send!({ t: 'pulled', req: m.req, bytes: r.bytes, transferUs, wrong });
     } catch (e) {

@@ -5,6 +5,7 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import * as path from 'node:path';
+import { cudaInfo } from '../index';
 import type { KvLayoutSpec } from '../kv/layout';
 import { percentile } from './stats';
 
@@ -15,6 +16,8 @@ export interface DemoOptions {
   tp: [number, number];
   /** Independent decode workers (each with `tp[1]` ranks); requests alternate between them. */
   decoders: number;
+  /** Where the KV pools live: host memory, or GPU memory (device 0) moved by path cuda_ipc. */
+  memory: 'dram' | 'vram';
   json: boolean;
 }
 
@@ -72,6 +75,8 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
   // Every agent of this run shares one fresh secret: connections are authenticated (README: Security).
   const secret = randomBytes(32).toString('base64');
   const [P, D] = opts.tp;
+  const cuda = opts.memory === 'vram' ? cudaInfo() : undefined;
+  if (cuda && !cuda.available) throw new Error(`--memory vram: no CUDA (${cuda.reason})`);
   const spec = (blocks: number, rank: number, size: number): KvLayoutSpec => ({ ...DEMO_SHAPE, blocks, tp: { rank, size } });
   const prefills = Array.from({ length: P }, (_, r) => new Worker('prefill-worker.js', `prefill-${r}`));
   const decoders = Array.from({ length: opts.decoders }, (_, i) =>
@@ -80,7 +85,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
   const all = [...prefills, ...decoders.flat()];
   try {
     const ready = prefills.map((w) => w.expect('ready'));
-    prefills.forEach((w, r) => w.send({ cmd: 'init', name: w.name, layout: spec(PREFILL_BLOCKS, r, P), transports, secret }));
+    prefills.forEach((w, r) => w.send({ cmd: 'init', name: w.name, layout: spec(PREFILL_BLOCKS, r, P), transports, secret, memory: opts.memory }));
     const metadata = (await Promise.all(ready)).map((m) => {
       if (!m.metadata) throw new Error(m.error ?? 'prefill failed to start');
       return m.metadata as string;
@@ -88,7 +93,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const decodeReady = decoders.flat().map((w) => w.expect('ready'));
     decoders.forEach((group) =>
       group.forEach((w, r) =>
-        w.send({ cmd: 'init', name: w.name, layout: spec(DECODE_BLOCKS, r, D), prefillLayout: spec(PREFILL_BLOCKS, 0, P), prefills: metadata, transports, secret }),
+        w.send({ cmd: 'init', name: w.name, layout: spec(DECODE_BLOCKS, r, D), prefillLayout: spec(PREFILL_BLOCKS, 0, P), prefills: metadata, transports, secret, memory: opts.memory }),
       ),
     );
     for (const m of await Promise.all(decodeReady)) if (m.error) throw new Error(m.error);
@@ -133,6 +138,9 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const wallSeconds = Number(process.hrtime.bigint() - started) / 1e9;
     const result = {
       transport: opts.transport,
+      memory: opts.memory,
+      /** With --memory vram on kvwire's CUDA test double: host memory stood in for the GPUs. */
+      cudaTestDouble: cuda?.testDouble,
       tp: `${P}:${D}`,
       decoders: opts.decoders,
       requests: opts.requests,
@@ -149,6 +157,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     };
     if (opts.json) console.log(JSON.stringify(result));
     else {
+      if (cuda) console.log(`KV pools in VRAM (device 0${cuda.testDouble ? `, CUDA TEST DOUBLE: ${cuda.testDouble}` : `: ${cuda.devices[0]?.name}`}), pulled by path cuda_ipc`);
       console.log(`kvwire demo: prefill TP ${P} -> ${opts.decoders} decode worker(s) of TP ${D} over UCX (${opts.transport}); ` +
         `${DEMO_SHAPE.layers} layers, ${DEMO_SHAPE.kvHeads} KV heads x ${DEMO_SHAPE.headDim}, fp16, ${DEMO_SHAPE.tokensPerBlock}-token blocks`);
       console.table({

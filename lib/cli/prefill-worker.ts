@@ -6,7 +6,7 @@ import { KvSender } from '../kv/worker';
 import { fillPool } from './kv-content';
 
 type Msg =
-  | { cmd: 'init'; name: string; layout: KvLayoutSpec; transports: string; secret: string }
+  | { cmd: 'init'; name: string; layout: KvLayoutSpec; transports: string; secret: string; memory: 'dram' | 'vram' }
   | { cmd: 'publish'; req: string; blocks: number[]; readers: number }
   | { cmd: 'exit' };
 
@@ -20,6 +20,16 @@ process.on('message', async (m: Msg) => {
   if (m.cmd === 'init') {
     const layout = new KvLayout(m.layout);
     agent = await Agent.create({ name: m.name, secret: Buffer.from(m.secret, 'base64'), ucx: { transports: m.transports } });
+    if (m.memory === 'vram') {
+      // The KV cache in GPU memory, filled from the host (as a model's prefill would have written it).
+      const pool = agent.allocate(layout.regionBytes, { name: 'kv', access: 'read', memory: 'vram' });
+      const staged = Buffer.alloc(layout.regionBytes);
+      fillPool(layout, staged);
+      pool.write(0, staged);
+      sender = new KvSender(agent, layout, pool);
+      process.send!({ t: 'ready', metadata: Buffer.from(agent.metadata()).toString('base64') });
+      return;
+    }
     const pool = agent.allocate(layout.regionBytes, { name: 'kv', access: 'read' });
     fillPool(layout, pool.bytes);
     sender = new KvSender(agent, layout, pool);

@@ -33,6 +33,10 @@ node dist/cli/index.js info
 echo "== VRAM suite (test/vram.test.ts) against the real driver"
 KVWIRE_GPU=1 node node_modules/vitest/vitest.mjs run test/vram.test.ts --reporter=default --reporter=json --outputFile.json="$out/suite.json"
 suite=$?
+echo "== kvwire demo --memory vram (prefill KV in VRAM, decode pulls into VRAM, every byte verified)"
+node dist/cli/index.js demo --memory vram --requests 100 --json > "$out/demo.json"
+demo=$?
+cat "$out/demo.json"
 echo "== GPU bench"
 which ucx_perftest >/dev/null 2>&1 || echo "(ucx_perftest not on PATH: the perftest column will say so)"
 node dist/cli/index.js bench --memory vram,vram-dram --transport shm --op write,read --block 4K,64K,1M,4M \
@@ -43,5 +47,5 @@ node -e '
   for (const c of r.cells) console.log(`${c.memory} ${c.op} ${c.block} B x ${c.batch}: ${c.gbps} GB/s (${c.path}), vs ${c.vs.perftest.test}: ${c.vs.perftest.ratio ?? c.vs.perftest.skipped}`);
   for (const t of r.targets.filter((t) => t.id.startsWith("G"))) console.log(`${t.id} ${t.case}: ${t.measured} -> ${t.met === null ? "n/a" : t.met ? "met" : "missed"} (${t.target})`);
 ' "$out/bench.json" || true
-echo "test:gpu: suite exit $suite, bench exit $bench; results in $out/"
-[ $suite -eq 0 ] && [ $bench -eq 0 ]
+echo "test:gpu: suite exit $suite, demo exit $demo, bench exit $bench; results in $out/"
+[ $suite -eq 0 ] && [ $demo -eq 0 ] && [ $bench -eq 0 ]
