@@ -77,6 +77,14 @@ abstract class RegionDescription {
   get allocated(): boolean {
     return this.native.allocated;
   }
+  /**
+   * Whether peers can reach it. Always true for host memory. For VRAM: whether it was published
+   * with a CUDA IPC handle — only a whole CUDA allocation of whole 2 MiB granules is (the handle
+   * opens all of it); a registered part of a larger allocation is used locally only.
+   */
+  get exported(): boolean {
+    return this.native.exported;
+  }
 }
 
 /** @internal How a region copies between host memory and itself (through its agent). */

@@ -11,6 +11,8 @@ export interface NativeRegion {
   base: bigint;
   length: number;
   allocated: boolean;
+  /** Same-host peers can reach it: always for host memory; for VRAM, when it carries a CUDA IPC handle. */
+  exported: boolean;
 }
 
 export interface NativePeer {

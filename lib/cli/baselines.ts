@@ -15,8 +15,10 @@ export function perftestFor(transport: string, memory: MemoryKind, op: Op): { te
   // VRAM: put_bw over cuda_ipc for both ops (UCX's get of cuda memory is software emulation, < 1 GB/s:
   // the G1 measures READ against put too); host<->VRAM: tag rendezvous (RMA mixing the two
   // is emulated as well).
-  if (memory === 'vram') return { test: 'ucp_put_bw', env: {}, memArgs: ['-m', 'cuda,cuda'] };
-  if (memory === 'vram-dram') return { test: 'tag_bw', env: {}, memArgs: ['-m', 'cuda,host'] };
+  // UCX needs its CUDA transports in UCX_TLS even to recognise GPU memory.
+  const cudaTls = { UCX_TLS: 'shm,self,cuda_copy,cuda_ipc' };
+  if (memory === 'vram') return { test: 'ucp_put_bw', env: cudaTls, memArgs: ['-m', 'cuda,cuda'] };
+  if (memory === 'vram-dram') return { test: 'tag_bw', env: cudaTls, memArgs: ['-m', 'cuda,host'] };
   if (memory === 'allocated' && transport === 'shm') return { test: op === 'write' ? 'ucp_put_bw' : 'ucp_get', env: {} };
   return { test: 'tag_bw', env: memory === 'registered' ? { UCX_ALLOC_PRIO: 'mmap,heap' } : {} };
 }

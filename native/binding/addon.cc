@@ -407,6 +407,7 @@ Napi::Object AgentWrap::regionObject(Napi::Env env, const kvwire::RegionInfo& r)
   o.Set("base", Napi::BigInt::New(env, r.base));
   o.Set("length", static_cast<double>(r.length));
   o.Set("allocated", r.backendAllocated);
+  o.Set("exported", r.kind == kvwire::MemKind::Dram || r.section(kvwire::cuda::kIpcSection) != nullptr);
   return o;
 }
 

@@ -179,7 +179,7 @@ Result<RegionInfo> Agent::allocateVram(const std::string& name, uint64_t length,
   if (length == 0) return Status(Code::InvalidParam, "allocate: bytes must be > 0");
   auto mem = cuda::allocateVram(static_cast<int>(device), length);
   if (!mem.isOk()) return mem.status();
-  return addVramRegion(name, std::move(mem.value()), access, device);
+  return addVramRegion(name, std::move(mem.value()), access, device, length);
 }
 
 Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address, uint64_t length, uint8_t access,
@@ -188,7 +188,7 @@ Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address
   if (address == 0 || length == 0) return Status(Code::InvalidParam, "register: address and bytes must be > 0");
   auto mem = cuda::adoptVram(static_cast<int>(device), address, length);
   if (!mem.isOk()) return mem.status();
-  return addVramRegion(name, std::move(mem.value()), access, device);
+  return addVramRegion(name, std::move(mem.value()), access, device, length);
 }
 
 // A same-host peer reaches VRAM through its CUDA IPC handle (metadata section "cuda-ipc"). A region
@@ -196,13 +196,13 @@ Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address
 // export (e.g. from a stream-ordered pool), is still a region: used locally, and across hosts once
 // that path lands, but not opened by same-host peers.
 Result<RegionInfo> Agent::addVramRegion(const std::string& name, std::unique_ptr<BackendMemory> memory, uint8_t access,
-                                        uint32_t device) {
+                                        uint32_t device, uint64_t length) {
   auto region = std::make_shared<LocalRegion>();
   region->memory = std::move(memory);
   const uint64_t base = reinterpret_cast<uint64_t>(region->memory->ptr);
-  region->info = {nextRegionId_++, name, MemKind::Vram, access, device, base, region->memory->length,
+  region->info = {nextRegionId_++, name, MemKind::Vram, access, device, base, length,
                   region->memory->allocated, {}, {}};
-  auto ipc = cuda::exportIpc(static_cast<int>(device), base, region->info.length);
+  auto ipc = cuda::exportIpc(static_cast<int>(device), base, region->info.length, region->memory->allocated);
   if (ipc.isOk()) region->info.sections.push_back({cuda::kIpcSection, std::move(ipc.value())});
   regions_[region->info.id] = region;
   backend_->regionRegistered(region);

@@ -130,7 +130,7 @@ class Agent : public BackendHost {
   void endEarly(const TransferRef& t, Status status, bool peerGone = false);
   PeerView viewOf(const PeerEntry& p) const;
   Result<RegionInfo> addVramRegion(const std::string& name, std::unique_ptr<BackendMemory> memory, uint8_t access,
-                                   uint32_t device);
+                                   uint32_t device, uint64_t length);
   Result<LocalRegionRef> regionRange(const char* what, uint32_t regionId, uint64_t offset, uint64_t length) const;
 
   std::string name_;

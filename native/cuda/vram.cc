@@ -83,14 +83,20 @@ Result<PointerFacts> pointerFacts(const Driver& d, uint64_t address) {
 Result<std::unique_ptr<BackendMemory>> allocateVram(int device, uint64_t length) {
   OnDevice d(device);
   if (!d.isOk()) return d.status();
+  // Whole 2 MiB granules: the driver may sub-allocate smaller ones from a shared block, and an IPC
+  // handle opens that whole block (CUDA Programming Guide, "Interprocess Communication").
+  const uint64_t rounded = (length + kIpcGranule - 1) / kIpcGranule * kIpcGranule;
   CUdeviceptr p = 0;
-  if (CUresult r = d.value()->memAlloc(&p, length); r != kSuccess)
+  if (CUresult r = d.value()->memAlloc(&p, rounded); r != kSuccess)
     return Status(r == kErrorOutOfMemory ? Code::Unavailable : Code::Backend,
                   "allocate: " + std::to_string(length) + " bytes on CUDA device " + std::to_string(device) + ": " +
                       d.value()->describe(r));
-  std::unique_ptr<BackendMemory> memory(new VramMemory(device, p, length, true));
-  // Zeroed, as host allocations are: peers must not read what this process's GPU held before.
-  if (CUresult r = d.value()->memsetD8(p, 0, length); r != kSuccess) return d.value()->fail("cuMemsetD8", r);
+  std::unique_ptr<BackendMemory> memory(new VramMemory(device, p, rounded, true));
+  // Zeroed, as host allocations are: peers must not read what this process's GPU held before. The
+  // memset may run after the call returns: waited for, so a peer's first READ (on its own stream, in
+  // another process) cannot overtake it.
+  if (CUresult r = d.value()->memsetD8(p, 0, memory->length); r != kSuccess) return d.value()->fail("cuMemsetD8", r);
+  if (CUresult r = d.value()->streamSynchronize(nullptr); r != kSuccess) return d.value()->fail("cuStreamSynchronize", r);
   return memory;
 }
 
@@ -136,18 +142,22 @@ Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length) {
   return Status::ok();
 }
 
-Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t length) {
+Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t length, bool ownAllocation) {
   OnDevice d(device);
   if (!d.isOk()) return d.status();
   auto facts = pointerFacts(*d.value(), address);
   if (!facts.isOk()) return facts.status();
   const PointerFacts& f = facts.value();
-  // The handle opens the whole allocation, read-write: a region narrower than its allocation would
-  // hand peers memory outside it.
-  if (address != f.rangeStart || length != f.rangeSize)
+  // The handle opens the whole allocation, read-write (and the whole 2 MiB block the driver carved it
+  // from): a region narrower than its allocation, or an allocation that is not whole 2 MiB granules,
+  // would hand peers memory outside it. (kvwire's own allocations are rounded up to granules: the
+  // tail past the region is kvwire's, zeroed.)
+  if (address != f.rangeStart || length > f.rangeSize || (!ownAllocation && length != f.rangeSize) ||
+      f.rangeSize % kIpcGranule != 0)
     return Status(Code::Unavailable, "the region is " + std::to_string(length) + " bytes at offset " +
                                          std::to_string(address - f.rangeStart) + " of a " + std::to_string(f.rangeSize) +
-                                         "-byte CUDA allocation; CUDA IPC would open all of it");
+                                         "-byte CUDA allocation; CUDA IPC would open all of it (only whole allocations "
+                                         "of whole 2 MiB granules are exported)");
   CUipcMemHandle handle{};
   if (CUresult r = d.value()->ipcGetMemHandle(&handle, f.rangeStart); r != kSuccess)
     return d.value()->fail("cuIpcGetMemHandle", r);
@@ -375,7 +385,7 @@ Result<std::shared_ptr<void>> pinHost(int device, void* pointer, uint64_t length
 std::string probeIpc(int device) {
   auto memory = allocateVram(device, 2u << 20);
   if (!memory.isOk()) return memory.status().message();
-  auto section = exportIpc(device, reinterpret_cast<uint64_t>(memory.value()->ptr), 2u << 20);
+  auto section = exportIpc(device, reinterpret_cast<uint64_t>(memory.value()->ptr), 2u << 20, true);
   return section.isOk() ? std::string() : section.status().message();
 }
 

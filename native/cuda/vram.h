@@ -27,8 +27,10 @@ Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length);
 // handle of the allocation holding it and the region's offset inside that allocation.
 constexpr const char* kIpcSection = "cuda-ipc";
 constexpr size_t kIpcSectionBytes = kIpcHandleBytes + 8;
-// Only a region that is a whole allocation is exported (the handle opens all of it, writable).
-Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t length);
+// Only a region that is a whole allocation of whole 2 MiB granules is exported (the handle opens all
+// of it, writable); `ownAllocation`: kvwire allocated it, so a tail past the region is kvwire's own.
+constexpr uint64_t kIpcGranule = 2u << 20;
+Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t length, bool ownAllocation);
 
 // Page-locks host memory for the driver (cuMemHostRegister), so copies between it and VRAM run at
 // PCIe rate without blocking the calling thread; unregistered when the last reference goes.

@@ -21,14 +21,20 @@ if [ -n "${KVWIRE_CUDA_DRIVER:-}" ] && [ "${KVWIRE_GPU_DRY_RUN:-}" != 1 ]; then
 fi
 info=$(node dist/cli/index.js info --json) || { echo "test:gpu: kvwire info failed (npm run build first)" >&2; exit 1; }
 echo "$info" > "$out/info.json"
-reason=$(node -e '
-  const c = JSON.parse(require("fs").readFileSync(0, "utf8")).cuda;
-  if (!c.available) console.log(c.reason);
-  else if (c.ipcProblem) console.log(`CUDA IPC export fails: ${c.ipcProblem}`);' <<<"$info")
+reason=$(node -e 'const c = JSON.parse(require("fs").readFileSync(0, "utf8")).cuda; if (!c.available) console.log(c.reason);' <<<"$info")
 if [ -n "$reason" ]; then
   echo "skipped: no CUDA device ($reason)"
   exit 77
 fi
+# A device that cannot export CUDA IPC (exclusive-process mode, some containers) or a kvwire bug in the
+# export: a failure, never a skip.
+problem=$(node -e 'const c = JSON.parse(require("fs").readFileSync(0, "utf8")).cuda; if (c.ipcProblem) console.log(c.ipcProblem);' <<<"$info")
+if [ -n "$problem" ]; then
+  echo "test:gpu: FAILED: a trial CUDA IPC export on device 0 failed: $problem" >&2
+  exit 1
+fi
+# UCX logs go to files, not into the JSON the demo and the bench print.
+export UCX_LOG_FILE="$PWD/$out/ucx.%p.log"
 node dist/cli/index.js info
 echo "== VRAM suite (test/vram.test.ts) against the real driver"
 KVWIRE_GPU=1 node node_modules/vitest/vitest.mjs run test/vram.test.ts --reporter=default --reporter=json --outputFile.json="$out/suite.json"
@@ -46,6 +52,6 @@ node -e '
   const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
   for (const c of r.cells) console.log(`${c.memory} ${c.op} ${c.block} B x ${c.batch}: ${c.gbps} GB/s (${c.path}), vs ${c.vs.perftest.test}: ${c.vs.perftest.ratio ?? c.vs.perftest.skipped}`);
   for (const t of r.targets.filter((t) => t.id.startsWith("G"))) console.log(`${t.id} ${t.case}: ${t.measured} -> ${t.met === null ? "n/a" : t.met ? "met" : "missed"} (${t.target})`);
-' "$out/bench.json" || true
+' "$out/bench.json" || echo "test:gpu: $out/bench.json is not the bench's JSON (see it and $out/ucx.*.log)" >&2
 echo "test:gpu: suite exit $suite, demo exit $demo, bench exit $bench; results in $out/"
 [ $suite -eq 0 ] && [ $demo -eq 0 ] && [ $bench -eq 0 ]

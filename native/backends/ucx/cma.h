@@ -49,9 +49,6 @@ struct CmaHeader {   // at the start of the table
   uint64_t epoch;    // raised after every withdrawal
   uint64_t reserved[3];
 };
-// An entry's access flag for a VRAM region: published so that path 'cuda_ipc' can check the region
-// is still there (and its length) before each copy, never copied by cma (its base is a device address).
-constexpr uint32_t kCmaVram = 1u << 31;
 constexpr uint32_t kCmaSlots = 4096;
 constexpr uint32_t kCmaGrants = 4096;
 constexpr size_t kCmaTableBytes = sizeof(CmaHeader) + sizeof(CmaEntry) * kCmaSlots + sizeof(CmaGrant) * kCmaGrants;

@@ -84,6 +84,7 @@ struct RemoteRegion {
   // before the mapping goes).
   std::shared_ptr<void> pinned;
   bool pinTried = false;
+  bool revoked = false;  // its owner withdrew it (VRAM_REVOKE): no copy into it starts any more
 };
 using RemoteRegionRef = std::shared_ptr<RemoteRegion>;
 
@@ -326,6 +327,7 @@ class UcxBackendImpl : public Backend {
     LocalRegionRef region;
     uint64_t epoch = 0;
     std::vector<int> slots;
+    std::vector<std::pair<uint64_t, ucp_ep_h>> vramAcks;  // a VRAM region: revocations (seq, connection) not yet acknowledged
     uint64_t deadlineNs = 0;
   };
   static constexpr uint64_t kRetiredNs = 5'000'000'000ull;
@@ -344,8 +346,6 @@ class UcxBackendImpl : public Backend {
     uint64_t oldest = 0;
     for (const auto& [id, job] : copyJobs_)
       if (job->cmaToken == token && (oldest == 0 || job->epoch < oldest)) oldest = job->epoch;
-    for (const auto& [id, job] : cudaJobs_)  // GPU copies checked against the same table (cuda_ipc)
-      if (job.cmaToken == token && (oldest == 0 || job.epoch < oldest)) oldest = job.epoch;
     return oldest;
   }
   // A copy of grant `token` ended: publish the safe epoch a REVOKE asked for, forget a grant whose
@@ -404,7 +404,7 @@ class UcxBackendImpl : public Backend {
   static void onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t st);
   static constexpr uint16_t kAmIdBlock = 32;  // drop handlers cover ids below this (UCX 1.13: see init)
   static constexpr uint16_t kAmCanary = 31;   // the canary worker's message to this worker (never on the wire)
-  static_assert(kAmCanary > ucx::kAmRevokeAck && kAmCanary < kAmIdBlock, "the canary needs an id of its own");
+  static_assert(kAmCanary > ucx::kAmVramRevokeAck && kAmCanary < kAmIdBlock, "the canary needs an id of its own");
   static ucs_status_t dropAm(void* arg, const void* header, size_t headerLength, void* data, size_t length,
                              const ucp_am_recv_param_t* param);
   template <AmId id>
@@ -566,9 +566,21 @@ class UcxBackendImpl : public Backend {
     TransferRef transfer;
     RemoteRegionRef remote;
     std::shared_ptr<cuda::IpcMapping> mapping;  // kept open while the copies run, even after a REVOKE
-    uint64_t cmaToken = 0;  // the grant its region was checked through (0: unchecked), and the
-    uint64_t epoch = 0;     // target table's epoch read before that check
   };
+  // VRAM revocation (wire.h: VRAM_REVOKE). A target that withdraws a VRAM region (deregister,
+  // close) tells every connection it serves, and keeps the memory until each has acknowledged or
+  // kRetiredNs passed; an initiator refuses new copies into the region at once, closes its IPC
+  // mapping, and acknowledges once its copies into it have ended. (CUDA leaves freeing memory a
+  // peer still maps undefined; and a copy through stale metadata must not land in memory reused since.)
+  void withdrawVram(const LocalRegionRef& region);
+  void handleVramRevoke(const ucx::VramRevokeHeader& h);
+  void ackVramRevokes();  // sends the acknowledgements whose copies have ended
+  struct PendingVramAck {
+    ucp_ep_h ep;  // our endpoint to the target
+    RemoteRegionRef region;
+    ucx::VramRevokeHeader header;
+  };
+  std::vector<PendingVramAck> vramAcks_;
   std::unordered_map<uint64_t, CudaJob> cudaJobs_;  // by transfer id
   // Declared after cudaJobs_: destroyed first, waiting for the copies that use the jobs' memory.
   std::map<int, std::unique_ptr<cuda::CopyQueue>> cudaQueues_;
@@ -697,6 +709,8 @@ Status UcxBackendImpl::openWorker() {
       {ucx::kAmCmaProof, &onAm<ucx::kAmCmaProof>},
       {ucx::kAmRevoke, &onAm<ucx::kAmRevoke>},
       {ucx::kAmRevokeAck, &onAm<ucx::kAmRevokeAck>},
+      {ucx::kAmVramRevoke, &onAm<ucx::kAmVramRevoke>},
+      {ucx::kAmVramRevokeAck, &onAm<ucx::kAmVramRevokeAck>},
   };
   // UCX 1.13 calls whatever lies in its handler table for an id it has a slot for but no handler
   // (the table grows in blocks of 16): one message with id 0 crashed an agent (test/hostile). Every
@@ -993,7 +1007,8 @@ Status UcxPeer::cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) c
   }
   if (rr.info.section(cuda::kIpcSection) == nullptr)
     return {Code::Unavailable, region + " (VRAM) publishes no CUDA IPC handle: its owner exports only regions that are a "
-                               "whole CUDA allocation (the handle opens all of it), from memory the driver can export"};
+                               "whole CUDA allocation of whole 2 MiB granules (the handle opens all of it), from memory "
+                               "the driver can export"};
   return Status::ok();
 }
 
@@ -1409,31 +1424,10 @@ void UcxBackendImpl::copyInBackground(const TransferRef& t, const RemoteRegionRe
 }
 
 Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const RemoteRegionRef& rr) {
-  // Where the target publishes its regions (a same-host peer that granted cma), the region must still
-  // be there, of the kind and at least the length this copy assumes: a region deregistered since the
-  // metadata was loaded is not written into (its VRAM may already belong to something else), and the
-  // target holds a deregistered one until the copies that passed this check have ended.
-  uint64_t token = 0, epoch = 0;
-  if (peer.cma_ == UcxPeer::Cma::Ready) {
-    ucx::CmaEntry e{};
-    ucx::CmaLookup found =
-        ucx::cmaLookup(peer.cmaPid_, peer.cmaGrant_, peer.cmaTableAddr_, peer.cmaNonce_, t->remoteRegionId, &e, &epoch);
-    if (ucx::cmaGone(peer.cmaPidfd_)) found = ucx::CmaLookup::GrantGone;
-    if (found == ucx::CmaLookup::GrantGone) {
-      peer.cma_ = UcxPeer::Cma::Off;  // the target ended the grant or exited: unchecked from now on
-    } else {
-      const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
-      const uint32_t kind = rr->info.kind == MemKind::Vram ? ucx::kCmaVram : 0;
-      bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && (e.access & ucx::kCmaVram) == kind;
-      for (size_t i = 0; fits && i < t->segments.size(); ++i)
-        fits = t->segments[i].remoteOffset <= e.length && t->segments[i].length <= e.length - t->segments[i].remoteOffset;
-      if (!fits)
-        return {Code::NotFound, "region '" + rr->info.name + "' of peer '" + peer.name_ +
-                                    "' is not published by that process as its metadata says (deregistered since?); "
-                                    "load its current metadata"};
-      token = peer.cmaToken_;
-    }
-  }
+  // Withdrawn by its owner since this metadata was loaded: its VRAM may belong to something else by now.
+  if (rr->revoked)
+    return {Code::NotFound, "region '" + rr->info.name + "' of peer '" + peer.name_ +
+                                "' was deregistered by its owner; load its current metadata"};
   if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) return st;  // the region may have been reloaded since
   // The copies run on the local region's device (a host region's on device 0), where the peer's VRAM
   // is opened too.
@@ -1444,10 +1438,11 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     if (!opened.isOk()) return opened.status();
     mapping = std::move(opened.value());
   }
-  // Host memory on either side is page-locked with the driver once (copies from pageable memory
-  // block the calling thread and run below PCIe rate); where the driver refuses (locked-memory
-  // limits), copies still run, pageable.
-  if (t->local->info.kind == MemKind::Dram && !t->local->pinTried) {
+  // Host memory kvwire allocated (here, or the peer's mapped here) is page-locked with the driver
+  // once: copies from pageable memory block the calling thread and run below PCIe rate. Not a
+  // registered Buffer: regions may overlap there, and one region's unpinning would pull the pages
+  // from under another's copy. Where the driver refuses (locked-memory limits), copies run pageable.
+  if (t->local->info.kind == MemKind::Dram && t->local->info.backendAllocated && !t->local->pinTried) {
     t->local->pinTried = true;
     auto pinned = cuda::pinHost(device, t->local->ptr(), t->local->info.length);
     if (pinned.isOk()) t->local->pinned = std::move(pinned.value());
@@ -1477,7 +1472,7 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
   }
   const bool deviceToDevice = t->local->info.kind == MemKind::Vram && mapping != nullptr;
   if (Status st = queue->submit(t->id, runs, deviceToDevice); !st) return st;
-  cudaJobs_[t->id] = {t, rr, std::move(mapping), token, epoch};
+  cudaJobs_[t->id] = {t, rr, std::move(mapping)};
   return Status::ok();
 }
 
@@ -1490,9 +1485,8 @@ bool UcxBackendImpl::pollCuda() {
     auto it = cudaJobs_.find(id);
     if (it == cudaJobs_.end()) continue;
     TransferRef t = std::move(it->second.transfer);
-    const uint64_t token = it->second.cmaToken;
     cudaJobs_.erase(it);  // (its IPC mapping closes here if a REVOKE or new metadata dropped it)
-    copyEnded(token);
+    if (!vramAcks_.empty()) ackVramRevokes();
     if (t->ending) {
       settleIfQuiet(t);
       continue;
@@ -1518,8 +1512,7 @@ Status UcxBackendImpl::postCma(UcxPeer& peer, const TransferRef& t, const Remote
   // have been given to another process yet).
   if (ucx::cmaGone(peer.cmaPidfd_)) found = ucx::CmaLookup::GrantGone;
   const uint32_t need = t->op == kvwire::Op::Write ? kAccessWrite : kAccessRead;
-  bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && (e.access & ucx::kCmaVram) == 0 &&
-              e.base + e.length >= e.base;
+  bool fits = found == ucx::CmaLookup::Ok && (e.access & need) == need && e.base + e.length >= e.base;
   for (size_t i = 0; fits && i < t->segments.size(); ++i) {
     const Segment& s = t->segments[i];
     fits = s.remoteOffset <= e.length && s.length <= e.length - s.remoteOffset;
@@ -1629,16 +1622,15 @@ void UcxBackendImpl::endGrant(uint64_t token) {
 }
 
 void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
-  if (!cmaAllowed_) return;
-  // VRAM is published too, marked: cma never copies it, but a cuda_ipc initiator checks there that
-  // the region is still published (and how long it is) before each copy, and a deregistered one is
-  // then held (its memory not freed) until those initiators' copies have ended, as for cma.
-  const uint32_t vram = region->info.kind == MemKind::Vram ? ucx::kCmaVram : 0;
-  cmaTable_.publish(region->info.id, region->info.access | vram, reinterpret_cast<uint64_t>(region->ptr()),
-                    region->info.length);
+  if (cmaAllowed_ && region->info.kind == MemKind::Dram)  // cma copies host memory only
+    cmaTable_.publish(region->info.id, region->info.access, reinterpret_cast<uint64_t>(region->ptr()), region->info.length);
 }
 
 void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
+  if (region->info.kind == MemKind::Vram) {
+    withdrawVram(region);
+    return;
+  }
   if (!cmaTable_.ok()) return;
   const uint64_t now = monotonicNs();
   Retired r;
@@ -1679,12 +1671,6 @@ void UcxBackendImpl::handleRevoke(const ucx::RevokeHeader& h) {
   // region withdrawn), stop at their next system call; the safe epoch follows as they end.
   for (const auto& [id, job] : copyJobs_)
     if (job->cmaToken == h.token && job->regionId == h.regionId) job->revoked.store(true, std::memory_order_release);
-  // A VRAM region's IPC mapping is closed (once its queued GPU copies, which cannot be stopped, end),
-  // before the target frees the memory: the CUDA documentation leaves freeing memory a peer still
-  // maps undefined.
-  for (auto& [ep, peer] : peersByEp_)
-    if (peer->cmaToken_ == h.token)
-      if (auto rr = peer->regions_.find(h.regionId); rr != peer->regions_.end()) rr->second->vram.clear();
   held->second.revokePending = true;
   publishSafeEpoch(h.token);
 }
@@ -1708,7 +1694,59 @@ void UcxBackendImpl::releaseRetired() {
     auto& slots = it->slots;
     slots.erase(std::remove_if(slots.begin(), slots.end(), [&](int slot) { return cmaTable_.safeEpoch(slot) >= it->epoch; }),
                 slots.end());
-    it = slots.empty() || now > it->deadlineNs ? retired_.erase(it) : std::next(it);
+    it = (slots.empty() && it->vramAcks.empty()) || now > it->deadlineNs ? retired_.erase(it) : std::next(it);
+  }
+}
+
+void UcxBackendImpl::withdrawVram(const LocalRegionRef& region) {
+  Retired r;
+  r.region = region;
+  r.deadlineNs = monotonicNs() + kRetiredNs;
+  // Every connection served may have opened it: each is told, and each answers for itself.
+  for (auto& [reply, conn] : connections_) {
+    if (conn.ep == nullptr) continue;
+    ucx::VramRevokeHeader h{agentId_, 0, region->info.id};
+    while (h.seq == 0)
+      if (getrandom(&h.seq, sizeof h.seq, 0) != sizeof h.seq) break;
+    if (h.seq == 0) continue;
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kControl;
+    op->setHeader(h);
+    if (send(conn.ep, ucx::kAmVramRevoke, std::move(op), nullptr, 0, false)) r.vramAcks.emplace_back(h.seq, reply);
+  }
+  if (r.vramAcks.empty()) return;  // nobody connected could have opened it: the memory goes now
+  retired_.push_back(std::move(r));
+}
+
+void UcxBackendImpl::handleVramRevoke(const ucx::VramRevokeHeader& h) {
+  for (auto& [ep, peer] : peersByEp_) {
+    if (peer->agentId_ != h.agentId || peer->ep_ == nullptr) continue;
+    RemoteRegionRef rr;
+    if (auto it = peer->regions_.find(h.regionId); it != peer->regions_.end() && it->second->info.kind == MemKind::Vram) {
+      rr = it->second;
+      rr->revoked = true;
+      rr->vram.clear();  // closed once the copies that hold a mapping end
+    }
+    vramAcks_.push_back({peer->ep_, rr, h});
+  }
+  ackVramRevokes();
+}
+
+void UcxBackendImpl::ackVramRevokes() {
+  for (size_t i = 0; i < vramAcks_.size();) {
+    const PendingVramAck& a = vramAcks_[i];
+    bool copying = false;
+    for (const auto& [id, job] : cudaJobs_) copying = copying || (a.region && job.remote == a.region);
+    if (copying) {
+      ++i;
+      continue;
+    }
+    auto op = std::make_unique<RequestContext>();
+    op->kind = RequestContext::kControl;
+    op->setHeader(a.header);
+    send(a.ep, ucx::kAmVramRevokeAck, std::move(op), nullptr, 0, true);
+    vramAcks_[i] = vramAcks_.back();
+    vramAcks_.pop_back();
   }
 }
 
@@ -2052,7 +2090,7 @@ ucs_status_t UcxBackendImpl::handleAm(AmId id, const void* header, size_t header
   ++receivedOnWorker_;
   // A closing agent serves nothing new (a late HELLO would open an endpoint nobody closes).
   // (REVOKE_ACKs still count: the regions withdrawn at close are kept until their grantees answer.)
-  if (shuttingDown_ && id != ucx::kAmRevokeAck) return refuse(param, UCS_ERR_CANCELED);
+  if (shuttingDown_ && id != ucx::kAmRevokeAck && id != ucx::kAmVramRevokeAck) return refuse(param, UCS_ERR_CANCELED);
   // With a secret, only a connection that completed the handshake is served. Replies (ACK, read
   // data, READ_DONE, PONG, CHALLENGE) are bound to what they answer by unguessable ids instead.
   const bool servedOnly = id == ucx::kAmWrite || id == ucx::kAmWritePacked || id == ucx::kAmWriteCommit ||
@@ -2105,7 +2143,9 @@ size_t UcxBackendImpl::maxControlLength(AmId id) {
     case ucx::kAmCmaProbe:
     case ucx::kAmCmaProof:
     case ucx::kAmRevoke:
-    case ucx::kAmRevokeAck: return 0;
+    case ucx::kAmRevokeAck:
+    case ucx::kAmVramRevoke:
+    case ucx::kAmVramRevokeAck: return 0;
     case ucx::kAmAck:
     case ucx::kAmReadDone: return 64u << 10;  // an error's text
     case ucx::kAmReadPacked:
@@ -2173,6 +2213,22 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     case ucx::kAmRevokeAck: {
       ucx::RevokeHeader h{};
       if (readHeader(header, headerLength, &h)) releaseRetired();  // a hint only: the table says who is safe
+      return;
+    }
+    case ucx::kAmVramRevoke: {
+      ucx::VramRevokeHeader h{};
+      if (readHeader(header, headerLength, &h)) handleVramRevoke(h);
+      return;
+    }
+    case ucx::kAmVramRevokeAck: {
+      // The sequence number is random per connection and withdrawal: only the connection told can
+      // answer it. (A connection that dropped meanwhile is no longer waited for: see dropConnection.)
+      ucx::VramRevokeHeader h{};
+      if (!readHeader(header, headerLength, &h)) return;
+      for (Retired& r : retired_)
+        r.vramAcks.erase(std::remove_if(r.vramAcks.begin(), r.vramAcks.end(), [&](const auto& a) { return a.first == h.seq; }),
+                         r.vramAcks.end());
+      releaseRetired();
       return;
     }
     case ucx::kAmPing: {
@@ -2745,6 +2801,11 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) 
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
   openWrites_.erase(reply);
+  // Its process closed its agent or is gone: its IPC mappings went with it.
+  for (Retired& r : retired_)
+    r.vramAcks.erase(std::remove_if(r.vramAcks.begin(), r.vramAcks.end(), [&](const auto& a) { return a.second == reply; }),
+                     r.vramAcks.end());
+  releaseRetired();
   for (auto r = refusedWrites_.lower_bound({reply, 0}); r != refusedWrites_.end() && r->first == reply;) r = refusedWrites_.erase(r);
   if (own) {
     connectionByOwnEp_.erase(own);

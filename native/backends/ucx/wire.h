@@ -26,6 +26,8 @@ enum AmId : uint16_t {
   kAmCmaProof = 17,    // target -> initiator: yes, I am pid P and your nonce is at address A (or no)
   kAmRevoke = 18,      // target -> initiator: region R is withdrawn; stop copying into it, publish your safe epoch
   kAmRevokeAck = 19,   // initiator -> target: look at my grant slot now (a hint; the slot is what counts)
+  kAmVramRevoke = 20,     // target -> initiator: VRAM region R is withdrawn; stop, close it, then acknowledge
+  kAmVramRevokeAck = 21,  // initiator -> target: nothing of mine touches region R any more (it may be freed)
 };
 
 // Same-host one-sided copies (path 'cma'), for regions UCX cannot map into the peer (registered
@@ -62,7 +64,7 @@ constexpr size_t kMacBytes = 32;
 constexpr uint32_t kPackSegmentMax = 1u << 10;
 constexpr size_t kPackBytesMax = 8u << 10;
 
-constexpr uint32_t kWireVersion = 4;  // 4: CMA probe, proof and revocation
+constexpr uint32_t kWireVersion = 5;  // 4: CMA probe, proof and revocation; 5: VRAM revocation
 
 #pragma pack(push, 1)
 struct HelloHeader {  // data: the sender's name, then its worker address (a reply: then its bind MAC, if auth)
@@ -100,6 +102,11 @@ struct CmaProofHeader {
 struct RevokeHeader {  // REVOKE and REVOKE_ACK
   uint64_t token;
   uint64_t seq;
+  uint32_t regionId;
+};
+struct VramRevokeHeader {  // VRAM_REVOKE and VRAM_REVOKE_ACK
+  uint64_t agentId;  // the target instance whose region it is
+  uint64_t seq;      // random per connection and withdrawal: the ACK names it
   uint32_t regionId;
 };
 struct WriteHeader {
