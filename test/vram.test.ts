@@ -441,6 +441,48 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     });
   }
 
+  doubleOnly('an initiator that closes while it owes a revocation acknowledgement (its copy running) closes cleanly, and the owner is released at once', async () => {
+    const owner = new PeerProcess('owner-c', DOUBLE);
+    const slow = new PeerProcess('slow-closer', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '500000' });
+    try {
+      await Promise.all([owner.init({ memory: 'vram', size: MiB }), slow.init({ memory: 'vram', size: MiB })]);
+      await slow.ok('load', { metadata: owner.metadata });
+      const running = slow.call('transfer', { peer: 'owner-c', op: 'write', localOffsets: [0], remoteOffsets: [0], lengths: [4096] });
+      await new Promise((res) => setTimeout(res, 100));
+      await owner.ok('deregister');
+      await new Promise((res) => setTimeout(res, 20));
+      const closed = await slow.ok('closeAgent'); // it crashed here once (an ACK sent on a closed endpoint)
+      expect(closed.ms).toBeLessThan(2000);
+      expect((await running).error?.code ?? 'OK').toMatch(/^(OK|ERR_CANCELED)$/);
+      expect(slow.child.exitCode).toBeNull();
+      expect(slow.child.signalCode).toBeNull();
+      // Acknowledged as its copies ended (at close), or its BYE ended the wait: not the 5 s cap.
+      const until = Date.now() + 1500;
+      let health = (await owner.ok('health')).health;
+      while (health.retiredRegions !== 0 && Date.now() < until) {
+        await new Promise((res) => setTimeout(res, 50));
+        health = (await owner.ok('health')).health;
+      }
+      expect(health.retiredRegions).toBe(0);
+    } finally {
+      await Promise.all([owner.close(), slow.close()]);
+    }
+  });
+
+  it('an owner of VRAM closes promptly with a connected initiator (its revocations are acknowledged even as it closes)', async () => {
+    const owner = new PeerProcess('owner-d', DOUBLE);
+    const user = new PeerProcess('user-d', DOUBLE);
+    try {
+      await Promise.all([owner.init({ memory: 'vram', size: MiB }), user.init({ memory: 'vram', size: MiB })]);
+      await user.ok('load', { metadata: owner.metadata });
+      await user.ok('transfer', { peer: 'owner-d', op: 'write', localOffsets: [0], remoteOffsets: [0], lengths: [4096] });
+      const closed = await owner.ok('closeAgent');
+      expect(closed.ms).toBeLessThan(1000); // it waited out the 2 s close grace when the ACKs were dropped
+    } finally {
+      await Promise.all([owner.close(), user.close()]);
+    }
+  });
+
   doubleOnly('closing an agent during a GPU copy settles the transfer only after the copy has landed', async () => {
     const closing = new PeerProcess('closing', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '400000' });
     try {

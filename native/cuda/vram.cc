@@ -183,7 +183,8 @@ Result<std::shared_ptr<IpcMapping>> IpcMapping::open(int device, const std::vect
   if (CUresult r = drv.ipcOpenMemHandle(&m->base_, handle, kIpcMemLazyEnablePeerAccess); r != kSuccess) {
     m->base_ = 0;
     return Status(Code::Unavailable, "its CUDA IPC handle does not open here (cuIpcOpenMemHandle: " + drv.describe(r) +
-                                         "; a peer on another host, or in this same process, cannot be reached this way)");
+                                         "; a peer on another host or in this same process cannot be reached this way, nor a region its owner has "
+                                         "freed since this metadata was published)");
   }
   CUdeviceptr base = 0;
   size_t mapped = 0;

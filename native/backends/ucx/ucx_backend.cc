@@ -121,6 +121,9 @@ class UcxPeer : public BackendPeer {
   uint8_t targetNonce_[ucx::kNonceBytes] = {};
   bool proved_ = false;
   bool authenticated_ = true;
+  // The target has named this connection (its HELLO reply arrived): it knows us, so it will tell us
+  // when it withdraws a VRAM region. cuda_ipc waits for this (as transfers wait for authentication).
+  bool named_ = false;
   uint64_t waitingSinceNs_ = 0;
   struct Waiting {
     TransferRef t;     // a transfer, or (null) a notification
@@ -245,6 +248,7 @@ class UcxBackendImpl : public Backend {
   bool needsPolling() const override { return !cudaJobs_.empty(); }
   void finishLocalCopies() override {
     for (auto& [device, queue] : cudaQueues_) queue->drain();
+    ackVramRevokes(true);  // every copy has ended: the revocations they held up are acknowledged while the peers are here
     // The copy pool's jobs report when done (copied_); wait for every one in flight.
     for (;;) {
       size_t done = 0;
@@ -465,6 +469,8 @@ class UcxBackendImpl : public Backend {
     uint64_t agentId = 0;
     ucp_ep_h ep = nullptr;
     uint32_t cmaGrants = 0;  // path 'cma' grants it holds (at most kMaxGrantsPerConnection)
+    uint8_t nonce[ucx::kNonceBytes] = {};  // the initiator's HELLO nonce (VRAM_REVOKE names it)
+    bool hasNonce = false;
   };
   std::vector<ucp_ep_h> endpointsToClose_;  // closed after progress returns, never inside a UCX callback
   std::unordered_map<ucp_ep_h, Connection> connections_;
@@ -519,7 +525,10 @@ class UcxBackendImpl : public Backend {
   uint64_t lastLivenessCheckNs_ = 0;
   // Forgets the connection whose messages arrive on `reply`: its half-received WRITEs and our
   // endpoint to it. Returns the name and agent id it had said HELLO with (empty name if none).
-  std::pair<std::string, uint64_t> dropConnection(ucp_ep_h reply);
+  // `closed`: its agent said BYE (not moved): it finished its own copies first, so VRAM it was told
+  // to stop using is no longer waited for. Any other end (failure, replacement) waits for the ACK or
+  // the deadline: its process may still be copying.
+  std::pair<std::string, uint64_t> dropConnection(ucp_ep_h reply, bool closed = false);
   // Whether an agent of this name (maybe a newer instance) still has a connection we serve: the
   // end of an older one must not read as this name going away.
   bool connectedTo(const std::string& name) const;
@@ -574,10 +583,9 @@ class UcxBackendImpl : public Backend {
   // peer still maps undefined; and a copy through stale metadata must not land in memory reused since.)
   void withdrawVram(const LocalRegionRef& region);
   void handleVramRevoke(const ucx::VramRevokeHeader& h);
-  void ackVramRevokes();  // sends the acknowledgements whose copies have ended
+  void ackVramRevokes(bool copiesEnded = false);  // sends the acknowledgements whose copies have ended
   struct PendingVramAck {
-    ucp_ep_h ep;  // our endpoint to the target
-    RemoteRegionRef region;
+    uint64_t peerKey;  // the peer (looked up when the ACK goes: it may be gone by then)
     ucx::VramRevokeHeader header;
   };
   std::vector<PendingVramAck> vramAcks_;
@@ -1284,7 +1292,7 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
   auto it = peer.regions_.find(t->remoteRegionId);
   if (it == peer.regions_.end())
     return {Code::NotFound, "peer '" + peer.name_ + "' has no region " + std::to_string(t->remoteRegionId)};
-  if (!peer.authenticated_) return waitForHandshake(peer, t, {});
+  if (!peer.authenticated_ || (t->path == Path::CudaIpc && !peer.named_)) return waitForHandshake(peer, t, {});
   return postNow(peer, t, it->second);
 }
 
@@ -1704,48 +1712,59 @@ void UcxBackendImpl::withdrawVram(const LocalRegionRef& region) {
   r.deadlineNs = monotonicNs() + kRetiredNs;
   // Every connection served may have opened it: each is told, and each answers for itself.
   for (auto& [reply, conn] : connections_) {
-    if (conn.ep == nullptr) continue;
-    ucx::VramRevokeHeader h{agentId_, 0, region->info.id};
+    if (!conn.hasNonce) continue;
+    ucx::VramRevokeHeader h{};
+    std::memcpy(h.nonce, conn.nonce, sizeof h.nonce);
+    h.regionId = region->info.id;
     while (h.seq == 0)
       if (getrandom(&h.seq, sizeof h.seq, 0) != sizeof h.seq) break;
     if (h.seq == 0) continue;
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kControl;
     op->setHeader(h);
-    if (send(conn.ep, ucx::kAmVramRevoke, std::move(op), nullptr, 0, false)) r.vramAcks.emplace_back(h.seq, reply);
+    if (send(replyPath(reply), ucx::kAmVramRevoke, std::move(op), nullptr, 0, false)) r.vramAcks.emplace_back(h.seq, reply);
   }
   if (r.vramAcks.empty()) return;  // nobody connected could have opened it: the memory goes now
   retired_.push_back(std::move(r));
 }
 
 void UcxBackendImpl::handleVramRevoke(const ucx::VramRevokeHeader& h) {
-  for (auto& [ep, peer] : peersByEp_) {
-    if (peer->agentId_ != h.agentId || peer->ep_ == nullptr) continue;
-    RemoteRegionRef rr;
-    if (auto it = peer->regions_.find(h.regionId); it != peer->regions_.end() && it->second->info.kind == MemKind::Vram) {
-      rr = it->second;
-      rr->revoked = true;
-      rr->vram.clear();  // closed once the copies that hold a mapping end
-    }
-    vramAcks_.push_back({peer->ep_, rr, h});
+  UcxPeer* peer = peerByNonce(h.nonce);  // the one connection it names; a revoke naming none is dropped
+  if (peer == nullptr || vramAcks_.size() >= kMaxWaiting) return;
+  for (const PendingVramAck& a : vramAcks_)
+    if (a.header.seq == h.seq) return;  // said twice
+  if (auto it = peer->regions_.find(h.regionId); it != peer->regions_.end() && it->second->info.kind == MemKind::Vram) {
+    it->second->revoked = true;
+    it->second->vram.clear();  // closed once the copies that hold a mapping end
   }
+  vramAcks_.push_back({peer->key_, h});
   ackVramRevokes();
 }
 
-void UcxBackendImpl::ackVramRevokes() {
+// Acknowledges each revocation once no copy of that peer into that region runs (whichever
+// RemoteRegion it was posted through: a reload may have replaced it since).
+void UcxBackendImpl::ackVramRevokes(bool copiesEnded) {
   for (size_t i = 0; i < vramAcks_.size();) {
     const PendingVramAck& a = vramAcks_[i];
     bool copying = false;
-    for (const auto& [id, job] : cudaJobs_) copying = copying || (a.region && job.remote == a.region);
+    if (!copiesEnded)
+      for (const auto& [id, job] : cudaJobs_)
+        copying = copying || (job.transfer->peerKey == a.peerKey && job.transfer->remoteRegionId == a.header.regionId);
     if (copying) {
       ++i;
       continue;
     }
-    auto op = std::make_unique<RequestContext>();
-    op->kind = RequestContext::kControl;
-    op->setHeader(a.header);
-    send(a.ep, ucx::kAmVramRevokeAck, std::move(op), nullptr, 0, true);
-    vramAcks_[i] = vramAcks_.back();
+    for (auto& [ep, peer] : peersByEp_) {
+      if (peer->key_ != a.peerKey || peer->ep_ == nullptr) continue;
+      auto op = std::make_unique<RequestContext>();
+      op->kind = RequestContext::kControl;
+      op->setHeader(a.header);
+      // Without UCX's reply endpoint: a closing target has closed its endpoints, and UCX dropped
+      // replies that named one (measured); the sequence number is what binds the ACK.
+      send(peer->ep_, ucx::kAmVramRevokeAck, std::move(op), nullptr, 0, false);
+      break;
+    }
+    vramAcks_[i] = vramAcks_.back();  // (a peer gone meanwhile: its mappings went with it)
     vramAcks_.pop_back();
   }
 }
@@ -2513,6 +2532,8 @@ void UcxBackendImpl::acceptConnection(ucp_ep_h reply, const std::string& name, u
   }
   const bool parse = bad.empty() || !secret_.empty();
   Connection& conn = nameConnection(reply, name, agentId);
+  std::memcpy(conn.nonce, initiatorNonce, sizeof conn.nonce);
+  conn.hasNonce = true;
   if (conn.ep != nullptr) return;  // said twice: already served
   if (!parse) {
     sendHello(reply, true, initiatorNonce, std::string());
@@ -2544,9 +2565,13 @@ void UcxBackendImpl::handleHelloReply(ucp_ep_h reply, const ucx::HelloHeader& h,
                                       const uint8_t* rest, size_t restLength) {
   if (secret_.empty()) {
     nameConnection(reply, name, h.agentId);
-    // The target has named our connection (it answers on its own endpoint): it can grant now.
-    if (UcxPeer* peer = peerByNonce(h.nonce); peer != nullptr && !peer->failed_ && peer->agentId_ == h.agentId)
+    // The target has named our connection (it answers on its own endpoint): it can grant now, and
+    // cuda_ipc transfers waiting for that go out.
+    if (UcxPeer* peer = peerByNonce(h.nonce); peer != nullptr && !peer->failed_ && peer->agentId_ == h.agentId) {
+      peer->named_ = true;
+      releaseWaiting(*peer);
       probeCma(*peer);
+    }
     return;
   }
   UcxPeer* peer = peerByNonce(h.nonce);
@@ -2569,6 +2594,7 @@ void UcxBackendImpl::handleHelloReply(ucp_ep_h reply, const ucx::HelloHeader& h,
   }
   nameConnection(reply, name, h.agentId);
   peer->authenticated_ = true;
+  peer->named_ = true;
   releaseWaiting(*peer);
   probeCma(*peer);
 }
@@ -2784,7 +2810,7 @@ bool UcxBackendImpl::connectedTo(const std::string& name) const {
   return false;
 }
 
-std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) {
+std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply, bool closed) {
   auto it = connections_.find(reply);
   if (it == connections_.end()) return {};
   std::string name = std::move(it->second.name);
@@ -2801,11 +2827,12 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply) 
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
   openWrites_.erase(reply);
-  // Its process closed its agent or is gone: its IPC mappings went with it.
-  for (Retired& r : retired_)
-    r.vramAcks.erase(std::remove_if(r.vramAcks.begin(), r.vramAcks.end(), [&](const auto& a) { return a.second == reply; }),
-                     r.vramAcks.end());
-  releaseRetired();
+  if (closed) {  // its agent closed: its copies ended and its IPC mappings went with it
+    for (Retired& r : retired_)
+      r.vramAcks.erase(std::remove_if(r.vramAcks.begin(), r.vramAcks.end(), [&](const auto& a) { return a.second == reply; }),
+                       r.vramAcks.end());
+    releaseRetired();
+  }
   for (auto r = refusedWrites_.lower_bound({reply, 0}); r != refusedWrites_.end() && r->first == reply;) r = refusedWrites_.erase(r);
   if (own) {
     connectionByOwnEp_.erase(own);
@@ -2867,7 +2894,7 @@ bool UcxBackendImpl::progress() {
     // UCX may have reused the endpoint for a newcomer since: only the instance that said BYE goes.
     auto it = connections_.find(bye.reply);
     if (it == connections_.end() || it->second.agentId != bye.agentId) continue;
-    const auto [name, known] = dropConnection(bye.reply);
+    const auto [name, known] = dropConnection(bye.reply, !bye.moved);
     if (bye.moved)  // its new worker may already have said HELLO: the old address is over all the same
       host_->connectionLost(name, known, Status(Code::RemoteDisconnect, "it moved to a new UCX worker (load its new metadata)"));
     else

@@ -105,8 +105,10 @@ struct RevokeHeader {  // REVOKE and REVOKE_ACK
   uint32_t regionId;
 };
 struct VramRevokeHeader {  // VRAM_REVOKE and VRAM_REVOKE_ACK
-  uint64_t agentId;  // the target instance whose region it is
-  uint64_t seq;      // random per connection and withdrawal: the ACK names it
+  // The initiator's HELLO nonce: names the connection (only its two ends know it), so a revoke
+  // reaches exactly the peer that connection belongs to and a stranger cannot forge one.
+  uint8_t nonce[kNonceBytes];
+  uint64_t seq;  // random per connection and withdrawal: the ACK names it
   uint32_t regionId;
 };
 struct WriteHeader {
