@@ -204,7 +204,15 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
         const r = await tryWrite(name);
         if (!(GPU && !(r instanceof Error))) expect(r.message).toMatch(/does not open here/);
       }
-      for (const r of [part, head, same, owner]) agent.deregister(r);
+      // The allocating region deregistered first: 'same' still publishes that memory, so it stays.
+      const data = random(9, 4096);
+      same.write(0, data);
+      agent.deregister(owner);
+      // (Once the viewer acknowledged the revocation, nothing holds the owner's memory but 'same'.)
+      for (let i = 0; i < 100 && agent.health.retiredRegions > 0; i++) await new Promise((res) => setTimeout(res, 20));
+      expect(agent.health.retiredRegions).toBe(0);
+      expect(same.read(0, 4096).equals(data)).toBe(true); // freed device memory is refused by the double
+      for (const r of [part, head, same]) agent.deregister(r);
     } finally {
       await other.close();
     }

@@ -188,7 +188,16 @@ Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address
   if (address == 0 || length == 0) return Status(Code::InvalidParam, "register: address and bytes must be > 0");
   auto mem = cuda::adoptVram(static_cast<int>(device), address, length);
   if (!mem.isOk()) return mem.status();
-  return addVramRegion(name, std::move(mem.value()), access, device, length);
+  // Inside VRAM this agent allocated: that allocation stays until this region goes too (deregistering
+  // the allocating region must not free memory another region still publishes).
+  LocalRegionRef owner;
+  for (const auto& [id, r] : regions_)
+    if (r->info.kind == MemKind::Vram && r->memory->allocated && address >= r->info.base &&
+        address - r->info.base < r->memory->length)
+      owner = r;
+  auto info = addVramRegion(name, std::move(mem.value()), access, device, length);
+  if (info.isOk() && owner) regions_[info.value().id]->keeper = owner;
+  return info;
 }
 
 // A same-host peer reaches VRAM through its CUDA IPC handle (metadata section "cuda-ipc"). A region
