@@ -49,6 +49,11 @@ export interface AgentHealth {
   retiredRegions: number;
   /** VRAM<->VRAM batches (path 'cuda_ipc') this agent ran as one launch of its copy kernel. */
   gpuKernelBatches: number;
+  /**
+   * Why this agent's first failed GPU copy failed (null: none). A CUDA fault such as an illegal
+   * address is sticky for the whole context (the application's too): restart the process.
+   */
+  gpuFault: string | null;
 }
 
 /**
@@ -566,7 +571,7 @@ export class Agent extends EventEmitter {
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();
     return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0,
-      gpuKernelBatches: c?.gpuKernelBatches ?? 0 };
+      gpuKernelBatches: c?.gpuKernelBatches ?? 0, gpuFault: c?.gpuFault ?? null };
   }
 
   /**

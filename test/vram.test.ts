@@ -515,6 +515,9 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
       expect(r.ok).toBe(false);
       expect(r.error!.code).toBe('ERR_BACKEND');
       expect(r.error!.message).toMatch(/CUDA error 700/);
+      // Sticky for the whole CUDA context: reported in health too.
+      expect((await failing.ok('health')).health.gpuFault).toMatch(/CUDA error 700/);
+      expect((await gpu.ok('health')).health.gpuFault).toBeNull();
       await new Promise((res) => setTimeout(res, 300));
       expect(gpu.notifications.some((n) => n.message === 'must-not-arrive')).toBe(false);
     } finally {

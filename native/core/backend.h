@@ -87,6 +87,8 @@ class Backend {
   virtual uint64_t retiredRegions() const { return 0; }
   // Batches moved by one launch of a GPU copy kernel.
   virtual uint64_t gpuKernelBatches() const { return 0; }
+  // Why the first GPU copy that failed did (empty: none has). CUDA faults are sticky for the context.
+  virtual std::string gpuFault() const { return {}; }
   virtual Status notify(BackendPeer& peer, const std::string& message) = 0;
   // Notifies an agent that connected to this one by name (one whose metadata we never loaded).
   virtual Status notifyConnection(const std::string& name, const std::string& message) = 0;

@@ -101,7 +101,15 @@ class UcxPeer : public BackendPeer {
   Status cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) const;
   // The peer's VRAM region opened on `device` (through its IPC handle, the first time).
   Result<std::shared_ptr<cuda::IpcMapping>> openVram(RemoteRegion& rr, int device);
-  void markGone() override { failed_ = true; }
+  void markGone() override {
+    failed_ = true;
+    dropMappings();
+  }
+  // The peer is gone or failed: its VRAM is closed here (each mapping once the copies holding it end),
+  // so no mapping outlives memory its owner may free without being able to tell us.
+  void dropMappings() {
+    for (auto& [id, rr] : regions_) rr->vram.clear();
+  }
 
   UcxBackendImpl* backend_;
   uint64_t key_;
@@ -225,6 +233,8 @@ class UcxBackendImpl : public Backend {
   void regionRegistered(const LocalRegionRef& region) override;
   void regionDeregistered(const LocalRegionRef& region) override;
   uint64_t retiredRegions() const override { return retired_.size(); }
+  std::string gpuFault() const override { return gpuFault_; }
+  std::string gpuFault_;  // the first GPU copy that failed (empty: none)
   uint64_t gpuKernelBatches() const override {
     uint64_t n = 0;
     for (const auto& [device, queue] : cudaQueues_) n += queue->kernelLaunches();
@@ -1335,6 +1345,7 @@ void UcxBackendImpl::releaseWaiting(UcxPeer& peer) {
 void UcxBackendImpl::failPeer(UcxPeer& peer, Status why) {
   if (peer.failed_) return;
   peer.failed_ = true;
+  peer.dropMappings();
   peer.waiting_.clear();  // the host fails every transfer of this peer
   failedPeers_.emplace_back(peer.key_, std::move(why));
 }
@@ -1500,6 +1511,9 @@ bool UcxBackendImpl::pollCuda() {
       continue;
     }
     if (!st) {
+      // A fault in a GPU copy (e.g. an illegal address) poisons the whole CUDA context, the
+      // application's too: reported in health, not only to this transfer.
+      if (gpuFault_.empty()) gpuFault_ = st.message();
       endTransfer(t, st);
       continue;
     }
