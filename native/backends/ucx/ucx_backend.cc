@@ -2255,7 +2255,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
     }
     case ucx::kAmVramRevokeAck: {
       // The sequence number is random per connection and withdrawal: only the connection told can
-      // answer it. (A connection that dropped meanwhile is no longer waited for: see dropConnection.)
+      // answer it. (One whose agent said BYE as it closed is no longer waited for: see dropConnection.)
       ucx::VramRevokeHeader h{};
       if (!readHeader(header, headerLength, &h)) return;
       for (Retired& r : retired_)
