@@ -491,6 +491,26 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     }
   });
 
+  it('a cuda_ipc transfer to a target that never answers its HELLO fails after the handshake time, not never', async () => {
+    const stopped = new PeerProcess('stopped', DOUBLE);
+    const fresh = await Agent.create({ name: 'hello-waiter' });
+    try {
+      await stopped.init({ memory: 'vram', size: MiB });
+      stopped.child.kill('SIGSTOP');
+      const peer = fresh.loadPeer(Buffer.from(stopped.metadata, 'base64'));
+      const mine = fresh.allocate(MiB, { name: 'mine', memory: 'vram' });
+      const t0 = Date.now();
+      const e = await fresh.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096])).catch((x) => x);
+      expect(e.code).toBe('ERR_REMOTE_DISCONNECT');
+      expect(e.message).toMatch(/did not answer this agent's HELLO within 3 s/);
+      expect(Date.now() - t0).toBeLessThan(8000);
+    } finally {
+      stopped.child.kill('SIGCONT');
+      await fresh.close();
+      stopped.kill();
+    }
+  });
+
   doubleOnly('closing an agent during a GPU copy settles the transfer only after the copy has landed', async () => {
     const closing = new PeerProcess('closing', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '400000' });
     try {

@@ -190,11 +190,17 @@ Result<RegionInfo> Agent::registerVram(const std::string& name, uint64_t address
   if (!mem.isOk()) return mem.status();
   // Inside VRAM this agent allocated: that allocation stays until this region goes too (deregistering
   // the allocating region must not free memory another region still publishes).
+  // (Also one deregistered but still held, by a transfer or for peers' acknowledgements.)
   LocalRegionRef owner;
-  for (const auto& [id, r] : regions_)
-    if (r->info.kind == MemKind::Vram && r->memory->allocated && address >= r->info.base &&
-        address - r->info.base < r->memory->length)
-      owner = r;
+  for (auto it = vramAllocations_.begin(); it != vramAllocations_.end();) {
+    LocalRegionRef r = it->lock();
+    if (!r) {
+      it = vramAllocations_.erase(it);
+      continue;
+    }
+    if (address >= r->info.base && address - r->info.base < r->memory->length) owner = r;
+    ++it;
+  }
   auto info = addVramRegion(name, std::move(mem.value()), access, device, length);
   if (info.isOk() && owner) regions_[info.value().id]->keeper = owner;
   return info;
@@ -214,6 +220,7 @@ Result<RegionInfo> Agent::addVramRegion(const std::string& name, std::unique_ptr
   auto ipc = cuda::exportIpc(static_cast<int>(device), base, region->info.length, region->memory->allocated);
   if (ipc.isOk()) region->info.sections.push_back({cuda::kIpcSection, std::move(ipc.value())});
   regions_[region->info.id] = region;
+  if (region->memory->allocated) vramAllocations_.push_back(region);
   backend_->regionRegistered(region);
   ++generation_;
   return region->info;

@@ -144,6 +144,7 @@ class Agent : public BackendHost {
   uint64_t nextTransferId_ = 1;
   uint64_t nextPeerKey_ = 1;
   std::unordered_map<uint32_t, LocalRegionRef> regions_;
+  std::vector<std::weak_ptr<LocalRegion>> vramAllocations_;  // VRAM this agent allocated, while it exists
   std::unordered_map<std::string, std::unique_ptr<PeerEntry>> peers_;
   std::unordered_map<uint64_t, TransferRef> transfers_;
 };

@@ -1309,7 +1309,7 @@ Status UcxBackendImpl::post(BackendPeer& base, const TransferRef& t) {
 Status UcxBackendImpl::waitForHandshake(UcxPeer& peer, TransferRef t, std::string note) {
   if (peer.waiting_.size() >= kMaxWaiting)
     return {Code::Unavailable, "peer '" + peer.name_ + "': " + std::to_string(kMaxWaiting) +
-                                   " transfers and notifications already wait for its authenticated handshake"};
+                                   " transfers and notifications already wait for its handshake (or HELLO reply)"};
   if (peer.waiting_.empty()) peer.waitingSinceNs_ = monotonicNs();
   peer.waiting_.push_back({std::move(t), std::move(note)});
   return Status::ok();
@@ -1940,13 +1940,18 @@ void UcxBackendImpl::checkLiveness() {
   std::unordered_set<ucp_ep_h> waiting;  // peers with transfers awaiting the wire
   for (auto& [id, a] : active_) waiting.insert(a.ep);
   for (auto& [ep, peer] : peersByEp_) {
+    // Work waits for the handshake (with a secret) or, for cuda_ipc, for the target's HELLO reply.
     const uint64_t handshakeWaitNs =
-        !peer->failed_ && !peer->authenticated_ && !peer->waiting_.empty() ? now - peer->waitingSinceNs_ : 0;
+        !peer->failed_ && (!peer->authenticated_ || !peer->named_) && !peer->waiting_.empty() ? now - peer->waitingSinceNs_ : 0;
     if (handshakeWaitNs > kProbeAfterNs) sendCanary(now);  // the handshake's answers may be stuck in a blocked queue
     if (handshakeWaitNs > kHandshakeNs)
-      failPeer(*peer, Status(Code::RemoteDisconnect, "it did not complete the authenticated handshake within " +
-                                                         std::to_string(kHandshakeNs / 1'000'000'000ull) +
-                                                         " s (gone, or it does not hold this agent's secret)"));
+      failPeer(*peer, Status(Code::RemoteDisconnect,
+                             peer->authenticated_
+                                 ? "it did not answer this agent's HELLO within " + std::to_string(kHandshakeNs / 1'000'000'000ull) +
+                                       " s (gone or stalled)"
+                                 : "it did not complete the authenticated handshake within " +
+                                       std::to_string(kHandshakeNs / 1'000'000'000ull) +
+                                       " s (gone, or it does not hold this agent's secret)"));
     if (peer->failed_ || !waiting.count(ep)) continue;
     if (peer->pingSentNs_ != 0) {
       if (now - peer->pingSentNs_ > kLivenessNs) {
@@ -2546,9 +2551,21 @@ void UcxBackendImpl::acceptConnection(ucp_ep_h reply, const std::string& name, u
   }
   const bool parse = bad.empty() || !secret_.empty();
   Connection& conn = nameConnection(reply, name, agentId);
+  const bool repeated = conn.hasNonce && std::memcmp(conn.nonce, initiatorNonce, sizeof conn.nonce) == 0;
   std::memcpy(conn.nonce, initiatorNonce, sizeof conn.nonce);
   conn.hasNonce = true;
-  if (conn.ep != nullptr) return;  // said twice: already served
+  std::string bind;
+  if (!secret_.empty()) {
+    const Digest d = mac("kvwire/3 bind", initiatorNonce, targetNonce, agentId, agentId_, name, agentName_);
+    bind.assign(d.begin(), d.end());
+  }
+  if (conn.ep != nullptr) {
+    // Already served on this reply endpoint. The same HELLO again needs nothing; a new connection of
+    // the same instance (UCX reused the endpoint's address after it forgot and reloaded us) must
+    // still be answered, or it waits for its handshake forever.
+    if (!repeated) sendHello(conn.ep, true, initiatorNonce, bind);
+    return;
+  }
   if (!parse) {
     sendHello(reply, true, initiatorNonce, std::string());
     return;
@@ -2565,11 +2582,6 @@ void UcxBackendImpl::acceptConnection(ucp_ep_h reply, const std::string& name, u
     connectionByOwnEp_[conn.ep] = reply;
   else
     conn.ep = nullptr;  // replies fall back to the reply ep
-  std::string bind;
-  if (!secret_.empty()) {
-    const Digest d = mac("kvwire/3 bind", initiatorNonce, targetNonce, agentId, agentId_, name, agentName_);
-    bind.assign(d.begin(), d.end());
-  }
   sendHello(conn.ep != nullptr ? conn.ep : reply, true, initiatorNonce, bind);
 }
 
