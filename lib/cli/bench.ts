@@ -400,46 +400,40 @@ export async function runBench(opts: BenchOptions): Promise<number> {
 }
 
 async function latencyAndIdle(opts: BenchOptions, result: BenchResult): Promise<void> {
-  const t = opts.transports[0];
   for (const mode of ['event', 'poll'] as const) {
     if (mode === 'poll' && opts.latencySamples === 0) break;
-    const a = new Node('latency-a');
-    const b = new Node('latency-b');
-    try {
-      const base = { transports: transportsOf(t), memory: 'allocated', regionBytes: 1 << 20, progress: mode };
-      const [ia, ib] = await Promise.all([a.call('init', { ...base, name: 'lat-a' }), b.call('init', { ...base, name: 'lat-b' })]);
-      await Promise.all([a.call('peers', { metadata: [ib.metadata] }), b.call('peers', { metadata: [ia.metadata] })]);
-      if (opts.latencySamples > 0) {
-        await b.call('pingPong', { size: 4096, samples: 0, serve: true });
-        const { oneWayUs } = await a.call('pingPong', { size: 4096, samples: opts.latencySamples, serve: false });
-        result.latency.push({ mode, transport: t, size: 4096, p50Us: round(median(oneWayUs), 1), p99Us: round(percentile(oneWayUs, 99), 1), samples: oneWayUs.length });
-        log(`  latency, ${mode} mode: 4 KiB WRITE + notification seen in JS, one way ${round(median(oneWayUs), 1)} µs p50`);
-      }
-      if (mode === 'event' && opts.idleSeconds > 0) {
-        log(`  idle CPU with a connected peer, ${opts.idleSeconds} s ...`);
-        const [x, y] = await Promise.all([a.call('idleCpu', { seconds: opts.idleSeconds }), b.call('idleCpu', { seconds: opts.idleSeconds })]);
-        result.idle = { seconds: opts.idleSeconds, initiatorPercent: round(x.percent, 3), targetPercent: round(y.percent, 3) };
-      }
-    } finally {
-      await Promise.all([a.exit(), b.exit()]);
-    }
-    if (opts.latencySamples > 0 && opts.memories.includes('vram')) await vramLatency(opts, result, mode);
+    await latencyPair(opts, result, mode, 'allocated');
+    if (opts.latencySamples > 0 && opts.memories.includes('vram')) await latencyPair(opts, result, mode, 'vram');
   }
 }
 
-/** 4 KiB VRAM WRITE (path cuda_ipc) + notification seen by the target in JS, ping-pong (G5). */
-async function vramLatency(opts: BenchOptions, result: BenchResult, mode: 'event' | 'poll'): Promise<void> {
+/**
+ * Two agents of `memory` (host: kvwire-allocated; vram: path cuda_ipc, G5) ping-pong 4 KiB WRITEs,
+ * each seen by the other's JS through its notification; with host memory in event mode, the idle
+ * CPU of the connected pair too.
+ */
+async function latencyPair(opts: BenchOptions, result: BenchResult, mode: 'event' | 'poll', memory: 'allocated' | 'vram'): Promise<void> {
   const t = opts.transports[0];
-  const a = new Node('latency-vram-a');
-  const b = new Node('latency-vram-b');
+  const tag = memory === 'vram' ? '-vram' : '';
+  const a = new Node(`latency${tag}-a`);
+  const b = new Node(`latency${tag}-b`);
   try {
-    const base = { transports: transportsOf(t), memory: 'vram', regionBytes: 1 << 20, progress: mode };
-    const [ia, ib] = await Promise.all([a.call('init', { ...base, name: 'lat-vram-a' }), b.call('init', { ...base, name: 'lat-vram-b' })]);
+    const base = { transports: transportsOf(t), memory, regionBytes: 1 << 20, progress: mode };
+    const [ia, ib] = await Promise.all([a.call('init', { ...base, name: `lat${tag}-a` }), b.call('init', { ...base, name: `lat${tag}-b` })]);
     await Promise.all([a.call('peers', { metadata: [ib.metadata] }), b.call('peers', { metadata: [ia.metadata] })]);
-    await b.call('pingPong', { size: 4096, samples: 0, serve: true });
-    const { oneWayUs } = await a.call('pingPong', { size: 4096, samples: opts.latencySamples, serve: false });
-    result.latency.push({ mode, transport: t, memory: 'vram', size: 4096, p50Us: round(median(oneWayUs), 1), p99Us: round(percentile(oneWayUs, 99), 1), samples: oneWayUs.length });
-    log(`  latency, ${mode} mode: 4 KiB VRAM WRITE (cuda_ipc) + notification seen in JS, one way ${round(median(oneWayUs), 1)} µs p50`);
+    if (opts.latencySamples > 0) {
+      await b.call('pingPong', { size: 4096, samples: 0, serve: true });
+      const { oneWayUs } = await a.call('pingPong', { size: 4096, samples: opts.latencySamples, serve: false });
+      result.latency.push({ mode, transport: t, ...(memory === 'vram' ? { memory } : {}), size: 4096,
+        p50Us: round(median(oneWayUs), 1), p99Us: round(percentile(oneWayUs, 99), 1), samples: oneWayUs.length });
+      log(`  latency, ${mode} mode: 4 KiB ${memory === 'vram' ? 'VRAM WRITE (cuda_ipc)' : 'WRITE'} + notification seen in JS, ` +
+        `one way ${round(median(oneWayUs), 1)} µs p50`);
+    }
+    if (memory === 'allocated' && mode === 'event' && opts.idleSeconds > 0) {
+      log(`  idle CPU with a connected peer, ${opts.idleSeconds} s ...`);
+      const [x, y] = await Promise.all([a.call('idleCpu', { seconds: opts.idleSeconds }), b.call('idleCpu', { seconds: opts.idleSeconds })]);
+      result.idle = { seconds: opts.idleSeconds, initiatorPercent: round(x.percent, 3), targetPercent: round(y.percent, 3) };
+    }
   } finally {
     await Promise.all([a.exit(), b.exit()]);
   }

@@ -120,6 +120,8 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
 
   bool ensureOpen(Napi::Env env);
   Napi::Object regionObject(Napi::Env env, const kvwire::RegionInfo& r);
+  // A new region for JS (progress scheduled: peers may now reach it), or the error thrown.
+  Napi::Value newRegion(Napi::Env env, const kvwire::Result<kvwire::RegionInfo>& r);
   void startLoop(uv_loop_t* loop);
   void pollEventFd();
   void schedule();  // progress soon, on the loop, never re-entrantly inside a JS call
@@ -416,6 +418,15 @@ uint8_t accessFrom(const Napi::Value& v) {
   return s == "read" ? kvwire::kAccessRead : s == "write" ? kvwire::kAccessWrite : kvwire::kAccessReadWrite;
 }
 
+Napi::Value AgentWrap::newRegion(Napi::Env env, const kvwire::Result<kvwire::RegionInfo>& r) {
+  if (!r.isOk()) {
+    throwStatus(env, r.status());
+    return env.Undefined();
+  }
+  schedule();
+  return regionObject(env, r.value());
+}
+
 // allocate(name, bytes, access) -> { region, bytes: Uint8Array over the allocated memory }
 Napi::Value AgentWrap::Allocate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -451,28 +462,16 @@ Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
   auto view = info[1].As<Napi::Uint8Array>();
   auto* ref = new Napi::ObjectReference(Napi::Persistent(info[1].As<Napi::Object>()));
   std::shared_ptr<void> keeper(ref, [](void* p) { delete static_cast<Napi::ObjectReference*>(p); });
-  auto r = agent_->registerMemory(info[0].As<Napi::String>(), view.Data(), view.ByteLength(), accessFrom(info[2]),
-                                  std::move(keeper), info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value());
-  if (!r.isOk()) {
-    throwStatus(env, r.status());
-    return env.Undefined();
-  }
-  schedule();
-  return regionObject(env, r.value());
+  return newRegion(env, agent_->registerMemory(info[0].As<Napi::String>(), view.Data(), view.ByteLength(), accessFrom(info[2]),
+                                               std::move(keeper), info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value()));
 }
 
 // allocateVram(name, bytes, access, device) -> region (no host view: VRAM is reached by copies)
 Napi::Value AgentWrap::AllocateVram(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
-  auto r = agent_->allocateVram(info[0].As<Napi::String>(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
-                                accessFrom(info[2]), info[3].As<Napi::Number>().Uint32Value());
-  if (!r.isOk()) {
-    throwStatus(env, r.status());
-    return env.Undefined();
-  }
-  schedule();
-  return regionObject(env, r.value());
+  return newRegion(env, agent_->allocateVram(info[0].As<Napi::String>(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
+                                             accessFrom(info[2]), info[3].As<Napi::Number>().Uint32Value()));
 }
 
 // registerVram(name, address: bigint, bytes, access, device) -> region
@@ -485,14 +484,9 @@ Napi::Value AgentWrap::RegisterVram(const Napi::CallbackInfo& info) {
     throwInvalid(env, "register: address must be a bigint in [1, 2^64)");
     return env.Undefined();
   }
-  auto r = agent_->registerVram(info[0].As<Napi::String>(), address, static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue()),
-                                accessFrom(info[3]), info[4].As<Napi::Number>().Uint32Value());
-  if (!r.isOk()) {
-    throwStatus(env, r.status());
-    return env.Undefined();
-  }
-  schedule();
-  return regionObject(env, r.value());
+  return newRegion(env, agent_->registerVram(info[0].As<Napi::String>(), address,
+                                             static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue()), accessFrom(info[3]),
+                                             info[4].As<Napi::Number>().Uint32Value()));
 }
 
 // writeRegion(id, offset, bytes: Uint8Array) / readRegion(id, offset, into: Uint8Array): host copies.
