@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
-import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, thrown } from './helpers';
+import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, runHostileTool, thrown } from './helpers';
 
 const CLI = path.join(__dirname, '..', 'dist', 'cli', 'index.js');
 const MiB = 1 << 20;
@@ -361,6 +361,20 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     const e = await agent.write(vram.descriptors([0], [4096]), peers['host-registered'].region('kv').descriptors([0], [4096])).catch((x) => x);
     expect(e.code).toBe('ERR_UNAVAILABLE');
     expect(e.message).toMatch(/only when it is mapped into this process/);
+  });
+
+  it("forged VRAM_REVOKEs (guessed connection nonces) and VRAM_REVOKE_ACKs from a stranger change nothing: the initiator keeps copying", async () => {
+    const region = peers.gpu.region('kv');
+    await agent.write(vram.descriptors([0], [4096]), region.descriptors([0], [4096]));
+    const sent = await runHostileTool('tcp', agent.metadata(), 'vramrevoke', String(region.id), '2000');
+    expect(sent).toBeGreaterThanOrEqual(4000);
+    // Both ends of the real connection keep going.
+    await gpu.ok('fill', { seed: 61 });
+    const s = await agent.read(vram.descriptors([8192], [4096]), region.descriptors([8192], [4096]));
+    expect(s.path).toBe('cuda_ipc');
+    expect(hashOf(vram, [8192], [4096])).toBe((await gpu.ok('hash', { offsets: [8192], lengths: [4096] })).hash);
+    expect((await runHostileTool('tcp', Buffer.from(gpu.metadata, 'base64'), 'vramrevoke', String(region.id), '500'))).toBeGreaterThan(0);
+    expect((await gpu.ok('health')).health.retiredRegions).toBe(0);
   });
 
   it('host paths refuse VRAM, and cuda_ipc refuses host memory on both sides', async () => {

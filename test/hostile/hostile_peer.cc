@@ -12,6 +12,9 @@
 //                                                          address is random, of another format version,
 //                                                          truncated, or followed by junk (each aborted UCX's
 //                                                          parser before kvwire checked addresses)
+//   kvwire_hostile_peer <metadata file> vramrevoke <region> <count>  at an agent that loaded a VRAM peer: VRAM_REVOKEs
+//                                                          for that region id with guessed connection nonces, and
+//                                                          VRAM_REVOKE_ACKs with guessed sequence numbers
 //   kvwire_hostile_peer <metadata file> rmaput             a UCX PUT of 0xEE bytes at the start of the target's
 //                                                          first region, with its published key: no kvwire
 //                                                          message at all (over tcp UCX emulates it in software)
@@ -184,9 +187,9 @@ void malformed(uint32_t seed) {
   //    left out here: its address bytes reach ucp_ep_create (see below).
   const uint16_t ids[] = {0, 255, 256, 1000, 32768, 65534, kAmWrite, kAmWriteCommit, kAmAck, kAmReadRequest, kAmReadData, kAmReadDone,
                           kAmNotify, kAmWritePacked, kAmReadPacked, kAmBye, kAmPing, kAmPong, kAmChallenge, kAmAuth,
-                          kAmCmaProbe, kAmCmaProof, kAmRevoke, kAmRevokeAck,
+                          kAmCmaProbe, kAmCmaProof, kAmRevoke, kAmRevokeAck, kAmVramRevoke, kAmVramRevokeAck,
                           31 /* the canary's id (kvwire's own check of its receive queue) */, 99, 65535};
-  const size_t headerSizes[] = {0, 1, 7, 8, 11, 12, 15, 16, 19, 20, 23, 24, 31, 32, 33, 47, 48, 49, 64, 200};
+  const size_t headerSizes[] = {0, 1, 7, 8, 11, 12, 15, 16, 19, 20, 23, 24, 27, 28, 29, 31, 32, 33, 47, 48, 49, 64, 200};
   const size_t dataSizes[] = {0, 1, 17, 1024, 4096, 9000, 65536};
   // HOSTILE_MAX_ID: the highest message id sent (UCX 1.13 itself crashes on ids >= 32768, before
   // any handler runs: the tests leave those out there and say so). HOSTILE_ONLY_ID: one id, to bisect.
@@ -253,6 +256,22 @@ void malformed(uint32_t seed) {
     send(kAmReadPacked, pr, bytes(rng() % 2048));
     ByeHeader bye{rng(), static_cast<uint32_t>(i % 2)};  // not this connection's instance (said to be closing or moved): ignored
     send(kAmBye, bye, {});
+  }
+  drain();
+}
+
+// A stranger (its own connection, no nonce of anyone's) tells an initiator that region `region` of some
+// peer is withdrawn, and acknowledges withdrawals it was never told of.
+void vramRevoke(uint32_t region, uint64_t count) {
+  hello();
+  std::mt19937_64 rng(count);
+  for (uint64_t i = 0; i < count; ++i) {
+    VramRevokeHeader h{};
+    for (auto& b : h.nonce) b = static_cast<uint8_t>(rng());
+    h.seq = rng();
+    h.regionId = i % 2 == 0 ? region : static_cast<uint32_t>(rng());
+    send(kAmVramRevoke, h, {});
+    send(kAmVramRevokeAck, h, {});
   }
   drain();
 }
@@ -407,7 +426,7 @@ int main(int argc, char** argv) {
   size_t ownLength = 0;
   if ((st = ucp_worker_get_address(worker, &own, &ownLength)) != UCS_OK) die("ucp_worker_get_address", st);
   // Replies the target sends back are dropped; UCX 1.13 crashes on ids without a handler.
-  for (uint16_t id = 0; id < 16; ++id) {
+  for (uint16_t id = 0; id < 32; ++id) {
     ucp_am_handler_param_t hp{};
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB;
     hp.id = id;
@@ -426,6 +445,9 @@ int main(int argc, char** argv) {
     malformed(argc > 3 ? static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)) : 1);
   else if (scenario == "forge")
     forge(argc > 3 ? std::strtoull(argv[3], nullptr, 10) : 1000);
+  else if (scenario == "vramrevoke")
+    vramRevoke(argc > 3 ? static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10)) : 1,
+               argc > 4 ? std::strtoull(argv[4], nullptr, 10) : 1000);
   else if (scenario == "rmaput")
     rmaPut(region);
   else if (scenario == "unauth")
