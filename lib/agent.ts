@@ -270,8 +270,9 @@ export class Agent extends EventEmitter {
    * and moves blocks with one memcpy. `region.bytes` is the view to fill or read.
    *
    * With `memory: 'vram'`: `bytes` of GPU memory on CUDA device `device` (default 0), through the
-   * CUDA driver (not zeroed). It has no host view: `region.write` / `region.read` copy to and from
-   * it; same-host peers reach it by path 'cuda_ipc'. ERR_UNAVAILABLE, with the reason, where there
+   * CUDA driver (zeroed, rounded up to whole 2 MiB granules). It has no host view: `region.write` /
+   * `region.read` copy to and from it; same-host peers reach it by path 'cuda_ipc', peers on other
+   * hosts by 'am'. ERR_UNAVAILABLE, with the reason, where there
    * is no CUDA driver or device (`kvwire info` says which).
    */
   allocate(bytes: number, options: RegionOptions): Region {

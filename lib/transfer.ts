@@ -14,8 +14,9 @@ export interface TransferStats {
   /**
    * How the bytes moved: 'direct' (peer memory mapped here, memcpy), 'cma' (a same-host peer's
    * registered memory, copied by this process with process_vm_readv/writev), 'am' (active-message
-   * rendezvous, served by the peer), 'rma', or 'cuda_ipc' (VRAM on either side: a same-host peer's
-   * VRAM opened through CUDA IPC, copied by this process on its own CUDA stream).
+   * rendezvous, served by the peer; VRAM too, on any host), 'rma', or 'cuda_ipc' (VRAM on either
+   * side, same host: the peer's VRAM opened through CUDA IPC, copied by this process on its own CUDA
+   * stream).
    */
   path: TransferPath;
   /** Validate + plan + post, microseconds. */

@@ -98,7 +98,9 @@ describe('without a CUDA driver', () => {
     expect(i.ucx.transports.length).toBeGreaterThan(0);
     expect(i.ucx.memoryTypes).toContain('host');
     const gdr = i.paths.find((x: any) => x.path.startsWith('GPUDirect'));
-    expect(gdr.ready).toBe(false);
+    const rdma = i.ucx.transports.some((t: string) => /^(rc|dc|ud)_(verbs|mlx5)\//.test(t));
+    expect(gdr.ready).toBe(i.cuda.available && i.ucx.memoryTypes.includes('cuda') && rdma);
+    if (!i.cuda.available) expect(i.paths.find((x: any) => x.path === 'am (VRAM, any host)').ready).toBe(false);
   });
 });
 
@@ -121,6 +123,13 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
       expect(p.ready).toBe(true);
       if (!GPU) expect(p.detail).toMatch(/TEST DOUBLE/);
     }
+    // VRAM by active messages: through UCX where it has CUDA memory support, else staged by kvwire
+    // (always here: UCX never sees the double).
+    const am = i.paths.find((x: any) => x.path === 'am (VRAM, any host)');
+    expect(am.ready).toBe(true);
+    expect(am.detail).toMatch(i.ucx.memoryTypes.includes('cuda') ? /handed to UCX with its memory type/ : /staged by kvwire through host memory .*has no CUDA memory type/);
+    const forced = info({ ...DOUBLE, KVWIRE_VRAM_STAGING: '1' }).paths.find((x: any) => x.path === 'am (VRAM, any host)');
+    expect(forced.detail).toMatch(/staged by kvwire through host memory on each side \(KVWIRE_VRAM_STAGING is set\)/);
   });
 
   it('allocate(vram): zeroed (the double hands out dirty memory, as GPUs do), no host view, write/read copies, bounds and device checked', () => {
@@ -192,11 +201,17 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
       expect(peer.region('part').exported).toBe(false);
       expect(peer.region('same').exported).toBe(true);
       const mine = other.allocate(8192, { name: 'mine', memory: 'vram' });
-      const tryWrite = (name: string) => other.write(mine.descriptors([0], [4096]), peer.region(name).descriptors([0], [4096])).catch((x) => x);
+      const tryWrite = (name: string, path?: 'cuda_ipc') =>
+        other.write(mine.descriptors([0], [4096]), peer.region(name).descriptors([0], [4096]), { path }).catch((x) => x);
+      mine.write(0, random(8, 4096));
       for (const name of ['part', 'head']) {
-        const e = await tryWrite(name);
+        const e = await tryWrite(name, 'cuda_ipc');
         expect(e.code).toBe('ERR_UNAVAILABLE');
         expect(e.message).toMatch(/publishes no CUDA IPC handle: its owner exports only regions that are a whole CUDA allocation/);
+        // Unexported VRAM is still reachable: 'auto' moves it by active messages, the owner copying
+        // into its own VRAM.
+        expect((await tryWrite(name)).path).toBe('am');
+        expect((name === 'part' ? part : head).read(0, 4096).equals(mine.read(0, 4096))).toBe(true);
       }
       // The whole ones carry a handle: refused only later, because both agents are in this process
       // (the double refuses that as CUDA does; where a driver opens it, the write goes through).
@@ -218,7 +233,7 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
     }
   });
 
-  it("a target refuses a peer's active-message WRITE into its VRAM (metadata forged to call it host memory, with a real key)", async () => {
+  it("a target serves active messages into and out of its VRAM by its own table, not the metadata (forged to call it host memory, with a real key)", async () => {
     const other = await Agent.create({ name: 'vram-forger' });
     try {
       const v = agent.allocate(MiB, { name: 'victim', memory: 'vram' });
@@ -235,13 +250,19 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
       });
       const peer = other.loadPeer(forged);
       expect(peer.region('victim').kind).toBe('dram');
-      const mine = other.register(Buffer.alloc(4096, 7), { name: 'mine' });
-      for (const path of ['am', 'auto'] as const) {
-        const e = await other.write(mine.descriptors([0], [4096]), peer.region('victim').descriptors([0], [4096]), { path }).catch((x) => x);
-        expect(e.code, path).toBe('ERR_NOT_ALLOWED');
-        expect(e.message).toMatch(/is VRAM: peers on this host reach it by path 'cuda_ipc'/);
+      // The initiator takes it for host memory; the target knows it is VRAM and copies with the
+      // driver (host code touching a device address of the double faults: this would crash).
+      const mine = other.register(random(12, 8192), { name: 'mine' });
+      for (const [i, path] of (['am', 'auto'] as const).entries()) {
+        const at = i * 4096;
+        const w = await other.write(mine.descriptors([at], [4096]), peer.region('victim').descriptors([at], [4096]), { path });
+        expect(w.path).toBe('am');
+        expect(v.read(at, 4096).equals(mine.bytes.subarray(at, at + 4096))).toBe(true);
       }
-      expect(v.read(0, 4096).equals(Buffer.alloc(4096))).toBe(true);
+      v.write(65536, random(13, 4096));
+      const back = other.register(Buffer.alloc(4096), { name: 'back' });
+      expect((await other.read(back.descriptors([0], [4096]), peer.region('victim').descriptors([65536], [4096]))).path).toBe('am');
+      expect(Buffer.from(back.bytes).equals(v.read(65536, 4096))).toBe(true);
       agent.deregister(v);
       agent.deregister(h);
     } finally {
@@ -347,7 +368,7 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     agent.deregister(fresh);
   });
 
-  it("VRAM <-> a same-host peer's kvwire-allocated host memory, both ways; its registered host memory is refused with the reason", async () => {
+  it("VRAM <-> a same-host peer's kvwire-allocated host memory, both ways; its registered host memory by 'am' (cuda_ipc refused with the reason)", async () => {
     const lengths = mixedLengths(11, 100, 4096, 65536);
     const local = place(12, lengths, SIZE);
     const remote = place(13, lengths, SIZE);
@@ -358,9 +379,15 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     const back = place(14, lengths, SIZE);
     await agent.read(vram1.descriptors(back, lengths), peers['host-allocated'].region('kv').descriptors(remote, lengths));
     expect(hashOf(vram1, back, lengths)).toBe((await hostAllocated.ok('hash', { offsets: remote, lengths })).hash);
-    const e = await agent.write(vram.descriptors([0], [4096]), peers['host-registered'].region('kv').descriptors([0], [4096])).catch((x) => x);
+    const e = await agent
+      .write(vram.descriptors([0], [4096]), peers['host-registered'].region('kv').descriptors([0], [4096]), { path: 'cuda_ipc' })
+      .catch((x) => x);
     expect(e.code).toBe('ERR_UNAVAILABLE');
     expect(e.message).toMatch(/only when it is mapped into this process/);
+    // 'auto' moves it by active messages instead (VRAM staged through host memory here).
+    const s = await agent.write(vram.descriptors(local, lengths), peers['host-registered'].region('kv').descriptors(remote, lengths));
+    expect(s.path).toBe('am');
+    expect((await hostRegistered.ok('hash', { offsets: remote, lengths })).hash).toBe(hashOf(vram, local, lengths));
   });
 
   it("forged VRAM_REVOKEs (guessed connection nonces) and VRAM_REVOKE_ACKs from a stranger change nothing: the initiator keeps copying", async () => {
@@ -378,10 +405,10 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
   });
 
   it('host paths refuse VRAM, and cuda_ipc refuses host memory on both sides', async () => {
-    for (const path of ['am', 'direct', 'cma', 'rma'] as const) {
+    for (const path of ['direct', 'cma', 'rma'] as const) {
       const e = await agent.write(vram.descriptors([0], [64]), peers.gpu.region('kv').descriptors([0], [64]), { path }).catch((x) => x);
       expect(e.code, path).toBe('ERR_UNAVAILABLE');
-      expect(e.message).toMatch(new RegExp(`path '${path}' moves host memory only`));
+      expect(e.message).toMatch(new RegExp(`path '${path}' moves host memory only; VRAM moves by path 'cuda_ipc' \\(peers on one host\\) or 'am'`));
     }
     const e = await agent.write(dram.descriptors([0], [64]), peers['host-allocated'].region('kv').descriptors([0], [64]), { path: 'cuda_ipc' }).catch((x) => x);
     expect(e.code).toBe('ERR_UNAVAILABLE');
@@ -586,6 +613,162 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
       expect(after.stats.path).toBe('cuda_ipc');
     } finally {
       await Promise.all([slow.close(), victim.close()]);
+    }
+  });
+});
+
+// Across hosts VRAM moves by active messages: each end moves its own VRAM, through UCX with its
+// memory type where UCX has CUDA support, else staged through host memory by kvwire (this machine's
+// UCX builds have none, and the double is invisible to UCX: a device address given to UCX here would
+// be read as host memory and fault). Two processes over tcp, as two hosts would talk.
+describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA driver' : 'CUDA test double'})`, () => {
+  const SIZE = 8 * MiB;
+  let gpu: PeerProcess; // VRAM region 'kv'
+  let host: PeerProcess; // a registered Buffer
+  let agent: Agent;
+  let peers: Record<string, Peer>;
+  let vram: Region;
+  let vram1: Region;
+  let dram: Region;
+
+  beforeAll(async () => {
+    gpu = new PeerProcess('tcp-gpu', DOUBLE);
+    host = new PeerProcess('tcp-host', DOUBLE);
+    await Promise.all([
+      gpu.init({ memory: 'vram', size: SIZE, transports: 'tcp' }),
+      host.init({ memory: 'registered', size: SIZE, transports: 'tcp' }),
+    ]);
+    agent = await Agent.create({ name: 'tcp-initiator', ucx: { transports: 'tcp' } });
+    peers = {};
+    for (const p of [gpu, host]) peers[p.name] = agent.loadPeer(Buffer.from(p.metadata, 'base64'));
+    vram = agent.allocate(SIZE, { name: 'vram', memory: 'vram' });
+    vram1 = agent.allocate(SIZE, { name: 'vram1', memory: 'vram', device: DEV1 });
+    dram = agent.register(Buffer.alloc(SIZE), { name: 'dram' });
+    vram.write(0, random(23, SIZE));
+    vram1.write(0, random(24, SIZE));
+    dram.bytes.set(random(25, SIZE));
+  });
+  afterAll(async () => {
+    await agent?.close();
+    await Promise.all([gpu, host].map((p) => p?.close()));
+  });
+
+  // 1 MiB goes by rendezvous, 64 mixed up to 64 KiB as single messages, 10,000 small ones packed.
+  for (const count of [1, 64, 10_000]) {
+    it(`VRAM -> peer VRAM WRITE and back by READ, ${count} scattered descriptors, notification after the data`, async () => {
+      const lengths = count === 1 ? [MiB] : mixedLengths(count + 40, count, 64, count === 64 ? 65536 : 512);
+      const local = place(count + 41, lengths, SIZE);
+      const remote = place(count + 42, lengths, SIZE);
+      const note = JSON.stringify({ offsets: remote, lengths });
+      const arrived = gpu.waitEvent('notification', 10_000, (m) => m.message === note);
+      const want = hashOf(vram, local, lengths);
+      const w = await agent.write(vram.descriptors(local, lengths), peers['tcp-gpu'].region('kv').descriptors(remote, lengths), { path: 'am', notify: note });
+      expect(w.path).toBe('am');
+      expect((await arrived).hash).toBe(want); // the data was in the peer's VRAM when it was told
+      expect(hashOf(vram, local, lengths)).toBe(want);
+      const back = place(count + 43, lengths, SIZE);
+      expect(hashOf(vram1, back, lengths)).not.toBe(want);
+      const r = await agent.read(vram1.descriptors(back, lengths), peers['tcp-gpu'].region('kv').descriptors(remote, lengths), { path: 'am' });
+      expect(r.path).toBe('am');
+      expect(hashOf(vram1, back, lengths)).toBe(want);
+    });
+  }
+
+  it('host memory <-> peer VRAM and VRAM <-> peer host memory, both ways', async () => {
+    const lengths = mixedLengths(51, 200, 512, 131072);
+    const local = place(52, lengths, SIZE);
+    const remote = place(53, lengths, SIZE);
+    await agent.write(dram.descriptors(local, lengths), peers['tcp-gpu'].region('kv').descriptors(remote, lengths), { path: 'am' });
+    expect((await gpu.ok('hash', { offsets: remote, lengths })).hash).toBe(hashOf(dram, local, lengths));
+    const fresh = agent.register(Buffer.alloc(SIZE), { name: 'fresh' });
+    await agent.read(fresh.descriptors(local, lengths), peers['tcp-gpu'].region('kv').descriptors(remote, lengths), { path: 'am' });
+    expect(hashOf(fresh, local, lengths)).toBe(hashOf(dram, local, lengths));
+    agent.deregister(fresh);
+    // A peer's registered Buffer on this host: 'auto' picks 'am' (cuda_ipc needs it mapped here).
+    const w = await agent.write(vram.descriptors(local, lengths), peers['tcp-host'].region('kv').descriptors(remote, lengths));
+    expect(w.path).toBe('am');
+    expect((await host.ok('hash', { offsets: remote, lengths })).hash).toBe(hashOf(vram, local, lengths));
+    await host.ok('fill', { seed: 54 });
+    await agent.read(vram1.descriptors(local, lengths), peers['tcp-host'].region('kv').descriptors(remote, lengths));
+    expect(hashOf(vram1, local, lengths)).toBe((await host.ok('hash', { offsets: remote, lengths })).hash);
+  });
+
+  it("a peer on another host (its VRAM's boot id differs): 'auto' moves it by 'am', and cuda_ipc is refused with the reason", async () => {
+    const elsewhere = Buffer.from(gpu.metadata, 'base64');
+    const section = elsewhere.indexOf(Buffer.from('cuda-ipc'));
+    expect(section).toBeGreaterThan(0);
+    const hostId = section + 8 + 4 + 64 + 8; // name, length, IPC handle, offset
+    expect(elsewhere.readUInt32LE(section + 8)).toBe(64 + 8 + 16);
+    elsewhere[hostId] ^= 0xff;
+    const fresh = await Agent.create({ name: 'other-host-view', ucx: { transports: 'tcp' } });
+    try {
+      const peer = fresh.loadPeer(reseal(elsewhere));
+      const mine = fresh.allocate(MiB, { name: 'mine', memory: 'vram' });
+      mine.write(0, random(55, 65536));
+      const e = await fresh.write(mine.descriptors([0], [65536]), peer.region('kv').descriptors([0], [65536]), { path: 'cuda_ipc' }).catch((x) => x);
+      expect(e.code).toBe('ERR_UNAVAILABLE');
+      expect(e.message).toMatch(/is on another host \(its boot id differs from this host's\): use path 'am'/);
+      const w = await fresh.write(mine.descriptors([0], [65536]), peer.region('kv').descriptors([0], [65536]));
+      expect(w.path).toBe('am');
+      expect((await gpu.ok('hash', { offsets: [0], lengths: [65536] })).hash).toBe(hashOf(mine, [0], [65536]));
+    } finally {
+      await fresh.close();
+    }
+  });
+
+  doubleOnly('a failing GPU copy on the way out rejects the WRITE with the driver error before anything is sent', async () => {
+    const failing = new PeerProcess('tcp-failing', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_FAIL_COPIES: '1' });
+    try {
+      await failing.init({ memory: 'vram', size: MiB, transports: 'tcp' });
+      await failing.ok('load', { metadata: gpu.metadata });
+      const r = await failing.call('transfer', { peer: 'tcp-gpu', op: 'write', path: 'am', localOffsets: [0], remoteOffsets: [0], lengths: [4096], notify: 'must-not-arrive-am' });
+      expect(r.ok).toBe(false);
+      expect(r.error!.code).toBe('ERR_BACKEND');
+      expect(r.error!.message).toMatch(/CUDA error 700/);
+      expect((await failing.ok('health')).health.gpuFault).toMatch(/CUDA error 700/);
+      await new Promise((res) => setTimeout(res, 300));
+      expect(gpu.notifications.some((n) => n.message === 'must-not-arrive-am')).toBe(false);
+    } finally {
+      await failing.close();
+    }
+  });
+
+  doubleOnly('a target killed while it copies its VRAM out for a READ: the initiator gets ERR_REMOTE_DISCONNECT and keeps working', async () => {
+    const victim = new PeerProcess('tcp-victim', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '400000' });
+    try {
+      await victim.init({ memory: 'vram', size: MiB, transports: 'tcp' });
+      const peer = agent.loadPeer(Buffer.from(victim.metadata, 'base64'));
+      const reading = agent.read(vram.descriptors([0], [65536]), peer.region('kv').descriptors([0], [65536]), { path: 'am' }).catch((x) => x);
+      await new Promise((res) => setTimeout(res, 150));
+      victim.kill();
+      const e = await reading;
+      expect(e.code).toBe('ERR_REMOTE_DISCONNECT');
+      const r = await agent.read(vram.descriptors([0], [4096]), peers['tcp-gpu'].region('kv').descriptors([0], [4096]), { path: 'am' });
+      expect(r.path).toBe('am');
+    } finally {
+      await victim.close();
+    }
+  });
+
+  doubleOnly('a READ that would stage more than 1 GiB for one connection is refused by the target with the limit, and the connection goes on', async () => {
+    const big = new PeerProcess('tcp-big', DOUBLE);
+    const fresh = await Agent.create({ name: 'big-reader', ucx: { transports: 'tcp' } });
+    try {
+      const bytes = 1024 * MiB + 4096;
+      await big.init({ memory: 'vram', size: bytes, transports: 'tcp' });
+      const peer = fresh.loadPeer(Buffer.from(big.metadata, 'base64'));
+      const into = fresh.allocate(bytes, { name: 'into' }); // host memory: untouched pages cost nothing
+      const e = await fresh.read(into.descriptors([0], [bytes]), peer.region('kv').descriptors([0], [bytes]), { path: 'am' }).catch((x) => x);
+      expect(e.code).toBe('ERR_UNAVAILABLE');
+      expect(e.message).toMatch(/would pass the limit \(1024 MiB per connection, 4096 MiB in all\)/);
+      into.bytes.set(random(56, 4096));
+      await fresh.write(into.descriptors([0], [4096]), peer.region('kv').descriptors([4096], [4096]), { path: 'am' });
+      await fresh.read(into.descriptors([8192], [4096]), peer.region('kv').descriptors([4096], [4096]), { path: 'am' });
+      expect(hashOf(into, [8192], [4096])).toBe(hashOf(into, [0], [4096]));
+      expect((await big.ok('hash', { offsets: [4096], lengths: [4096] })).hash).toBe(hashOf(into, [0], [4096]));
+    } finally {
+      await fresh.close();
+      await big.close();
     }
   });
 });

@@ -26,6 +26,10 @@ export function collectInfo(): KvwireInfo {
   const cudaReady = cuda.available && cuda.ipcProblem === undefined;
   const cudaWhy = cuda.reason ?? `CUDA IPC export fails here (trial on device 0): ${cuda.ipcProblem}`;
   const ucxCuda = ucx.memoryTypes.includes('cuda');
+  const stagingEnv = process.env.KVWIRE_VRAM_STAGING;
+  const staging = stagingEnv !== undefined && stagingEnv !== '' && stagingEnv !== '0';
+  const vramThroughUcx = cuda.available && ucxCuda && !staging; // as the agent decides (native/backends/ucx)
+  const rdma = ['rc_verbs', 'rc_mlx5', 'dc_mlx5', 'ud_verbs', 'ud_mlx5'].filter(has);
   const paths: PathReadiness[] = [
     {
       path: 'direct (host, same host)',
@@ -59,9 +63,21 @@ export function collectInfo(): KvwireInfo {
         : cudaWhy,
     },
     {
-      path: 'GPUDirect RDMA (VRAM across hosts)',
-      ready: false,
-      detail: `not built yet: kvwire moves VRAM between processes on one host only (UCX ${ucx.version} ${ucxCuda ? 'does' : 'does not'} support CUDA memory${ucxCuda ? '' : '; Debian\'s UCX has no CUDA transports: use the libucx-cu12/cu13 build'}; RDMA transports here: ${['rc_verbs', 'rc_mlx5', 'dc_mlx5', 'ud_verbs', 'ud_mlx5'].filter(has).join(', ') || 'none'})`,
+      path: 'am (VRAM, any host)',
+      ready: cuda.available,
+      detail: !cuda.available ? cuda.reason ?? 'no CUDA driver'
+        : vramThroughUcx
+          ? `VRAM handed to UCX with its memory type (UCX ${ucx.version} supports CUDA memory): large segments without a host copy by kvwire; small ones packed through host memory${double}`
+          : `VRAM staged by kvwire through host memory on each side (${staging ? 'KVWIRE_VRAM_STAGING is set' : `UCX ${ucx.version} has no CUDA memory type${ucx.error ? '' : "; Debian's UCX has none: the libucx-cu12/cu13 build has"}`}); at most 1 GiB staged per connection served${double}`,
+    },
+    {
+      path: 'GPUDirect RDMA (VRAM across hosts, zero-copy)',
+      ready: vramThroughUcx && rdma.length > 0,
+      detail: vramThroughUcx && rdma.length > 0
+        ? `UCX may move VRAM straight to the NIC (${rdma.join(', ')}; whether it does depends on nvidia-peermem/dma-buf: UCX_PROTO_INFO=y shows its choice)`
+        : !vramThroughUcx
+          ? 'VRAM is not handed to UCX here (see the VRAM am path)'
+          : `no RDMA transport in UCX here (tcp stages through host memory inside UCX)`,
     },
   ];
   return { kvwire: require('../../package.json').version, node: process.version, ucx, cuda, paths };

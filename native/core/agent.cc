@@ -523,16 +523,16 @@ void Agent::connectionLost(const std::string& name, uint64_t agentId, Status sta
 }
 
 Result<uint8_t*> Agent::resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
-                                       LocalRegionRef* hold) {
+                                       LocalRegionRef* hold, bool vram) {
   auto it = regions_.find(regionId);
   if (it == regions_.end())
     return Status(Code::NotFound, "region " + std::to_string(regionId) + " is not registered at '" + name_ + "'");
   const LocalRegionRef& r = it->second;
-  // A backend serving a peer copies with host instructions (or hands the pointer to UCX as host
-  // memory): a device address must never reach it. Same-host peers open VRAM themselves (cuda_ipc).
-  if (r->info.kind != MemKind::Dram)
-    return Status(Code::NotAllowed, "region '" + r->info.name + "' at '" + name_ + "' is VRAM: peers on this host reach "
-                                        "it by path 'cuda_ipc'; other paths move host memory only");
+  // A caller that copies with host instructions (or hands the pointer to UCX as host memory) must
+  // never get a device address.
+  if (r->info.kind != MemKind::Dram && !vram)
+    return Status(Code::NotAllowed, "region '" + r->info.name + "' at '" + name_ + "' is VRAM: peers reach it by path "
+                                        "'cuda_ipc' (same host) or 'am'; other paths move host memory only");
   if ((r->info.access & need) == 0)
     return Status(Code::NotAllowed, "region '" + r->info.name + "' at '" + name_ + "' is exported '" +
                                         accessName(r->info.access) + "'");

@@ -112,7 +112,7 @@ class Agent : public BackendHost {
   void connectionLost(const std::string& name, uint64_t agentId, Status status) override;
   void workerRebuilt(const std::vector<std::string>& lost, const Status& why) override;
   Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
-                                  LocalRegionRef* hold) override;
+                                  LocalRegionRef* hold, bool vram) override;
 
  private:
   struct PeerEntry {

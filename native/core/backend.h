@@ -30,9 +30,11 @@ class BackendHost {
   // agents had opened to it (`lost`, by name) are over (they must load the new metadata).
   virtual void workerRebuilt(const std::vector<std::string>& lost, const Status& why) = 0;
   // Resolve a peer's access to this agent's memory: region id, bounds and access rights are all
-  // checked here, never trusted from the wire. `hold` keeps the region alive while data moves.
+  // checked here, never trusted from the wire. `hold` keeps the region alive while data moves. A
+  // VRAM region is refused unless the caller moves device memory (`vram`): then the address returned
+  // for one (hold->info.kind) is a device address, which host code must never touch.
   virtual Result<uint8_t*> resolveInbound(uint32_t regionId, uint64_t offset, uint64_t length, Access need,
-                                          LocalRegionRef* hold) = 0;
+                                          LocalRegionRef* hold, bool vram = false) = 0;
 };
 
 // One peer connection as a backend keeps it; prepared once per peer generation.

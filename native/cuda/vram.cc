@@ -1,6 +1,7 @@
 #include "vram.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <tuple>
 
@@ -100,6 +101,58 @@ Result<std::unique_ptr<BackendMemory>> allocateVram(int device, uint64_t length)
   return memory;
 }
 
+Status copyRunsNow(int device, const std::vector<CopyRun>& runs) {
+  if (runs.empty()) return Status::ok();
+  OnDevice d(device);
+  if (!d.isOk()) return d.status();
+  const Driver& drv = *d.value();
+  Status st;
+  for (const CopyRun& r : runs) {
+    if (CUresult e = drv.memcpyAsync(r.dst, r.src, r.bytes, nullptr); e != kSuccess) {
+      st = drv.fail("cuMemcpyAsync", e);
+      break;
+    }
+  }
+  // Waited for even after an error: copies enqueued before it still use the host buffers.
+  if (CUresult e = drv.streamSynchronize(nullptr); e != kSuccess && st.isOk()) st = drv.fail("cuStreamSynchronize", e);
+  return st;
+}
+
+const std::array<uint8_t, kHostIdBytes>& hostId() {
+  static const std::array<uint8_t, kHostIdBytes> id = [] {
+    std::array<uint8_t, kHostIdBytes> out{};
+    FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r");  // a UUID, new at every boot
+    if (f == nullptr) return out;
+    char text[64] = {};
+    const size_t n = std::fread(text, 1, sizeof text - 1, f);
+    std::fclose(f);
+    size_t k = 0;
+    int high = -1;
+    for (size_t i = 0; i < n && k < out.size(); ++i) {
+      const char c = text[i];
+      const int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+      if (v < 0) continue;
+      if (high < 0) {
+        high = v;
+      } else {
+        out[k++] = static_cast<uint8_t>(high << 4 | v);
+        high = -1;
+      }
+    }
+    if (k != out.size()) out.fill(0);
+    return out;
+  }();
+  return id;
+}
+
+bool ipcSectionFromThisHost(const std::vector<uint8_t>& section) {
+  if (section.size() != kIpcSectionBytes) return true;  // refused with the reason when opened
+  const uint8_t* theirs = section.data() + kIpcHandleBytes + 8;
+  const auto& mine = hostId();
+  const auto zero = [](const uint8_t* p) { return std::all_of(p, p + kHostIdBytes, [](uint8_t b) { return b == 0; }); };
+  return zero(theirs) || zero(mine.data()) || std::equal(mine.begin(), mine.end(), theirs);
+}
+
 Result<std::unique_ptr<BackendMemory>> adoptVram(int device, uint64_t address, uint64_t length) {
   OnDevice d(device);
   if (!d.isOk()) return d.status();
@@ -164,6 +217,7 @@ Result<std::vector<uint8_t>> exportIpc(int device, uint64_t address, uint64_t le
   std::vector<uint8_t> section(handle.reserved, handle.reserved + kIpcHandleBytes);
   const uint64_t offset = address - f.rangeStart;
   for (int i = 0; i < 8; ++i) section.push_back(static_cast<uint8_t>(offset >> (8 * i)));
+  section.insert(section.end(), hostId().begin(), hostId().end());
   return section;
 }
 
@@ -171,6 +225,9 @@ Result<std::shared_ptr<IpcMapping>> IpcMapping::open(int device, const std::vect
   if (section.size() != kIpcSectionBytes)
     return Status(Code::InvalidParam, "its cuda-ipc section is " + std::to_string(section.size()) + " bytes, not " +
                                           std::to_string(kIpcSectionBytes));
+  if (!ipcSectionFromThisHost(section))
+    return Status(Code::Unavailable, "its CUDA IPC handle was published on another host (boot ids differ): VRAM there "
+                                     "moves by path 'am'");
   OnDevice d(device);
   if (!d.isOk()) return d.status();
   const Driver& drv = *d.value();

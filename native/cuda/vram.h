@@ -2,6 +2,7 @@
 // copies whose completion the progress loop polls. Every call makes the device's primary context
 // current on the calling thread first.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -24,9 +25,16 @@ Status copyToDevice(int device, uint64_t dst, const uint8_t* src, uint64_t lengt
 Status copyFromDevice(int device, uint8_t* dst, uint64_t src, uint64_t length);
 
 // The metadata section ("cuda-ipc") through which a same-host peer opens a VRAM region: the IPC
-// handle of the allocation holding it and the region's offset inside that allocation.
+// handle of the allocation holding it, the region's offset inside that allocation, and the id of
+// the host (its kernel's boot id) on which the handle opens.
 constexpr const char* kIpcSection = "cuda-ipc";
-constexpr size_t kIpcSectionBytes = kIpcHandleBytes + 8;
+constexpr size_t kHostIdBytes = 16;
+constexpr size_t kIpcSectionBytes = kIpcHandleBytes + 8 + kHostIdBytes;
+// This host's id (all zero where the kernel does not tell it).
+const std::array<uint8_t, kHostIdBytes>& hostId();
+// Whether a peer's cuda-ipc section was published on this host: false only where both ids are known
+// and differ (a peer on another host reaches this VRAM, and this process its, through UCX).
+bool ipcSectionFromThisHost(const std::vector<uint8_t>& section);
 // Only a region that is a whole allocation of whole 2 MiB granules is exported (the handle opens all
 // of it, writable); `ownAllocation`: kvwire allocated it, so a tail past the region is kvwire's own.
 constexpr uint64_t kIpcGranule = 2u << 20;
@@ -63,6 +71,11 @@ struct CopyRun {
   uint64_t src = 0;
   uint64_t bytes = 0;
 };
+
+// Host <-> device copies of many runs (host pointers and device addresses of `device`, unified
+// addressing), enqueued together and waited for once: staging for paths whose transport moves host
+// memory only. Synchronous.
+Status copyRunsNow(int device, const std::vector<CopyRun>& runs);
 
 // A stream on one device: jobs of copies, each finished by an event that poll() checks — no thread
 // waits on the GPU, and an idle queue costs nothing.

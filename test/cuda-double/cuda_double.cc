@@ -82,7 +82,7 @@ constexpr CUresult kErrorHostMemoryNotRegistered = 713;
 constexpr CUresult kErrorUnknown = 999;
 
 constexpr int kDriverVersion = 13000;
-constexpr size_t kDeviceBytes = size_t{1} << 30;  // each device's memory, and its allocation budget
+constexpr size_t kDeviceBytes = size_t{4} << 30;  // each device's memory, and its allocation budget
 constexpr int kDefaultDevices = 2;
 constexpr unsigned long long kMaxDevices = 64;
 constexpr char kMemfdName[] = "kvwire-cuda-double";

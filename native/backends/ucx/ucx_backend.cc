@@ -151,6 +151,60 @@ class UcxPeer : public BackendPeer {
   bool cmaUsable(const RemoteRegion& rr) const { return cma_ == Cma::Ready && rr.info.kind == MemKind::Dram; }
 };
 
+// Host memory that VRAM bytes pass through on path 'am' where UCX is not given the device address
+// (a UCX without CUDA memory support: it would read a device address as host memory; and packed
+// small segments, which host code gathers). What a connection being served holds is counted
+// (StagingLedger), so a peer cannot make this process hold host memory without bound.
+struct StagingLedger {
+  static constexpr uint64_t kMaxPerConnection = 1ull << 30;
+  static constexpr uint64_t kMaxTotal = 4ull << 30;
+  uint64_t total = 0;
+  std::map<ucp_ep_h, uint64_t> byConnection;
+};
+class Staging {
+ public:
+  // `conn`: the connection served (its bytes are counted and limited); nullptr: this agent's own transfer.
+  static Result<std::shared_ptr<Staging>> take(const std::shared_ptr<StagingLedger>& ledger, ucp_ep_h conn, uint64_t bytes) {
+    if (conn != nullptr) {
+      const uint64_t held = ledger->byConnection.count(conn) ? ledger->byConnection[conn] : 0;
+      if (bytes > StagingLedger::kMaxPerConnection - held || bytes > StagingLedger::kMaxTotal - ledger->total)
+        return Status(Code::Unavailable, "VRAM moved by path 'am' passes through host memory here, and " +
+                                             std::to_string(bytes) + " more bytes would pass the limit (" +
+                                             std::to_string(StagingLedger::kMaxPerConnection >> 20) + " MiB per connection, " +
+                                             std::to_string(StagingLedger::kMaxTotal >> 20) + " MiB in all): retry smaller batches, or later");
+    }
+    std::shared_ptr<Staging> s(new Staging());
+    s->data_.reset(new (std::nothrow) uint8_t[bytes == 0 ? 1 : bytes]);  // not zeroed: every byte is written before use
+    if (!s->data_)
+      return Status(Code::Unavailable, "no host memory for " + std::to_string(bytes) + " bytes of VRAM moving by path 'am'");
+    if (conn != nullptr) {
+      s->ledger_ = ledger;
+      s->conn_ = conn;
+      s->bytes_ = bytes;
+      ledger->byConnection[conn] += bytes;
+      ledger->total += bytes;
+    }
+    return s;
+  }
+  ~Staging() {
+    if (!ledger_) return;
+    ledger_->total -= bytes_;
+    auto it = ledger_->byConnection.find(conn_);
+    if (it != ledger_->byConnection.end() && (it->second -= bytes_) == 0) ledger_->byConnection.erase(it);
+  }
+  uint8_t* data() const { return data_.get(); }
+
+ private:
+  Staging() = default;
+  std::unique_ptr<uint8_t[]> data_;
+  std::shared_ptr<StagingLedger> ledger_;
+  ucp_ep_h conn_ = nullptr;
+  uint64_t bytes_ = 0;
+};
+using StagingRef = std::shared_ptr<Staging>;
+
+inline uint64_t addressOf(const void* p) { return reinterpret_cast<uint64_t>(p); }
+
 // Everything a UCX request carries back to its completion callback.
 struct RequestContext {
   enum Kind : uint8_t {
@@ -181,6 +235,12 @@ struct RequestContext {
   std::string payload;                  // bytes that must outlive the send (or a received request list)
   ucp_ep_h reply = nullptr;             // the connection a received control message came on
   AmId amId = ucx::kAmHello;            // kControlRecv: which message is being received
+  // VRAM on path 'am' through host memory: the staging buffer a send reads or a receive lands in,
+  // and (receives) the device address of device `stagedDevice` the bytes are copied to after.
+  StagingRef staging;
+  uint64_t stagedTo = 0;
+  uint64_t stagedBytes = 0;
+  int stagedDevice = -1;
 };
 
 // Control messages (notifications, read lists) larger than this are refused; so are more than
@@ -295,7 +355,22 @@ class UcxBackendImpl : public Backend {
   Result<std::unique_ptr<BackendMemory>> map(uint8_t* ptr, uint64_t length, bool allocate);
 
   // Sends one active message owned by `op`; returns false (and has already reported) on failure.
-  bool send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply);
+  // `device`: `data` is VRAM, handed to UCX with its memory type (only where ucxCuda_).
+  bool send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply,
+            bool device = false);
+  // Receives a rendezvous message's data at `dst` (VRAM, with its memory type, where `device`).
+  void receive(void* data, void* dst, size_t length, std::unique_ptr<RequestContext> op, bool device);
+  // VRAM on path 'am': this UCX takes device addresses with their memory type (it was built with CUDA
+  // support and loaded it, and KVWIRE_VRAM_STAGING is not set), so large segments go without a host
+  // copy (GPUDirect RDMA where a NIC offers it; UCX's own staging otherwise). Else kvwire stages them
+  // through host memory itself: a device address never reaches UCX.
+  bool ucxCuda_ = false;
+  std::shared_ptr<StagingLedger> staging_ = std::make_shared<StagingLedger>();
+  // The host copy of a local VRAM transfer's segments that go staged (all, or the packed ones where
+  // ucxCuda_), and those segments pointing into it; segments UCX takes from the device keep theirs.
+  Status stageOut(const TransferRef& t, StagingRef* staging, std::vector<Segment>* segments);
+  // Copies `runs` between host memory and VRAM of `device` now; a failure is the GPU's (health.gpuFault).
+  Status copyStaged(int device, const std::vector<cuda::CopyRun>& runs);
   void sendStatus(ucp_ep_h ep, AmId id, uint64_t transferId, const Status& st);
   void completeOp(std::unique_ptr<RequestContext> op, ucs_status_t st);
   // Hands the result of a UCX call that owns `op` over: done, failed, or tracked until its callback.
@@ -683,6 +758,11 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
     ctx_->context = nullptr;
     return {Code::Backend, ucsMessage("ucp_init", st)};
   }
+  ucp_context_attr_t attr{};
+  attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  const char* staging = std::getenv("KVWIRE_VRAM_STAGING");
+  ucxCuda_ = ucp_context_query(ctx_->context, &attr) == UCS_OK && (attr.memory_types & (1ull << UCS_MEMORY_TYPE_CUDA)) &&
+             !(staging != nullptr && *staging != '\0' && std::strcmp(staging, "0") != 0);
   return openWorker();
 }
 
@@ -1023,10 +1103,13 @@ Status UcxPeer::cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) c
                                  "process: allocated by kvwire on this host, with a shared-memory transport"};
     return Status::ok();
   }
-  if (rr.info.section(cuda::kIpcSection) == nullptr)
+  const std::vector<uint8_t>* section = rr.info.section(cuda::kIpcSection);
+  if (section == nullptr)
     return {Code::Unavailable, region + " (VRAM) publishes no CUDA IPC handle: its owner exports only regions that are a "
                                "whole CUDA allocation of whole 2 MiB granules (the handle opens all of it), from memory "
                                "the driver can export"};
+  if (!cuda::ipcSectionFromThisHost(*section))
+    return {Code::Unavailable, region + " (VRAM) is on another host (its boot id differs from this host's): use path 'am'"};
   return Status::ok();
 }
 
@@ -1049,16 +1132,24 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path
     *why = Status(Code::NotFound, "peer '" + name_ + "' has no region " + std::to_string(remoteRegionId));
     return Path::Auto;
   }
-  // VRAM on either side: only this process's own CUDA copies reach it (this UCX may have no CUDA
-  // transport, and none of the host paths may touch a device address).
+  // VRAM on either side: this process's own CUDA copies where the peer's memory opens here
+  // (cuda_ipc), else active messages, whose ends each move their own VRAM (through UCX with its
+  // memory type, or staged through host memory). None of the host paths may touch a device address.
   if (local.info.kind == MemKind::Vram || it->second->info.kind == MemKind::Vram) {
-    if (requested != Path::Auto && requested != Path::CudaIpc) {
-      *why = Status(Code::Unavailable, std::string("path '") + pathName(requested) +
-                                           "' moves host memory only; VRAM moves by path 'cuda_ipc' (peers on one host)");
-      return requested;
+    switch (requested) {
+      case Path::Auto:
+        return cudaIpcReady(local, *it->second).isOk() ? Path::CudaIpc : Path::ActiveMessage;
+      case Path::CudaIpc:
+        *why = cudaIpcReady(local, *it->second);  // opened when posted, after the region is checked
+        return Path::CudaIpc;
+      case Path::ActiveMessage:
+        return Path::ActiveMessage;
+      default:
+        *why = Status(Code::Unavailable, std::string("path '") + pathName(requested) +
+                                             "' moves host memory only; VRAM moves by path 'cuda_ipc' (peers on one host) "
+                                             "or 'am'");
+        return requested;
     }
-    *why = cudaIpcReady(local, *it->second);  // opened when posted, after the region is checked
-    return Path::CudaIpc;
   }
   if (requested == Path::CudaIpc) {
     *why = Status(Code::Unavailable, "path 'cuda_ipc' moves VRAM; both regions are host memory");
@@ -1148,16 +1239,59 @@ void UcxBackendImpl::track(void* req, RequestContext* op) {
     requests_.emplace(req, op);  // UCX 1.13 skips the callback of a request freed early, so it is freed there
 }
 
-bool UcxBackendImpl::send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply) {
+bool UcxBackendImpl::send(ucp_ep_h ep, AmId id, std::unique_ptr<RequestContext> op, const void* data, size_t length, bool reply,
+                          bool device) {
   op->backend = this;
   RequestContext* raw = op.release();
   ucp_request_param_t p = callbackParam(raw, false);
   p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
   p.flags = reply ? UCP_AM_SEND_FLAG_REPLY : 0;
+  if (device) {
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    p.memory_type = UCS_MEMORY_TYPE_CUDA;
+  }
   void* req = ucp_am_send_nbx(ep, id, raw->header, raw->headerLength, data, length, &p);
   const bool failed = UCS_PTR_IS_ERR(req);
   track(req, raw);
   return !failed;
+}
+
+void UcxBackendImpl::receive(void* data, void* dst, size_t length, std::unique_ptr<RequestContext> op, bool device) {
+  op->backend = this;
+  RequestContext* raw = op.release();
+  ucp_request_param_t p = callbackParam(raw, true);
+  if (device) {
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+    p.memory_type = UCS_MEMORY_TYPE_CUDA;
+  }
+  track(ucp_am_recv_data_nbx(worker_, data, dst, length, &p), raw);
+}
+
+Status UcxBackendImpl::copyStaged(int device, const std::vector<cuda::CopyRun>& runs) {
+  Status st = cuda::copyRunsNow(device, runs);
+  if (!st && gpuFault_.empty()) gpuFault_ = st.message();
+  return st;
+}
+
+Status UcxBackendImpl::stageOut(const TransferRef& t, StagingRef* staging, std::vector<Segment>* segments) {
+  const auto staged = [&](const Segment& s) { return !ucxCuda_ || s.length <= ucx::kPackSegmentMax; };
+  uint64_t bytes = 0;
+  for (const Segment& s : t->segments)
+    if (staged(s)) bytes += s.length;
+  auto taken = Staging::take(staging_, nullptr, bytes);
+  if (!taken.isOk()) return taken.status();
+  *staging = std::move(taken.value());
+  *segments = t->segments;
+  std::vector<cuda::CopyRun> runs;
+  uint64_t at = 0;
+  for (Segment& s : *segments) {
+    if (!staged(s)) continue;
+    uint8_t* host = (*staging)->data() + at;
+    runs.push_back({addressOf(host), addressOf(s.local), s.length});
+    s.local = host;
+    at += s.length;
+  }
+  return copyStaged(static_cast<int>(t->local->info.deviceId), runs);
 }
 
 void UcxBackendImpl::onSendDone(void* request, ucs_status_t st, void* user) {
@@ -1214,6 +1348,10 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
       if (it == inbound_.end()) break;
       if (st != UCS_OK && it->second.error.isOk())
         it->second.error = fromUcs("receiving written data", st);
+      if (st == UCS_OK && op->staging) {  // landed in host memory: now to the device
+        Status copied = copyStaged(op->stagedDevice, {{op->stagedTo, addressOf(op->staging->data()), op->stagedBytes}});
+        if (!copied && it->second.error.isOk()) it->second.error = copied;
+      }
       ++it->second.landed;
       maybeFinishInbound(op->inbound);
       break;
@@ -1228,6 +1366,13 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
       if (st != UCS_OK) {
         endTransfer(t, fromUcs("receiving read data", st));
         break;
+      }
+      if (op->staging) {  // landed in host memory: now to the device
+        Status copied = copyStaged(op->stagedDevice, {{op->stagedTo, addressOf(op->staging->data()), op->stagedBytes}});
+        if (!copied) {
+          endTransfer(t, copied);
+          break;
+        }
       }
       ++t->landed;
       finishRead(t);
@@ -1784,6 +1929,14 @@ void UcxBackendImpl::ackVramRevokes(bool copiesEnded) {
 }
 
 Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
+  // VRAM leaving: its bytes are copied to host memory before anything is sent (all of them, or the
+  // small ones host code packs where UCX takes device addresses), so a failed copy sends nothing.
+  const bool fromVram = t->op == kvwire::Op::Write && t->local->info.kind == MemKind::Vram;
+  StagingRef staging;
+  std::vector<Segment> stagedSegments;
+  if (fromVram)
+    if (Status st = stageOut(t, &staging, &stagedSegments); !st) return st;
+  const std::vector<Segment>& segments = fromVram ? stagedSegments : t->segments;
   activate(peer, t);
   if (t->op == kvwire::Op::Write) {
     uint64_t messages = 0;
@@ -1803,7 +1956,7 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       const std::string& payload = op->payload;
       return send(peer.ep_, ucx::kAmWritePacked, std::move(op), payload.data(), payload.size(), true);
     };
-    for (const Segment& s : t->segments) {
+    for (const Segment& s : segments) {
       if (s.length <= ucx::kPackSegmentMax) {
         if (bytes.size() + entries.size() + s.length + sizeof(ucx::PackedEntry) > ucx::kPackBytesMax && !sendPack())
           return Status::ok();
@@ -1816,10 +1969,12 @@ Status UcxBackendImpl::postActiveMessage(UcxPeer& peer, const TransferRef& t) {
       op->kind = RequestContext::kWriteData;
       op->transfer = t;
       op->hold = t->local;
+      op->staging = staging;
       ucx::WriteHeader h{t->wireId, t->remoteRegionId, s.firstIndex, s.remoteOffset, s.length};
       op->setHeader(h);
       ++messages;
-      if (!send(peer.ep_, ucx::kAmWrite, std::move(op), s.local, s.length, true)) return Status::ok();
+      const bool device = fromVram && ucxCuda_;  // (else s.local points into the staging copy)
+      if (!send(peer.ep_, ucx::kAmWrite, std::move(op), s.local, s.length, true, device)) return Status::ok();
     }
     if (!sendPack()) return Status::ok();
     auto op = std::make_unique<RequestContext>();
@@ -2345,6 +2500,8 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
       const size_t table = static_cast<size_t>(h.count) * sizeof(ucx::PackedEntry);
       const uint8_t* bytes = data + table;
       size_t left = table <= length ? length - table : 0;
+      std::vector<cuda::CopyRun> runs;  // entries into VRAM (one region: one device), copied together
+      int vramDevice = 0;
       for (uint32_t i = 0; i < h.count && table <= length; ++i) {
         ucx::PackedEntry e{};
         std::memcpy(&e, data + i * sizeof e, sizeof e);
@@ -2353,14 +2510,19 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
           break;
         }
         LocalRegionRef hold;
-        Result<uint8_t*> dst = host_->resolveInbound(h.regionId, e.offset, e.length, kAccessWrite, &hold);
-        if (dst.isOk())
+        Result<uint8_t*> dst = host_->resolveInbound(h.regionId, e.offset, e.length, kAccessWrite, &hold, true);
+        if (!dst.isOk()) {
+          if (in.error.isOk()) in.error = Status(dst.status().code(), dst.status().message(), e.firstIndex);
+        } else if (hold->info.kind == MemKind::Vram) {
+          vramDevice = static_cast<int>(hold->info.deviceId);
+          runs.push_back({addressOf(dst.value()), addressOf(bytes), e.length});
+        } else {
           copyBytes(dst.value(), bytes, e.length);
-        else if (in.error.isOk())
-          in.error = Status(dst.status().code(), dst.status().message(), e.firstIndex);
+        }
         bytes += e.length;
         left -= e.length;
       }
+      if (Status st = copyStaged(vramDevice, runs); !st && in.error.isOk()) in.error = st;
       if ((table > length || left != 0) && in.error.isOk())
         in.error = Status(Code::InvalidParam, "malformed packed write");
       ++in.landed;
@@ -2380,10 +2542,19 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
         endTransfer(t, Status(Code::Backend, "peer sent packed read data that does not match the request"));
         return;
       }
+      const bool toVram = t->local->info.kind == MemKind::Vram;
+      std::vector<cuda::CopyRun> runs;
       for (uint32_t i = 0; i < h.count; ++i) {
         const Segment& seg = t->segments[h.firstSegment + i];
-        copyBytes(seg.local, data, seg.length);
+        if (toVram)
+          runs.push_back({addressOf(seg.local), addressOf(data), seg.length});
+        else
+          copyBytes(seg.local, data, seg.length);
         data += seg.length;
+      }
+      if (Status st = copyStaged(static_cast<int>(t->local->info.deviceId), runs); !st) {
+        endTransfer(t, st);
+        return;
       }
       t->landed += h.count;
       finishRead(t);
@@ -2663,28 +2834,44 @@ ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength
   InboundWrite& in = *open;
   LocalRegionRef hold;
   Result<uint8_t*> dst = h.length == length
-                             ? host_->resolveInbound(h.regionId, h.offset, h.length, kAccessWrite, &hold)
+                             ? host_->resolveInbound(h.regionId, h.offset, h.length, kAccessWrite, &hold, true)
                              : Result<uint8_t*>(Status(Code::InvalidParam, "segment length disagrees with its data"));
+  const bool toVram = dst.isOk() && hold->info.kind == MemKind::Vram;
+  const int device = toVram ? static_cast<int>(hold->info.deviceId) : 0;
+  const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kInboundWrite;
+  op->hold = hold;
+  op->inbound = key;
+  if (dst.isOk() && toVram && rndv && !ucxCuda_) {  // lands in host memory first (counted for this connection)
+    auto taken = Staging::take(staging_, reply, length);
+    if (taken.isOk()) {
+      op->staging = std::move(taken.value());
+      op->stagedTo = addressOf(dst.value());
+      op->stagedBytes = length;
+      op->stagedDevice = device;
+    } else {
+      dst = Result<uint8_t*>(taken.status());
+    }
+  }
   if (!dst.isOk()) {
     if (in.error.isOk()) in.error = Status(dst.status().code(), dst.status().message(), h.firstIndex);
     ++in.landed;
     maybeFinishInbound(key);
     return UCS_OK;  // the data is dropped; the ACK tells the initiator why
   }
-  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    copyBytes(dst.value(), data, length);
+  if (!rndv) {
+    if (!toVram) {
+      copyBytes(dst.value(), data, length);
+    } else if (Status st = copyStaged(device, {{addressOf(dst.value()), addressOf(data), length}}); !st && in.error.isOk()) {
+      in.error = Status(st.code(), st.message(), h.firstIndex);
+    }
     ++in.landed;
     maybeFinishInbound(key);
     return UCS_OK;
   }
-  auto op = std::make_unique<RequestContext>();
-  op->kind = RequestContext::kInboundWrite;
-  op->backend = this;
-  op->hold = std::move(hold);
-  op->inbound = key;
-  RequestContext* raw = op.release();
-  ucp_request_param_t p = callbackParam(raw, true);
-  track(ucp_am_recv_data_nbx(worker_, data, dst.value(), length, &p), raw);
+  void* landing = op->staging ? op->staging->data() : dst.value();
+  receive(data, landing, length, std::move(op), toVram && ucxCuda_);
   return UCS_INPROGRESS;
 }
 
@@ -2730,13 +2917,41 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
   for (uint32_t i = 0; i < h.segments; ++i) {
     ucx::ReadSegment s{};
     std::memcpy(&s, segs + i, sizeof s);
-    Result<uint8_t*> src = host_->resolveInbound(h.regionId, s.offset, s.length, kAccessRead, &hold);
+    Result<uint8_t*> src = host_->resolveInbound(h.regionId, s.offset, s.length, kAccessRead, &hold, true);
     if (!src.isOk()) {
       sendStatus(reply, ucx::kAmReadDone, h.transferId,
                  Status(src.status().code(), src.status().message(), s.firstIndex));
       return;
     }
     sources[i] = {src.value(), s.length};
+  }
+  // VRAM: copied to host memory first (every segment, or the small ones packed here where UCX takes
+  // device addresses), counted against this connection's staging limit.
+  const bool fromVram = hold && hold->info.kind == MemKind::Vram;
+  const auto staged = [&](uint64_t length) { return !ucxCuda_ || length <= ucx::kPackSegmentMax; };
+  StagingRef staging;
+  if (fromVram) {
+    uint64_t bytes = 0;
+    for (auto& [p, length] : sources)
+      if (staged(length)) bytes += length;
+    auto taken = Staging::take(staging_, reply, bytes);
+    if (!taken.isOk()) {
+      sendStatus(reply, ucx::kAmReadDone, h.transferId, taken.status());
+      return;
+    }
+    staging = std::move(taken.value());
+    std::vector<cuda::CopyRun> runs;
+    uint64_t at = 0;
+    for (auto& [p, length] : sources) {
+      if (!staged(length)) continue;
+      runs.push_back({addressOf(staging->data() + at), addressOf(p), length});
+      p = staging->data() + at;
+      at += length;
+    }
+    if (Status st = copyStaged(static_cast<int>(hold->info.deviceId), runs); !st) {
+      sendStatus(reply, ucx::kAmReadDone, h.transferId, st);
+      return;
+    }
   }
   // The message that starts at segment i ends before the returned one: a large segment alone, or a
   // run of small segments packed up to kPackBytesMax.
@@ -2760,6 +2975,7 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kReadDataSend;
     op->hold = hold;
+    op->staging = staging;
     op->servedOn = reply;
     ++readSends_[reply];
     if (sources[i].second <= ucx::kPackSegmentMax) {  // a run of small segments goes back as one message
@@ -2771,7 +2987,8 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
     } else {
       ucx::ReadDataHeader rh{h.transferId, i};
       op->setHeader(rh);
-      if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false)) return;
+      const bool device = fromVram && !staged(sources[i].second);
+      if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false, device)) return;
     }
     i = end;
   }
@@ -2791,21 +3008,37 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
     return refuse(param, UCS_ERR_INVALID_PARAM);
   }
   uint8_t* dst = t->segments[h.segment].local;
+  const bool toVram = t->local->info.kind == MemKind::Vram;
+  const int device = static_cast<int>(t->local->info.deviceId);
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
-    copyBytes(dst, data, length);
+    if (!toVram) {
+      copyBytes(dst, data, length);
+    } else if (Status st = copyStaged(device, {{addressOf(dst), addressOf(data), length}}); !st) {
+      endTransfer(t, st);
+      return UCS_OK;
+    }
     ++t->landed;
     finishRead(t);
     return UCS_OK;
   }
   auto op = std::make_unique<RequestContext>();
   op->kind = RequestContext::kInboundRead;
-  op->backend = this;
   op->transfer = t;
   op->hold = t->local;
+  if (toVram && !ucxCuda_) {  // lands in host memory first, then is copied to the device (completeOp)
+    auto taken = Staging::take(staging_, nullptr, length);
+    if (!taken.isOk()) {
+      endTransfer(t, taken.status());
+      return refuse(param, UCS_ERR_NO_MEMORY);
+    }
+    op->staging = std::move(taken.value());
+    op->stagedTo = addressOf(dst);
+    op->stagedBytes = length;
+    op->stagedDevice = device;
+    dst = op->staging->data();
+  }
   ++t->landingReceives;
-  RequestContext* raw = op.release();
-  ucp_request_param_t p = callbackParam(raw, true);
-  track(ucp_am_recv_data_nbx(worker_, data, dst, length, &p), raw);
+  receive(data, dst, length, std::move(op), toVram && ucxCuda_);
   return UCS_INPROGRESS;
 }
 
