@@ -50,6 +50,11 @@ export interface AgentHealth {
   /** VRAM<->VRAM batches (path 'cuda_ipc') this agent ran as one launch of its copy kernel. */
   gpuKernelBatches: number;
   /**
+   * VRAM bytes this agent copied between the device and host memory for path 'am' (staging: all of
+   * them where its UCX has no CUDA memory support, the packed small segments where it has).
+   */
+  vramStagedBytes: number;
+  /**
    * Why this agent's first failed GPU copy failed (null: none). A CUDA fault such as an illegal
    * address is sticky for the whole context (the application's too): restart the process.
    */
@@ -572,7 +577,7 @@ export class Agent extends EventEmitter {
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();
     return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0,
-      gpuKernelBatches: c?.gpuKernelBatches ?? 0, gpuFault: c?.gpuFault ?? null };
+      gpuKernelBatches: c?.gpuKernelBatches ?? 0, vramStagedBytes: c?.vramStagedBytes ?? 0, gpuFault: c?.gpuFault ?? null };
   }
 
   /**

@@ -77,7 +77,7 @@ export interface NativeAgent {
   close(): Promise<void>;
   setRef(ref: boolean): void;
   rebuildTransport(): void;
-  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number; gpuKernelBatches: number; gpuFault: string | null };
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number; gpuKernelBatches: number; vramStagedBytes: number; gpuFault: string | null };
 }
 
 interface Addon {

@@ -45,7 +45,7 @@ for (const transports of ['shm,self', 'tcp']) {
       expect(err.message).toMatch(/opened a new UCX worker/);
       await new Promise((r) => setTimeout(r, 50));
       expect(events).toHaveLength(1);
-      expect(mover.health).toEqual({ receiveBlocked: false, rebuilds: 1, retiredRegions: 0, gpuKernelBatches: 0, gpuFault: null });
+      expect(mover.health).toEqual({ receiveBlocked: false, rebuilds: 1, retiredRegions: 0, gpuKernelBatches: 0, vramStagedBytes: 0, gpuFault: null });
       const after = Buffer.from(mover.metadata());
       expect(after.equals(before)).toBe(false); // a new address (and generation)
 

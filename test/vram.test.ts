@@ -621,8 +621,13 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
 // memory type where UCX has CUDA support, else staged through host memory by kvwire (this machine's
 // UCX builds have none, and the double is invisible to UCX: a device address given to UCX here would
 // be read as host memory and fault). Two processes over tcp, as two hosts would talk.
-describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA driver' : 'CUDA test double'})`, () => {
+// On a GPU the suite runs twice: UCX with tcp alone (no CUDA memory type in UCX: kvwire stages) and
+// with cuda_copy (UCX takes device memory).
+for (const transports of GPU ? ['tcp', 'tcp,cuda_copy'] : ['tcp'])
+describe(`VRAM by path 'am' between processes over ${transports} (${GPU ? 'real CUDA driver' : 'CUDA test double'})`, () => {
   const SIZE = 8 * MiB;
+  // Whether this UCX takes device memory (else every VRAM byte is staged by kvwire).
+  const throughUcx: boolean = /handed to UCX/.test(info({ ...DOUBLE, UCX_TLS: transports }).paths.find((x: any) => x.path === 'am (VRAM, any host)').detail);
   let gpu: PeerProcess; // VRAM region 'kv'
   let host: PeerProcess; // a registered Buffer
   let agent: Agent;
@@ -635,10 +640,10 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
     gpu = new PeerProcess('tcp-gpu', DOUBLE);
     host = new PeerProcess('tcp-host', DOUBLE);
     await Promise.all([
-      gpu.init({ memory: 'vram', size: SIZE, transports: 'tcp' }),
-      host.init({ memory: 'registered', size: SIZE, transports: 'tcp' }),
+      gpu.init({ memory: 'vram', size: SIZE, transports }),
+      host.init({ memory: 'registered', size: SIZE, transports }),
     ]);
-    agent = await Agent.create({ name: 'tcp-initiator', ucx: { transports: 'tcp' } });
+    agent = await Agent.create({ name: 'tcp-initiator', ucx: { transports } });
     peers = {};
     for (const p of [gpu, host]) peers[p.name] = agent.loadPeer(Buffer.from(p.metadata, 'base64'));
     vram = agent.allocate(SIZE, { name: 'vram', memory: 'vram' });
@@ -662,6 +667,7 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
       const note = JSON.stringify({ offsets: remote, lengths });
       const arrived = gpu.waitEvent('notification', 10_000, (m) => m.message === note);
       const want = hashOf(vram, local, lengths);
+      const staged = agent.health.vramStagedBytes;
       const w = await agent.write(vram.descriptors(local, lengths), peers['tcp-gpu'].region('kv').descriptors(remote, lengths), { path: 'am', notify: note });
       expect(w.path).toBe('am');
       expect((await arrived).hash).toBe(want); // the data was in the peer's VRAM when it was told
@@ -671,6 +677,13 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
       const r = await agent.read(vram1.descriptors(back, lengths), peers['tcp-gpu'].region('kv').descriptors(remote, lengths), { path: 'am' });
       expect(r.path).toBe('am');
       expect(hashOf(vram1, back, lengths)).toBe(want);
+      // Staged by kvwire: every byte out and every byte in, once. Through UCX: a lone 1 MiB segment
+      // never touches host memory here.
+      const total = lengths.reduce((a, b) => a + b, 0);
+      const delta = agent.health.vramStagedBytes - staged;
+      if (!throughUcx) expect(delta).toBe(2 * total);
+      else if (count === 1) expect(delta).toBe(0);
+      else expect(delta).toBeLessThanOrEqual(2 * total);
     });
   }
 
@@ -700,7 +713,7 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
     const hostId = section + 8 + 4 + 64 + 8; // name, length, IPC handle, offset
     expect(elsewhere.readUInt32LE(section + 8)).toBe(64 + 8 + 16);
     elsewhere[hostId] ^= 0xff;
-    const fresh = await Agent.create({ name: 'other-host-view', ucx: { transports: 'tcp' } });
+    const fresh = await Agent.create({ name: 'other-host-view', ucx: { transports } });
     try {
       const peer = fresh.loadPeer(reseal(elsewhere));
       const mine = fresh.allocate(MiB, { name: 'mine', memory: 'vram' });
@@ -719,7 +732,7 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
   doubleOnly('a failing GPU copy on the way out rejects the WRITE with the driver error before anything is sent', async () => {
     const failing = new PeerProcess('tcp-failing', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_FAIL_COPIES: '1' });
     try {
-      await failing.init({ memory: 'vram', size: MiB, transports: 'tcp' });
+      await failing.init({ memory: 'vram', size: MiB, transports });
       await failing.ok('load', { metadata: gpu.metadata });
       const r = await failing.call('transfer', { peer: 'tcp-gpu', op: 'write', path: 'am', localOffsets: [0], remoteOffsets: [0], lengths: [4096], notify: 'must-not-arrive-am' });
       expect(r.ok).toBe(false);
@@ -736,7 +749,7 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
   doubleOnly('a target killed while it copies its VRAM out for a READ: the initiator gets ERR_REMOTE_DISCONNECT and keeps working', async () => {
     const victim = new PeerProcess('tcp-victim', { ...DOUBLE, KVWIRE_CUDA_DOUBLE_COPY_DELAY_US: '400000' });
     try {
-      await victim.init({ memory: 'vram', size: MiB, transports: 'tcp' });
+      await victim.init({ memory: 'vram', size: MiB, transports });
       const peer = agent.loadPeer(Buffer.from(victim.metadata, 'base64'));
       const reading = agent.read(vram.descriptors([0], [65536]), peer.region('kv').descriptors([0], [65536]), { path: 'am' }).catch((x) => x);
       await new Promise((res) => setTimeout(res, 150));
@@ -752,10 +765,10 @@ describe(`VRAM by path 'am' between processes over tcp (${GPU ? 'real CUDA drive
 
   doubleOnly('a READ that would stage more than 1 GiB for one connection is refused by the target with the limit, and the connection goes on', async () => {
     const big = new PeerProcess('tcp-big', DOUBLE);
-    const fresh = await Agent.create({ name: 'big-reader', ucx: { transports: 'tcp' } });
+    const fresh = await Agent.create({ name: 'big-reader', ucx: { transports } });
     try {
       const bytes = 1024 * MiB + 4096;
-      await big.init({ memory: 'vram', size: bytes, transports: 'tcp' });
+      await big.init({ memory: 'vram', size: bytes, transports });
       const peer = fresh.loadPeer(Buffer.from(big.metadata, 'base64'));
       const into = fresh.allocate(bytes, { name: 'into' }); // host memory: untouched pages cost nothing
       const e = await fresh.read(into.descriptors([0], [bytes]), peer.region('kv').descriptors([0], [bytes]), { path: 'am' }).catch((x) => x);

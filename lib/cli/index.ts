@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 // The `kvwire` command: demo, bench, info.
+import './stdout-clean';
 import { parseArgs } from 'node:util';
 import { runDemo } from './demo';
 import { parseBenchArgs, BENCH_USAGE } from './bench-args';

@@ -634,6 +634,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("rebuilds", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->rebuilds()) : 0));
   out.Set("retiredRegions", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->retiredRegions()) : 0));
   out.Set("gpuKernelBatches", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->gpuKernelBatches()) : 0));
+  out.Set("vramStagedBytes", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->vramStagedBytes()) : 0));
   const std::string fault = agent_ ? agent_->gpuFault() : std::string();
   out.Set("gpuFault", fault.empty() ? env.Null() : Napi::String::New(env, fault));
   return out;

@@ -91,6 +91,7 @@ class Agent : public BackendHost {
   uint64_t rebuilds() const { return backend_ ? backend_->rebuilds() : 0; }
   uint64_t retiredRegions() const { return backend_ ? backend_->retiredRegions() : 0; }
   uint64_t gpuKernelBatches() const { return backend_ ? backend_->gpuKernelBatches() : 0; }
+  uint64_t vramStagedBytes() const { return backend_ ? backend_->vramStagedBytes() : 0; }
   std::string gpuFault() const { return backend_ ? backend_->gpuFault() : std::string(); }
   void rebuildTransport() {  // tests: the path a blocked shared-memory queue takes, on demand
     if (backend_ && !closing_) backend_->rebuild();

@@ -89,6 +89,9 @@ class Backend {
   virtual uint64_t retiredRegions() const { return 0; }
   // Batches moved by one launch of a GPU copy kernel.
   virtual uint64_t gpuKernelBatches() const { return 0; }
+  // VRAM bytes this agent copied between host memory and the device for a transport that moves host
+  // memory (staging).
+  virtual uint64_t vramStagedBytes() const { return 0; }
   // Why the first GPU copy that failed did (empty: none has). CUDA faults are sticky for the context.
   virtual std::string gpuFault() const { return {}; }
   virtual Status notify(BackendPeer& peer, const std::string& message) = 0;

@@ -295,6 +295,8 @@ class UcxBackendImpl : public Backend {
   uint64_t retiredRegions() const override { return retired_.size(); }
   std::string gpuFault() const override { return gpuFault_; }
   std::string gpuFault_;  // the first GPU copy that failed (empty: none)
+  uint64_t vramStagedBytes() const override { return vramStagedBytes_; }
+  uint64_t vramStagedBytes_ = 0;  // VRAM bytes copied through host memory for path 'am' (copyStaged)
   uint64_t gpuKernelBatches() const override {
     uint64_t n = 0;
     for (const auto& [device, queue] : cudaQueues_) n += queue->kernelLaunches();
@@ -1270,6 +1272,7 @@ void UcxBackendImpl::receive(void* data, void* dst, size_t length, std::unique_p
 Status UcxBackendImpl::copyStaged(int device, const std::vector<cuda::CopyRun>& runs) {
   Status st = cuda::copyRunsNow(device, runs);
   if (!st && gpuFault_.empty()) gpuFault_ = st.message();
+  for (const cuda::CopyRun& r : runs) vramStagedBytes_ += r.bytes;
   return st;
 }
 
