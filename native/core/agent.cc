@@ -379,6 +379,7 @@ Result<uint64_t> Agent::post(const TransferRequest& rq) {
   t->id = nextTransferId_++;
   t->op = rq.op;
   t->path = path;
+  t->pathChosen = rq.path == Path::Auto;
   t->peerKey = peer.key;
   t->remoteRegionId = rq.remoteRegion;
   t->segments = std::move(segs.value());

@@ -69,6 +69,7 @@ struct TransferState {
   Path path = Path::Auto;
   uint64_t peerKey = 0;
   uint32_t remoteRegionId = 0;
+  bool pathChosen = false;  // 'auto' chose `path`: the backend may take another where it cannot be used
   std::vector<Segment> segments;
   LocalRegionRef local;
   std::string notify;

@@ -101,23 +101,6 @@ Result<std::unique_ptr<BackendMemory>> allocateVram(int device, uint64_t length)
   return memory;
 }
 
-Status copyRunsNow(int device, const std::vector<CopyRun>& runs) {
-  if (runs.empty()) return Status::ok();
-  OnDevice d(device);
-  if (!d.isOk()) return d.status();
-  const Driver& drv = *d.value();
-  Status st;
-  for (const CopyRun& r : runs) {
-    if (CUresult e = drv.memcpyAsync(r.dst, r.src, r.bytes, nullptr); e != kSuccess) {
-      st = drv.fail("cuMemcpyAsync", e);
-      break;
-    }
-  }
-  // Waited for even after an error: copies enqueued before it still use the host buffers.
-  if (CUresult e = drv.streamSynchronize(nullptr); e != kSuccess && st.isOk()) st = drv.fail("cuStreamSynchronize", e);
-  return st;
-}
-
 const std::array<uint8_t, kHostIdBytes>& hostId() {
   static const std::array<uint8_t, kHostIdBytes> id = [] {
     std::array<uint8_t, kHostIdBytes> out{};
@@ -282,6 +265,8 @@ CopyQueue::~CopyQueue() {
     drv.streamSynchronize(stream_);
     drv.streamDestroy(stream_);
   }
+  if (stagingStream_ != nullptr) drv.streamDestroy(stagingStream_);  // (stageNow waits for its copies)
+  if (bounce_ != 0) drv.memFree(bounce_);
   for (Job& j : jobs_) {
     drv.eventDestroy(j.event);
     if (j.table != 0) drv.memFree(j.table);
@@ -300,6 +285,88 @@ CUevent CopyQueue::takeEvent() {
   auto d = driver();
   if (d.isOk() && d.value()->eventCreate(&e, kEventDisableTiming) != kSuccess) e = nullptr;
   return e;
+}
+
+Status CopyQueue::stageNow(const std::vector<CopyRun>& runs, bool toHost) {
+  if (runs.empty()) return Status::ok();
+  OnDevice d(device_);
+  if (!d.isOk()) return d.status();
+  const Driver& drv = *d.value();
+  if (stagingStream_ == nullptr && drv.streamCreate(&stagingStream_, 0) != kSuccess) {
+    stagingStream_ = nullptr;
+    return {Code::Backend, "cuStreamCreate failed (staging stream)"};
+  }
+  // Groups of up to kBounceMax bytes; a group of many runs goes through the bounce buffer.
+  constexpr uint64_t kBounceMax = 64u << 20;
+  size_t begin = 0;
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (i > begin && bytes + runs[i].bytes > kBounceMax) {
+      if (Status st = stageGroup(runs, begin, i, toHost); !st) return st;
+      begin = i;
+      bytes = 0;
+    }
+    bytes += runs[i].bytes;
+  }
+  return stageGroup(runs, begin, runs.size(), toHost);
+}
+
+Status CopyQueue::stageGroup(const std::vector<CopyRun>& runs, size_t begin, size_t end, bool toHost) {
+  constexpr size_t kKernelRuns = 16;  // fewer runs: a driver call each costs less than the detour
+  const Driver& drv = *driver().value();
+  Status st;
+  // The host side, as one span: contiguous for a gather (a span copy would overwrite gaps), ascending
+  // for a scatter (gaps are read, never written).
+  const auto hostOf = [&](const CopyRun& r) { return toHost ? r.dst : r.src; };
+  const uint64_t hostBase = hostOf(runs[begin]);
+  uint64_t span = 0;
+  bool spanOk = true;
+  for (size_t i = begin; i < end && spanOk; ++i) {
+    const uint64_t at = hostOf(runs[i]) - hostBase;
+    spanOk = hostOf(runs[i]) >= hostBase && at >= span && (!toHost || at == span);
+    span = at + runs[i].bytes;
+  }
+  bool bounced = false;
+  if (end - begin >= kKernelRuns && spanOk && span <= (64u << 20) && loadKernel()) {
+    if (bounceBytes_ < span) {
+      if (bounce_ != 0) drv.memFree(bounce_);
+      bounce_ = 0;
+      bounceBytes_ = 0;
+      size_t want = 1u << 20;
+      while (want < span) want *= 2;
+      if (drv.memAlloc(&bounce_, want) == kSuccess) bounceBytes_ = want;
+      else bounce_ = 0;
+    }
+    if (bounce_ != 0) {
+      std::vector<CopyRun> kernelRuns;
+      kernelRuns.reserve(end - begin);
+      for (size_t i = begin; i < end; ++i) {
+        const CUdeviceptr mirror = bounce_ + (hostOf(runs[i]) - hostBase);
+        kernelRuns.push_back(toHost ? CopyRun{mirror, runs[i].src, runs[i].bytes} : CopyRun{runs[i].dst, mirror, runs[i].bytes});
+      }
+      Job job{0, nullptr, Status::ok()};
+      CUresult r = kSuccess;
+      if (!toHost) r = drv.memcpyAsync(bounce_, hostBase, span, stagingStream_);
+      if (r != kSuccess) {
+        st = drv.fail("cuMemcpyAsync", r);
+        bounced = true;
+      } else if (launch(kernelRuns, &job, stagingStream_) && job.error.isOk()) {
+        bounced = true;
+        if (toHost && (r = drv.memcpyAsync(hostBase, bounce_, span, stagingStream_)) != kSuccess) st = drv.fail("cuMemcpyAsync", r);
+      }  // else the kernel did not start: one copy per run below
+      if (CUresult w = drv.streamSynchronize(stagingStream_); w != kSuccess && st.isOk()) st = drv.fail("cuStreamSynchronize", w);
+      if (job.table != 0) spareTables_.emplace_back(job.table, job.tableBytes);
+      if (bounced) return st;
+    }
+  }
+  for (size_t i = begin; i < end; ++i)
+    if (CUresult r = drv.memcpyAsync(runs[i].dst, runs[i].src, runs[i].bytes, stagingStream_); r != kSuccess) {
+      st = drv.fail("cuMemcpyAsync", r);
+      break;
+    }
+  // Waited for even after an error: copies enqueued before it still use the host buffers.
+  if (CUresult w = drv.streamSynchronize(stagingStream_); w != kSuccess && st.isOk()) st = drv.fail("cuStreamSynchronize", w);
+  return st;
 }
 
 void CopyQueue::drain() {
@@ -322,7 +389,7 @@ bool CopyQueue::loadKernel() {
   return kernel_ != nullptr;
 }
 
-bool CopyQueue::launch(const std::vector<CopyRun>& runs, Job* job) {
+bool CopyQueue::launch(const std::vector<CopyRun>& runs, Job* job, CUstream stream) {
   const Driver& drv = *driver().value();
   // Large runs are cut into chunks, one thread block each, so a batch of a few large blocks still
   // spreads over the whole GPU.
@@ -352,7 +419,7 @@ bool CopyQueue::launch(const std::vector<CopyRun>& runs, Job* job) {
     if (drv.memAlloc(&buffer, capacity) != kSuccess) return false;
   }
   // From pageable memory: the driver takes the bytes before the call returns.
-  if (drv.memcpyHtoDAsync(buffer, table.data(), bytes, stream_) != kSuccess) {
+  if (drv.memcpyHtoDAsync(buffer, table.data(), bytes, stream) != kSuccess) {
     spareTables_.emplace_back(buffer, capacity);
     return false;
   }
@@ -361,11 +428,11 @@ bool CopyQueue::launch(const std::vector<CopyRun>& runs, Job* job) {
   unsigned runCount = static_cast<unsigned>(count);
   void* params[] = {&buffer, &runCount};
   const unsigned grid = static_cast<unsigned>(std::min<uint64_t>(count, 65535));
-  if (CUresult r = drv.launchKernel(kernel_, grid, 1, 1, 256, 1, 1, 0, stream_, params, nullptr); r != kSuccess) {
+  if (CUresult r = drv.launchKernel(kernel_, grid, 1, 1, 256, 1, 1, 0, stream, params, nullptr); r != kSuccess) {
     job->error = drv.fail("cuLaunchKernel (kvwire_copy_runs)", r);
     return true;  // the table upload is queued: the job ends with this error once it has run
   }
-  ++kernelLaunches_;
+  if (stream == stream_) ++kernelLaunches_;  // (cuda_ipc batches; staging launches are not counted)
   return true;
 }
 
@@ -376,7 +443,7 @@ Status CopyQueue::submit(uint64_t id, const std::vector<CopyRun>& runs, bool dev
   CUevent event = takeEvent();
   if (event == nullptr) return {Code::Backend, "cuEventCreate failed"};
   Job job{id, event, Status::ok()};
-  if (deviceToDevice && runs.size() > 1 && loadKernel() && launch(runs, &job)) {
+  if (deviceToDevice && runs.size() > 1 && loadKernel() && launch(runs, &job, stream_)) {
     if (CUresult r = drv.eventRecord(event, stream_); r != kSuccess) {
       drv.streamSynchronize(stream_);
       spareEvents_.push_back(event);

@@ -72,11 +72,6 @@ struct CopyRun {
   uint64_t bytes = 0;
 };
 
-// Host <-> device copies of many runs (host pointers and device addresses of `device`, unified
-// addressing), enqueued together and waited for once: staging for paths whose transport moves host
-// memory only. Synchronous.
-Status copyRunsNow(int device, const std::vector<CopyRun>& runs);
-
 // A stream on one device: jobs of copies, each finished by an event that poll() checks — no thread
 // waits on the GPU, and an idle queue costs nothing.
 class CopyQueue {
@@ -98,6 +93,13 @@ class CopyQueue {
   void poll(std::vector<std::pair<uint64_t, Status>>& done);
   // Waits until every copy queued so far has finished (poll() still reports them).
   void drain();
+  // Staging for a transport that moves host memory only (path 'am'), synchronous: `toHost`, runs
+  // from VRAM into host memory, whose destinations follow one another in order (one buffer);
+  // otherwise runs from host memory at ascending addresses into VRAM. On a stream of its own
+  // (ordered after the legacy default stream, as this queue's is, but not behind this queue's jobs).
+  // Many small runs go through a device bounce buffer: one bulk copy and one launch of the copy
+  // kernel instead of a driver call per run.
+  Status stageNow(const std::vector<CopyRun>& runs, bool toHost);
   size_t pending() const { return jobs_.size(); }
   int device() const { return device_; }
 
@@ -112,8 +114,9 @@ class CopyQueue {
   CopyQueue() = default;
   CUevent takeEvent();
   bool loadKernel();
-  // Enqueues `runs` as one kernel launch; false (nothing enqueued) where that cannot be done.
-  bool launch(const std::vector<CopyRun>& runs, Job* job);
+  // Enqueues `runs` on `stream` as one kernel launch; false (nothing enqueued) where that cannot be done.
+  bool launch(const std::vector<CopyRun>& runs, Job* job, CUstream stream);
+  Status stageGroup(const std::vector<CopyRun>& runs, size_t begin, size_t end, bool toHost);
   int device_ = 0;
   CUstream stream_ = nullptr;
   std::vector<Job> jobs_;          // in submission order
@@ -123,6 +126,9 @@ class CopyQueue {
   bool kernelTried_ = false;
   uint64_t kernelLaunches_ = 0;
   std::vector<std::pair<CUdeviceptr, size_t>> spareTables_;
+  CUstream stagingStream_ = nullptr;
+  CUdeviceptr bounce_ = 0;  // stageNow's device buffer
+  size_t bounceBytes_ = 0;
 };
 
 }  // namespace cuda

@@ -16,6 +16,7 @@
 #include <set>
 #include <mutex>
 #include <thread>
+#include <deque>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
@@ -85,6 +86,7 @@ struct RemoteRegion {
   std::shared_ptr<void> pinned;
   bool pinTried = false;
   bool revoked = false;  // its owner withdrew it (VRAM_REVOKE): no copy into it starts any more
+  std::string ipcFailed;  // why its IPC handle did not open here (then 'auto' takes 'am')
 };
 using RemoteRegionRef = std::shared_ptr<RemoteRegion>;
 
@@ -153,26 +155,39 @@ class UcxPeer : public BackendPeer {
 
 // Host memory that VRAM bytes pass through on path 'am' where UCX is not given the device address
 // (a UCX without CUDA memory support: it would read a device address as host memory; and packed
-// small segments, which host code gathers). What a connection being served holds is counted
-// (StagingLedger), so a peer cannot make this process hold host memory without bound.
+// small segments, which host code gathers). What the connections being served hold is counted:
+// each may hold `perConnection` bytes, all together never more than `total`, and the last quarter of
+// `total` is kept for connections holding less than `fairShare` (so a few connections that never
+// finish their transfers cannot starve the others). What does not fit now waits
+// (UcxBackendImpl::stagingWaits_) until some is released; what can never fit (one READ, or one
+// segment, larger than `perConnection`) is refused.
 struct StagingLedger {
-  static constexpr uint64_t kMaxPerConnection = 1ull << 30;
-  static constexpr uint64_t kMaxTotal = 4ull << 30;
-  uint64_t total = 0;
+  explicit StagingLedger(uint64_t limit) : perConnection(limit), total(4 * limit), fairShare(limit / 16) {}
+  const uint64_t perConnection, total, fairShare;
+  uint64_t held = 0;
   std::map<ucp_ep_h, uint64_t> byConnection;
+  bool released = false;  // some was released since the waiters were last tried
+  uint64_t heldBy(ucp_ep_h conn) const {
+    auto it = byConnection.find(conn);
+    return it == byConnection.end() ? 0 : it->second;
+  }
+  bool fits(ucp_ep_h conn, uint64_t bytes) const {
+    const uint64_t mine = heldBy(conn);
+    if (bytes > perConnection - std::min(perConnection, mine) || bytes > total - std::min(total, held)) return false;
+    return mine + bytes <= fairShare || held + bytes <= total - total / 4;
+  }
+  Status tooLarge(uint64_t bytes) const {
+    return {Code::Unavailable, "VRAM moved by path 'am' passes through host memory at this agent, and " + std::to_string(bytes) +
+                                   " bytes at once (one READ, or one segment) are more than the " +
+                                   std::to_string(perConnection >> 20) + " MiB a connection may stage "
+                                   "(KVWIRE_VRAM_STAGING_LIMIT): split the batch"};
+  }
 };
 class Staging {
  public:
-  // `conn`: the connection served (its bytes are counted and limited); nullptr: this agent's own transfer.
+  // `conn`: the connection served (counted in `ledger`; the caller checked fits()); nullptr: this
+  // agent's own transfer (not counted).
   static Result<std::shared_ptr<Staging>> take(const std::shared_ptr<StagingLedger>& ledger, ucp_ep_h conn, uint64_t bytes) {
-    if (conn != nullptr) {
-      const uint64_t held = ledger->byConnection.count(conn) ? ledger->byConnection[conn] : 0;
-      if (bytes > StagingLedger::kMaxPerConnection - held || bytes > StagingLedger::kMaxTotal - ledger->total)
-        return Status(Code::Unavailable, "VRAM moved by path 'am' passes through host memory here, and " +
-                                             std::to_string(bytes) + " more bytes would pass the limit (" +
-                                             std::to_string(StagingLedger::kMaxPerConnection >> 20) + " MiB per connection, " +
-                                             std::to_string(StagingLedger::kMaxTotal >> 20) + " MiB in all): retry smaller batches, or later");
-    }
     std::shared_ptr<Staging> s(new Staging());
     s->data_.reset(new (std::nothrow) uint8_t[bytes == 0 ? 1 : bytes]);  // not zeroed: every byte is written before use
     if (!s->data_)
@@ -182,13 +197,14 @@ class Staging {
       s->conn_ = conn;
       s->bytes_ = bytes;
       ledger->byConnection[conn] += bytes;
-      ledger->total += bytes;
+      ledger->held += bytes;
     }
     return s;
   }
   ~Staging() {
     if (!ledger_) return;
-    ledger_->total -= bytes_;
+    ledger_->held -= bytes_;
+    ledger_->released = true;
     auto it = ledger_->byConnection.find(conn_);
     if (it != ledger_->byConnection.end() && (it->second -= bytes_) == 0) ledger_->byConnection.erase(it);
   }
@@ -241,6 +257,7 @@ struct RequestContext {
   uint64_t stagedTo = 0;
   uint64_t stagedBytes = 0;
   int stagedDevice = -1;
+  uint32_t stagedIndex = 0;  // the WRITE segment's descriptor index
 };
 
 // Control messages (notifications, read lists) larger than this are refused; so are more than
@@ -292,7 +309,18 @@ class UcxBackendImpl : public Backend {
   Status post(BackendPeer& peer, const TransferRef& t) override;
   void regionRegistered(const LocalRegionRef& region) override;
   void regionDeregistered(const LocalRegionRef& region) override;
-  uint64_t retiredRegions() const override { return retired_.size(); }
+  uint64_t retiredRegions() const override {
+    uint64_t n = retired_.size();
+    for (const auto& w : heldVram_) {
+      LocalRegionRef r = w.lock();
+      if (r && std::none_of(retired_.begin(), retired_.end(), [&](const Retired& x) { return x.region == r; })) ++n;
+    }
+    return n;
+  }
+  // Deregistered VRAM that another library owns (register): counted in retiredRegions while anything
+  // of this agent still holds it (a transfer, an 'am' request moving bytes in or out), so its owner
+  // knows when it may free it.
+  std::vector<std::weak_ptr<LocalRegion>> heldVram_;
   std::string gpuFault() const override { return gpuFault_; }
   std::string gpuFault_;  // the first GPU copy that failed (empty: none)
   uint64_t vramStagedBytes() const override { return vramStagedBytes_; }
@@ -367,12 +395,64 @@ class UcxBackendImpl : public Backend {
   // copy (GPUDirect RDMA where a NIC offers it; UCX's own staging otherwise). Else kvwire stages them
   // through host memory itself: a device address never reaches UCX.
   bool ucxCuda_ = false;
-  std::shared_ptr<StagingLedger> staging_ = std::make_shared<StagingLedger>();
+  uint64_t stagingLimit_ = 1ull << 30;  // per connection served (KVWIRE_VRAM_STAGING_LIMIT)
+  std::shared_ptr<StagingLedger> staging_ = std::make_shared<StagingLedger>(stagingLimit_);
+  // What waits for staging to be released: a rendezvous WRITE segment into VRAM (its data left with
+  // UCX, which holds the sender until it is received), or a READ of VRAM to serve. Bounded per
+  // connection; tried again, in order, as staging is released (progress).
+  struct StagingWait {
+    ucp_ep_h conn = nullptr;  // the connection served (connections_ key, the ledger's)
+    bool read = false;
+    // WRITE:
+    uint32_t firstIndex = 0;  // the segment's descriptor index (errors name it)
+    void* data = nullptr;
+    uint64_t length = 0;
+    std::pair<ucp_ep_h, uint64_t> key{nullptr, 0};
+    LocalRegionRef hold;
+    uint64_t dst = 0;
+    int device = 0;
+    // READ:
+    ucp_ep_h sendOn = nullptr;
+    ucx::ReadRequestHeader header{};
+    std::vector<ucx::ReadSegment> segments;
+  };
+  // What waits is bounded: per connection in number and in the bytes of the READ segment lists kept,
+  // and those bytes in all.
+  static constexpr size_t kMaxStagingWaitsPerConnection = 4096;
+  static constexpr uint64_t kMaxStagingWaitBytesPerConnection = 16u << 20;
+  static constexpr uint64_t kMaxStagingWaitBytes = 64u << 20;
+  struct WaitCount {
+    size_t waits = 0;
+    uint64_t bytes = 0;
+  };
+  std::deque<StagingWait> stagingWaits_;
+  std::unordered_map<ucp_ep_h, WaitCount> stagingWaitsByConn_;
+  uint64_t stagingWaitBytes_ = 0;
+  static uint64_t waitBytes(const StagingWait& w) { return w.segments.size() * sizeof(ucx::ReadSegment); }
+  void countWait(const StagingWait& w) {
+    WaitCount& c = stagingWaitsByConn_[w.conn];
+    ++c.waits;
+    c.bytes += waitBytes(w);
+    stagingWaitBytes_ += waitBytes(w);
+  }
+  // false: this connection may not wait (too many of its own wait already, or it is not a connection
+  // this agent can fail: one without an endpoint of ours)
+  bool waitForStaging(StagingWait w);
+  void startStagedWrite(StagingWait w);  // its staging fits (outside the AM callback): receives the segment
+  void receiveStaged(StagingWait w, StagingRef staging);
+  void retryStagingWaits();
+  // Lets go of the waits of `conn` (nullptr: all), handing their data back to `worker`.
+  void dropStagingWaits(ucp_ep_h conn, ucp_worker_h worker);
+  // The largest VRAM staging of one of this agent's own transfers.
+  static constexpr uint64_t kMaxOwnStaging = 4ull << 30;
   // The host copy of a local VRAM transfer's segments that go staged (all, or the packed ones where
   // ucxCuda_), and those segments pointing into it; segments UCX takes from the device keep theirs.
   Status stageOut(const TransferRef& t, StagingRef* staging, std::vector<Segment>* segments);
-  // Copies `runs` between host memory and VRAM of `device` now; a failure is the GPU's (health.gpuFault).
-  Status copyStaged(int device, const std::vector<cuda::CopyRun>& runs);
+  // Copies `runs` between host memory and VRAM of `device` now (CopyQueue::stageNow: `toHost`, into
+  // one host buffer in order; else from ascending host addresses); a failure is the GPU's (health.gpuFault).
+  Status copyStaged(int device, const std::vector<cuda::CopyRun>& runs, bool toHost);
+  // This agent's copy queue on `device` (created on first use).
+  Result<cuda::CopyQueue*> queueFor(int device);
   void sendStatus(ucp_ep_h ep, AmId id, uint64_t transferId, const Status& st);
   void completeOp(std::unique_ptr<RequestContext> op, ucs_status_t st);
   // Hands the result of a UCX call that owns `op` over: done, failed, or tracked until its callback.
@@ -514,7 +594,8 @@ class UcxBackendImpl : public Backend {
                      ucp_ep_h reply);
   ucs_status_t handleReadData(const void* header, size_t headerLength, void* data, size_t length,
                               const ucp_am_recv_param_t* param);
-  void serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs);
+  // A READ request from connection `conn` (connections_ key), answered on `sendOn`.
+  void serveRead(ucp_ep_h conn, ucp_ep_h sendOn, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs);
 
   BackendHost* host_;
   std::shared_ptr<ContextHolder> ctx_;
@@ -760,6 +841,15 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
     ctx_->context = nullptr;
     return {Code::Backend, ucsMessage("ucp_init", st)};
   }
+  if (const char* limit = std::getenv("KVWIRE_VRAM_STAGING_LIMIT"); limit != nullptr && *limit != '\0') {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(limit, &end, 10);
+    if (*end != '\0' || v < (1u << 20) || v > (1ull << 40))
+      return {Code::InvalidParam, std::string("KVWIRE_VRAM_STAGING_LIMIT '") + limit +
+                                      "': bytes of VRAM staging per connection, from 1048576 to 2^40"};
+    stagingLimit_ = v;
+    staging_ = std::make_shared<StagingLedger>(stagingLimit_);
+  }
   ucp_context_attr_t attr{};
   attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
   const char* staging = std::getenv("KVWIRE_VRAM_STAGING");
@@ -865,6 +955,7 @@ void UcxBackendImpl::shutdown() {
   for (ucp_ep_h ep : std::exchange(endpointsToClose_, {})) closeEndpoint(ep, true);
   connections_.clear();
   connectionByOwnEp_.clear();
+  dropStagingWaits(nullptr, worker_);
   handshakes_.clear();
   active_.clear();
   inbound_.clear();
@@ -889,6 +980,7 @@ UcxBackendImpl::~UcxBackendImpl() {
   closing_.clear();
   inbound_.clear();
   openWrites_.clear();
+  if (worker_) dropStagingWaits(nullptr, worker_);
   closeCanaryEndpoint();
   if (canary_) ucp_worker_destroy(canary_);
   if (worker_) releaseWorker(worker_, unfinished);
@@ -1112,6 +1204,7 @@ Status UcxPeer::cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) c
                                "the driver can export"};
   if (!cuda::ipcSectionFromThisHost(*section))
     return {Code::Unavailable, region + " (VRAM) is on another host (its boot id differs from this host's): use path 'am'"};
+  if (!rr.ipcFailed.empty()) return {Code::Unavailable, rr.ipcFailed};
   return Status::ok();
 }
 
@@ -1121,7 +1214,8 @@ Result<std::shared_ptr<cuda::IpcMapping>> UcxPeer::openVram(RemoteRegion& rr, in
   auto opened = cuda::IpcMapping::open(device, *rr.info.section(cuda::kIpcSection), rr.info.length);
   if (!opened.isOk()) {
     rr.vram.erase(device);
-    return Status(opened.status().code(), "region '" + rr.info.name + "' of peer '" + name_ + "': " + opened.status().message());
+    rr.ipcFailed = "region '" + rr.info.name + "' of peer '" + name_ + "': " + opened.status().message();
+    return Status(opened.status().code(), rr.ipcFailed);
   }
   mapping = std::move(opened.value());
   return mapping;
@@ -1269,9 +1363,27 @@ void UcxBackendImpl::receive(void* data, void* dst, size_t length, std::unique_p
   track(ucp_am_recv_data_nbx(worker_, data, dst, length, &p), raw);
 }
 
-Status UcxBackendImpl::copyStaged(int device, const std::vector<cuda::CopyRun>& runs) {
-  Status st = cuda::copyRunsNow(device, runs);
-  if (!st && gpuFault_.empty()) gpuFault_ = st.message();
+Result<cuda::CopyQueue*> UcxBackendImpl::queueFor(int device) {
+  auto& queue = cudaQueues_[device];
+  if (!queue) {
+    auto created = cuda::CopyQueue::create(device);
+    if (!created.isOk()) {
+      cudaQueues_.erase(device);
+      return created.status();
+    }
+    queue = std::move(created.value());
+  }
+  return queue.get();
+}
+
+Status UcxBackendImpl::copyStaged(int device, const std::vector<cuda::CopyRun>& runs, bool toHost) {
+  if (runs.empty()) return Status::ok();
+  auto queue = queueFor(device);
+  Status st = queue.isOk() ? queue.value()->stageNow(runs, toHost) : queue.status();
+  if (!st) {
+    if (gpuFault_.empty()) gpuFault_ = st.message();
+    return st;
+  }
   for (const cuda::CopyRun& r : runs) vramStagedBytes_ += r.bytes;
   return st;
 }
@@ -1281,6 +1393,10 @@ Status UcxBackendImpl::stageOut(const TransferRef& t, StagingRef* staging, std::
   uint64_t bytes = 0;
   for (const Segment& s : t->segments)
     if (staged(s)) bytes += s.length;
+  if (bytes > kMaxOwnStaging)
+    return {Code::Unavailable, "this WRITE would stage " + std::to_string(bytes) + " bytes of VRAM through host memory at once "
+                               "(path 'am' without UCX CUDA support), more than " + std::to_string(kMaxOwnStaging >> 30) +
+                               " GiB: split the batch"};
   auto taken = Staging::take(staging_, nullptr, bytes);
   if (!taken.isOk()) return taken.status();
   *staging = std::move(taken.value());
@@ -1294,7 +1410,7 @@ Status UcxBackendImpl::stageOut(const TransferRef& t, StagingRef* staging, std::
     s.local = host;
     at += s.length;
   }
-  return copyStaged(static_cast<int>(t->local->info.deviceId), runs);
+  return copyStaged(static_cast<int>(t->local->info.deviceId), runs, true);
 }
 
 void UcxBackendImpl::onSendDone(void* request, ucs_status_t st, void* user) {
@@ -1351,9 +1467,15 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
       if (it == inbound_.end()) break;
       if (st != UCS_OK && it->second.error.isOk())
         it->second.error = fromUcs("receiving written data", st);
-      if (st == UCS_OK && op->staging) {  // landed in host memory: now to the device
-        Status copied = copyStaged(op->stagedDevice, {{op->stagedTo, addressOf(op->staging->data()), op->stagedBytes}});
-        if (!copied && it->second.error.isOk()) it->second.error = copied;
+      if (st == UCS_OK && op->staging) {  // landed in host memory: now to the device, if the region is still there
+        if (!op->hold->live) {
+          if (it->second.error.isOk())
+            it->second.error = Status(Code::NotFound, "region '" + op->hold->info.name + "' was deregistered while the data arrived",
+                                      op->stagedIndex);
+        } else {
+          Status copied = copyStaged(op->stagedDevice, {{op->stagedTo, addressOf(op->staging->data()), op->stagedBytes}}, false);
+          if (!copied && it->second.error.isOk()) it->second.error = Status(copied.code(), copied.message(), op->stagedIndex);
+        }
       }
       ++it->second.landed;
       maybeFinishInbound(op->inbound);
@@ -1370,8 +1492,9 @@ void UcxBackendImpl::completeOp(std::unique_ptr<RequestContext> op, ucs_status_t
         endTransfer(t, fromUcs("receiving read data", st));
         break;
       }
+      if (t->settled) break;  // rejected meanwhile (e.g. another segment failed): nothing more lands
       if (op->staging) {  // landed in host memory: now to the device
-        Status copied = copyStaged(op->stagedDevice, {{op->stagedTo, addressOf(op->staging->data()), op->stagedBytes}});
+        Status copied = copyStaged(op->stagedDevice, {{op->stagedTo, addressOf(op->staging->data()), op->stagedBytes}}, false);
         if (!copied) {
           endTransfer(t, copied);
           break;
@@ -1595,14 +1718,26 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
   if (rr->revoked)
     return {Code::NotFound, "region '" + rr->info.name + "' of peer '" + peer.name_ +
                                 "' was deregistered by its owner; load its current metadata"};
-  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) return st;  // the region may have been reloaded since
+  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) {  // the region may have been reloaded since
+    if (!t->pathChosen) return st;
+    // 'auto' took cuda_ipc before this was known (e.g. transfers queued behind the handshake when
+    // an earlier one failed to open the handle): active messages reach the region all the same.
+    t->path = t->stats.path = Path::ActiveMessage;
+    return postActiveMessage(peer, t);
+  }
   // The copies run on the local region's device (a host region's on device 0), where the peer's VRAM
   // is opened too.
   const int device = t->local->info.kind == MemKind::Vram ? static_cast<int>(t->local->info.deviceId) : 0;
   std::shared_ptr<cuda::IpcMapping> mapping;
   if (rr->info.kind == MemKind::Vram) {
     auto opened = peer.openVram(*rr, device);
-    if (!opened.isOk()) return opened.status();
+    if (!opened.isOk()) {
+      if (!t->pathChosen) return opened.status();
+      // 'auto' took cuda_ipc, but the handle does not open here (another container, this same
+      // process, ...): active messages reach the region all the same (and are chosen from now on).
+      t->path = t->stats.path = Path::ActiveMessage;
+      return postActiveMessage(peer, t);
+    }
     mapping = std::move(opened.value());
   }
   // Host memory kvwire allocated (here, or the peer's mapped here) is page-locked with the driver
@@ -1619,15 +1754,8 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     auto pinned = cuda::pinHost(device, rr->mapped, rr->info.length);
     if (pinned.isOk()) rr->pinned = std::move(pinned.value());
   }
-  auto& queue = cudaQueues_[device];
-  if (!queue) {
-    auto created = cuda::CopyQueue::create(device);
-    if (!created.isOk()) {
-      cudaQueues_.erase(device);
-      return created.status();
-    }
-    queue = std::move(created.value());
-  }
+  auto queue = queueFor(device);
+  if (!queue.isOk()) return queue.status();
   const uint64_t remoteBase = mapping ? mapping->address() : reinterpret_cast<uint64_t>(rr->mapped);
   std::vector<cuda::CopyRun> runs;
   runs.reserve(t->segments.size());
@@ -1638,7 +1766,7 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
     runs.push_back(write ? cuda::CopyRun{remote, local, s.length} : cuda::CopyRun{local, remote, s.length});
   }
   const bool deviceToDevice = t->local->info.kind == MemKind::Vram && mapping != nullptr;
-  if (Status st = queue->submit(t->id, runs, deviceToDevice); !st) return st;
+  if (Status st = queue.value()->submit(t->id, runs, deviceToDevice); !st) return st;
   cudaJobs_[t->id] = {t, rr, std::move(mapping)};
   return Status::ok();
 }
@@ -1797,6 +1925,10 @@ void UcxBackendImpl::regionRegistered(const LocalRegionRef& region) {
 }
 
 void UcxBackendImpl::regionDeregistered(const LocalRegionRef& region) {
+  if (region->info.kind == MemKind::Vram && !region->info.backendAllocated) {
+    heldVram_.erase(std::remove_if(heldVram_.begin(), heldVram_.end(), [](const auto& w) { return w.expired(); }), heldVram_.end());
+    heldVram_.push_back(region);
+  }
   if (region->info.kind == MemKind::Vram) {
     withdrawVram(region);
     return;
@@ -2241,6 +2373,8 @@ void UcxBackendImpl::rebuildWorker() {
   openWrites_.clear();
   readSends_.clear();
   refusedWrites_.clear();
+  dropStagingWaits(nullptr, old);
+  staging_ = std::make_shared<StagingLedger>(stagingLimit_);  // what the old worker's requests hold is theirs
   controlRecvBytes_ = 0;
   byesPending_ = 0;
   std::vector<std::string> lost;  // connections served on the old worker: over (their agents hear BYE)
@@ -2525,7 +2659,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
         bytes += e.length;
         left -= e.length;
       }
-      if (Status st = copyStaged(vramDevice, runs); !st && in.error.isOk()) in.error = st;
+      if (Status st = copyStaged(vramDevice, runs, false); !st && in.error.isOk()) in.error = st;
       if ((table > length || left != 0) && in.error.isOk())
         in.error = Status(Code::InvalidParam, "malformed packed write");
       ++in.landed;
@@ -2555,7 +2689,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
           copyBytes(seg.local, data, seg.length);
         data += seg.length;
       }
-      if (Status st = copyStaged(static_cast<int>(t->local->info.deviceId), runs); !st) {
+      if (Status st = copyStaged(static_cast<int>(t->local->info.deviceId), runs, false); !st) {
         endTransfer(t, st);
         return;
       }
@@ -2570,7 +2704,7 @@ void UcxBackendImpl::handleControl(AmId id, const void* header, size_t headerLen
         sendStatus(replyPath(reply), ucx::kAmReadDone, h.transferId, Status(Code::InvalidParam, "malformed read request"));
         return;
       }
-      serveRead(replyPath(reply), h, reinterpret_cast<const ucx::ReadSegment*>(data));
+      serveRead(reply, replyPath(reply), h, reinterpret_cast<const ucx::ReadSegment*>(data));
       return;
     }
     default:
@@ -2842,19 +2976,33 @@ ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength
   const bool toVram = dst.isOk() && hold->info.kind == MemKind::Vram;
   const int device = toVram ? static_cast<int>(hold->info.deviceId) : 0;
   const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
-  auto op = std::make_unique<RequestContext>();
-  op->kind = RequestContext::kInboundWrite;
-  op->hold = hold;
-  op->inbound = key;
   if (dst.isOk() && toVram && rndv && !ucxCuda_) {  // lands in host memory first (counted for this connection)
-    auto taken = Staging::take(staging_, reply, length);
-    if (taken.isOk()) {
-      op->staging = std::move(taken.value());
-      op->stagedTo = addressOf(dst.value());
-      op->stagedBytes = length;
-      op->stagedDevice = device;
+    if (length > staging_->perConnection) {
+      dst = Result<uint8_t*>(staging_->tooLarge(length));
     } else {
-      dst = Result<uint8_t*>(taken.status());
+      StagingWait w;
+      w.conn = reply;
+      w.data = data;
+      w.length = length;
+      w.key = key;
+      w.hold = hold;
+      w.dst = addressOf(dst.value());
+      w.device = device;
+      w.firstIndex = h.firstIndex;
+      // Received now if its staging fits, else when enough is released (the sender waits meanwhile).
+      if (staging_->fits(reply, length) && stagingWaitsByConn_.count(reply) == 0) {
+        auto taken = Staging::take(staging_, reply, length);
+        if (taken.isOk()) {
+          receiveStaged(std::move(w), std::move(taken.value()));
+          return UCS_INPROGRESS;
+        }
+        dst = Result<uint8_t*>(taken.status());
+      } else if (waitForStaging(std::move(w))) {
+        return UCS_INPROGRESS;
+      } else {
+        dst = Result<uint8_t*>(Status(Code::Unavailable, "VRAM staging at this agent is full and this connection may not wait "
+                                                          "for it (too many of its segments wait already, or it never said HELLO)"));
+      }
     }
   }
   if (!dst.isOk()) {
@@ -2866,16 +3014,121 @@ ucs_status_t UcxBackendImpl::handleWrite(const void* header, size_t headerLength
   if (!rndv) {
     if (!toVram) {
       copyBytes(dst.value(), data, length);
-    } else if (Status st = copyStaged(device, {{addressOf(dst.value()), addressOf(data), length}}); !st && in.error.isOk()) {
+    } else if (Status st = copyStaged(device, {{addressOf(dst.value()), addressOf(data), length}}, false); !st && in.error.isOk()) {
       in.error = Status(st.code(), st.message(), h.firstIndex);
     }
     ++in.landed;
     maybeFinishInbound(key);
     return UCS_OK;
   }
-  void* landing = op->staging ? op->staging->data() : dst.value();
-  receive(data, landing, length, std::move(op), toVram && ucxCuda_);
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kInboundWrite;
+  op->hold = std::move(hold);
+  op->inbound = key;
+  receive(data, dst.value(), length, std::move(op), toVram && ucxCuda_);
   return UCS_INPROGRESS;
+}
+
+void UcxBackendImpl::startStagedWrite(StagingWait w) {
+  auto in = inbound_.find(w.key);
+  if (in == inbound_.end()) {  // its WRITE is over (its connection ended): nobody wants the bytes
+    ucp_am_data_release(worker_, w.data);
+    return;
+  }
+  Result<StagingRef> taken = w.hold->live ? Staging::take(staging_, w.conn, w.length)
+                                           : Result<StagingRef>(Status(Code::NotFound, "region '" + w.hold->info.name +
+                                                                                           "' was deregistered while the data arrived"));
+  if (!taken.isOk()) {
+    ucp_am_data_release(worker_, w.data);
+    if (in->second.error.isOk()) in->second.error = Status(taken.status().code(), taken.status().message(), w.firstIndex);
+    ++in->second.landed;
+    maybeFinishInbound(w.key);
+    return;
+  }
+  receiveStaged(std::move(w), std::move(taken.value()));
+}
+
+void UcxBackendImpl::receiveStaged(StagingWait w, StagingRef staging) {
+  auto op = std::make_unique<RequestContext>();
+  op->kind = RequestContext::kInboundWrite;
+  op->hold = std::move(w.hold);
+  op->inbound = w.key;
+  op->staging = std::move(staging);
+  op->stagedTo = w.dst;
+  op->stagedBytes = w.length;
+  op->stagedDevice = w.device;
+  op->stagedIndex = w.firstIndex;
+  void* landing = op->staging->data();
+  receive(w.data, landing, w.length, std::move(op), false);
+}
+
+bool UcxBackendImpl::waitForStaging(StagingWait w) {
+  // Only a connection that ends when its peer does (an endpoint of ours, failed by UCX) may wait:
+  // the waits of any other could outlive it, and its reply endpoint be reused by someone else.
+  auto known = connections_.find(w.conn);
+  if (known == connections_.end() || known->second.ep == nullptr) return false;
+  auto counted = stagingWaitsByConn_.find(w.conn);
+  const WaitCount now = counted == stagingWaitsByConn_.end() ? WaitCount{} : counted->second;
+  if (now.waits >= kMaxStagingWaitsPerConnection || now.bytes + waitBytes(w) > kMaxStagingWaitBytesPerConnection ||
+      stagingWaitBytes_ + waitBytes(w) > kMaxStagingWaitBytes)
+    return false;
+  countWait(w);
+  stagingWaits_.push_back(std::move(w));
+  return true;
+}
+
+void UcxBackendImpl::retryStagingWaits() {
+  staging_->released = false;
+  // In order: a connection's waits start in the order they came (a READ never overtakes a WRITE
+  // segment of the same connection that waits before it).
+  std::deque<StagingWait> waits;
+  waits.swap(stagingWaits_);
+  stagingWaitsByConn_.clear();
+  stagingWaitBytes_ = 0;
+  std::set<ucp_ep_h> blocked;  // connections whose first wait does not fit yet: the rest of theirs wait too
+  for (StagingWait& w : waits) {
+    if (connections_.count(w.conn) == 0) {  // (dropped meanwhile: not served)
+      if (!w.read) ucp_am_data_release(worker_, w.data);
+      continue;
+    }
+    const uint64_t bytes = w.read ? 0 : w.length;
+    if (!w.read && (blocked.count(w.conn) || !staging_->fits(w.conn, bytes))) {
+      blocked.insert(w.conn);
+      countWait(w);
+      stagingWaits_.push_back(std::move(w));
+      continue;
+    }
+    if (w.read) {
+      if (blocked.count(w.conn)) {
+        countWait(w);
+        stagingWaits_.push_back(std::move(w));
+        continue;
+      }
+      const size_t before = stagingWaits_.size();
+      serveRead(w.conn, w.sendOn, w.header, w.segments.data());  // it waits again if it still does not fit
+      if (stagingWaits_.size() != before) blocked.insert(w.conn);
+      continue;
+    }
+    startStagedWrite(std::move(w));
+  }
+}
+
+void UcxBackendImpl::dropStagingWaits(ucp_ep_h conn, ucp_worker_h worker) {
+  for (auto it = stagingWaits_.begin(); it != stagingWaits_.end();) {
+    if (conn != nullptr && it->conn != conn) {
+      ++it;
+      continue;
+    }
+    if (!it->read) ucp_am_data_release(worker, it->data);
+    stagingWaitBytes_ -= waitBytes(*it);
+    it = stagingWaits_.erase(it);
+  }
+  if (conn == nullptr) {
+    stagingWaitsByConn_.clear();
+    stagingWaitBytes_ = 0;
+  } else {
+    stagingWaitsByConn_.erase(conn);
+  }
 }
 
 InboundWrite* UcxBackendImpl::openInbound(const std::pair<ucp_ep_h, uint64_t>& key) {
@@ -2913,7 +3166,7 @@ void UcxBackendImpl::maybeFinishInbound(std::pair<ucp_ep_h, uint64_t> key) {
   }
 }
 
-void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs) {
+void UcxBackendImpl::serveRead(ucp_ep_h conn, ucp_ep_h sendOn, const ucx::ReadRequestHeader& h, const ucx::ReadSegment* segs) {
   // Check every segment before sending any byte, so a bad request moves nothing.
   std::vector<std::pair<uint8_t*, uint64_t>> sources(h.segments);
   LocalRegionRef hold;
@@ -2922,39 +3175,11 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
     std::memcpy(&s, segs + i, sizeof s);
     Result<uint8_t*> src = host_->resolveInbound(h.regionId, s.offset, s.length, kAccessRead, &hold, true);
     if (!src.isOk()) {
-      sendStatus(reply, ucx::kAmReadDone, h.transferId,
+      sendStatus(sendOn, ucx::kAmReadDone, h.transferId,
                  Status(src.status().code(), src.status().message(), s.firstIndex));
       return;
     }
     sources[i] = {src.value(), s.length};
-  }
-  // VRAM: copied to host memory first (every segment, or the small ones packed here where UCX takes
-  // device addresses), counted against this connection's staging limit.
-  const bool fromVram = hold && hold->info.kind == MemKind::Vram;
-  const auto staged = [&](uint64_t length) { return !ucxCuda_ || length <= ucx::kPackSegmentMax; };
-  StagingRef staging;
-  if (fromVram) {
-    uint64_t bytes = 0;
-    for (auto& [p, length] : sources)
-      if (staged(length)) bytes += length;
-    auto taken = Staging::take(staging_, reply, bytes);
-    if (!taken.isOk()) {
-      sendStatus(reply, ucx::kAmReadDone, h.transferId, taken.status());
-      return;
-    }
-    staging = std::move(taken.value());
-    std::vector<cuda::CopyRun> runs;
-    uint64_t at = 0;
-    for (auto& [p, length] : sources) {
-      if (!staged(length)) continue;
-      runs.push_back({addressOf(staging->data() + at), addressOf(p), length});
-      p = staging->data() + at;
-      at += length;
-    }
-    if (Status st = copyStaged(static_cast<int>(hold->info.deviceId), runs); !st) {
-      sendStatus(reply, ucx::kAmReadDone, h.transferId, st);
-      return;
-    }
   }
   // The message that starts at segment i ends before the returned one: a large segment alone, or a
   // run of small segments packed up to kPackBytesMax.
@@ -2968,34 +3193,80 @@ void UcxBackendImpl::serveRead(ucp_ep_h reply, const ucx::ReadRequestHeader& h, 
   };
   size_t messages = 0;
   for (uint32_t i = 0; i < h.segments; i = messageEnd(i)) ++messages;
-  auto sending = readSends_.find(reply);
+  auto sending = readSends_.find(sendOn);
   if ((sending == readSends_.end() ? 0 : sending->second) + messages > kMaxReadSendsPerConnection) {
-    sendStatus(reply, ucx::kAmReadDone, h.transferId, Status(Code::Unavailable, "too many reads in flight on this connection"));
+    sendStatus(sendOn, ucx::kAmReadDone, h.transferId, Status(Code::Unavailable, "too many reads in flight on this connection"));
     return;
+  }
+  // VRAM: copied to host memory first (every segment, or the small ones packed here where UCX takes
+  // device addresses), counted against this connection's staging: served now if that fits, else
+  // when enough is released.
+  const bool fromVram = hold && hold->info.kind == MemKind::Vram;
+  const auto staged = [&](uint64_t length) { return !ucxCuda_ || length <= ucx::kPackSegmentMax; };
+  StagingRef staging;
+  if (fromVram) {
+    uint64_t bytes = 0;
+    for (auto& [p, length] : sources)
+      if (staged(length)) bytes += length;
+    if (bytes > staging_->perConnection) {
+      sendStatus(sendOn, ucx::kAmReadDone, h.transferId, staging_->tooLarge(bytes));
+      return;
+    }
+    if (!staging_->fits(conn, bytes) || stagingWaitsByConn_.count(conn) != 0) {
+      StagingWait w;
+      w.conn = conn;
+      w.read = true;
+      w.sendOn = sendOn;
+      w.header = h;
+      w.segments.assign(segs, segs + h.segments);
+      if (!waitForStaging(std::move(w)))
+        sendStatus(sendOn, ucx::kAmReadDone, h.transferId,
+                   Status(Code::Unavailable, "VRAM staging at this agent is full and this READ may not wait for it (too "
+                                             "many reads of this connection wait already, or it never said HELLO)"));
+      return;
+    }
+    auto taken = Staging::take(staging_, conn, bytes);
+    if (!taken.isOk()) {
+      sendStatus(sendOn, ucx::kAmReadDone, h.transferId, taken.status());
+      return;
+    }
+    staging = std::move(taken.value());
+    std::vector<cuda::CopyRun> runs;
+    uint64_t at = 0;
+    for (auto& [p, length] : sources) {
+      if (!staged(length)) continue;
+      runs.push_back({addressOf(staging->data() + at), addressOf(p), length});
+      p = staging->data() + at;
+      at += length;
+    }
+    if (Status st = copyStaged(static_cast<int>(hold->info.deviceId), runs, true); !st) {
+      sendStatus(sendOn, ucx::kAmReadDone, h.transferId, st);
+      return;
+    }
   }
   for (uint32_t i = 0; i < h.segments;) {
     const uint32_t end = messageEnd(i);
     auto op = std::make_unique<RequestContext>();
     op->kind = RequestContext::kReadDataSend;
     op->hold = hold;
-    op->staging = staging;
-    op->servedOn = reply;
-    ++readSends_[reply];
+    op->servedOn = sendOn;
+    ++readSends_[sendOn];
     if (sources[i].second <= ucx::kPackSegmentMax) {  // a run of small segments goes back as one message
       for (uint32_t j = i; j < end; ++j) op->payload.append(reinterpret_cast<const char*>(sources[j].first), sources[j].second);
       ucx::PackedReadHeader ph{h.transferId, i, end - i};
       op->setHeader(ph);
       const std::string& payload = op->payload;
-      if (!send(reply, ucx::kAmReadPacked, std::move(op), payload.data(), payload.size(), false)) return;
+      if (!send(sendOn, ucx::kAmReadPacked, std::move(op), payload.data(), payload.size(), false)) return;
     } else {
       ucx::ReadDataHeader rh{h.transferId, i};
       op->setHeader(rh);
       const bool device = fromVram && !staged(sources[i].second);
-      if (!send(reply, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false, device)) return;
+      if (!device) op->staging = staging;  // (sent from it; a packed payload is a copy)
+      if (!send(sendOn, ucx::kAmReadData, std::move(op), sources[i].first, sources[i].second, false, device)) return;
     }
     i = end;
   }
-  sendStatus(reply, ucx::kAmReadDone, h.transferId, Status::ok());
+  sendStatus(sendOn, ucx::kAmReadDone, h.transferId, Status::ok());
 }
 
 ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLength, void* data, size_t length,
@@ -3016,7 +3287,7 @@ ucs_status_t UcxBackendImpl::handleReadData(const void* header, size_t headerLen
   if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) {
     if (!toVram) {
       copyBytes(dst, data, length);
-    } else if (Status st = copyStaged(device, {{addressOf(dst), addressOf(data), length}}); !st) {
+    } else if (Status st = copyStaged(device, {{addressOf(dst), addressOf(data), length}}, false); !st) {
       endTransfer(t, st);
       return UCS_OK;
     }
@@ -3089,6 +3360,7 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply, 
   for (auto in = inbound_.begin(); in != inbound_.end();)
     in = in->first.first == reply ? inbound_.erase(in) : std::next(in);
   openWrites_.erase(reply);
+  dropStagingWaits(reply, worker_);
   if (closed) {  // its agent closed: its copies ended and its IPC mappings went with it
     for (Retired& r : retired_)
       r.vramAcks.erase(std::remove_if(r.vramAcks.begin(), r.vramAcks.end(), [&](const auto& a) { return a.second == reply; }),
@@ -3137,6 +3409,10 @@ bool UcxBackendImpl::progress() {
       endTransfer(t, Status::ok());
     }
   }
+  if (staging_->released && !stagingWaits_.empty()) {
+    retryStagingWaits();
+    any = true;
+  }
   checkLiveness();
   if (!retired_.empty()) {
     const uint64_t now = monotonicNs();
@@ -3177,7 +3453,10 @@ bool UcxBackendImpl::progress() {
   return any;
 }
 
-bool UcxBackendImpl::arm() { return ucp_worker_arm(worker_) == UCS_OK; }
+bool UcxBackendImpl::arm() {
+  if (staging_->released && !stagingWaits_.empty()) return false;  // waits to try again first
+  return ucp_worker_arm(worker_) == UCS_OK;
+}
 
 }  // namespace
 
