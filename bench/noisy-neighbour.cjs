@@ -5,8 +5,7 @@
 //   node bench/noisy-neighbour.cjs [--rounds 2] [kvwire bench options...]
 // e.g. node bench/noisy-neighbour.cjs --transport shm,tcp --memory allocated,registered --block 64K,1M,4M --runs 3
 'use strict';
-const { spawn } = require('node:child_process');
-const { takeOption, runBenchJson, formatSize: size } = require('./run-bench.cjs');
+const { takeOption, runBenchJson, formatSize: size, spinner, median } = require('./run-bench.cjs');
 
 const taken = takeOption(process.argv.slice(2), '--rounds');
 const args = taken.args;
@@ -15,16 +14,6 @@ if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must 
 
 const bench = (label) =>
   runBenchJson(label, ['--latency-samples', '0', '--idle-seconds', '0', '--no-baselines', ...args], { NODE_NO_WARNINGS: '1' });
-
-/** A neighbour that spins one core until stopped (a separate process, as on a shared host). */
-function spinner() {
-  return spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' });
-}
-
-const median = (v) => {
-  const s = [...v].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 (async () => {
   const runs = { quiet: [], noisy: [] };

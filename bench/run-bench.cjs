@@ -1,7 +1,8 @@
 // What the scripts that run `kvwire bench` several times share: taking their own option out of the
 // argument list, running the bench with --json in a child and reading its result.
 'use strict';
-const { spawn } = require('node:child_process');
+const { execFileSync, spawn } = require('node:child_process');
+const fs = require('node:fs');
 const path = require('node:path');
 
 const root = path.join(__dirname, '..');
@@ -44,4 +45,38 @@ function runBenchJson(label, args, env = {}) {
 
 const formatSize = (n) => (n >= 1 << 20 ? `${n / (1 << 20)} MiB` : n >= 1024 ? `${n / 1024} KiB` : `${n} B`);
 
-module.exports = { root, takeOption, runBenchJson, formatSize };
+/**
+ * The environment that makes `kvwire bench` use one UCX build: '1.13' (Debian's, build/) or '1.22'
+ * (PyPI's with CUDA transports, build-ucx122/ from .ci/ucx-smoke.sh, with that UCX's ucx_perftest);
+ * { skipped: why } where it is not built.
+ */
+function buildEnv(version) {
+  if (version === '1.13') {
+    const addon = path.join(root, 'build/Release/kvwire.node');
+    return fs.existsSync(addon) ? { env: { KVWIRE_ADDON: addon } } : { skipped: `${addon} not built (npm run build)` };
+  }
+  const addon = path.join(root, 'build-ucx122/Release/kvwire.node');
+  if (!fs.existsSync(addon)) return { skipped: `${addon} not built (bash .ci/ucx-smoke.sh builds it)` };
+  const ucx = execFileSync('bash', [path.join(root, '.ci/fetch-ucx122.sh')], { encoding: 'utf8' }).trim();
+  return {
+    env: {
+      KVWIRE_ADDON: addon,
+      // ucx_perftest of the same UCX as the addon, for the baseline column.
+      PATH: `${path.join(ucx, 'bin')}:${process.env.PATH}`,
+      LD_LIBRARY_PATH: [path.join(ucx, 'lib'), process.env.LD_LIBRARY_PATH].filter(Boolean).join(':'),
+    },
+  };
+}
+
+/** A neighbour that spins one core until killed (a separate process, as on a shared host). */
+function spinner() {
+  return spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' });
+}
+
+/** Median (the mean of the middle two for an even count). */
+const median = (v) => {
+  const s = [...v].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+module.exports = { root, takeOption, runBenchJson, formatSize, spinner, median, buildEnv };

@@ -5,33 +5,12 @@
 //   node bench/ucx-builds.cjs [--builds 1.13,1.22] [kvwire bench options...]
 // e.g. node bench/ucx-builds.cjs --transport shm,tcp --block 64K,1M,4M --runs 3 --latency-samples 0 --idle-seconds 0
 'use strict';
-const { execFileSync } = require('node:child_process');
-const fs = require('node:fs');
-const path = require('node:path');
-const { root, takeOption, runBenchJson, formatSize: size } = require('./run-bench.cjs');
+const { takeOption, runBenchJson, formatSize: size, buildEnv } = require('./run-bench.cjs');
 
 const taken = takeOption(process.argv.slice(2), '--builds');
 const args = taken.args;
 const wanted = taken.value === undefined ? ['1.13', '1.22'] : taken.value.split(',').filter(Boolean);
 for (const w of wanted) if (!['1.13', '1.22'].includes(w)) throw new Error(`--builds: '${w}' is not one of 1.13, 1.22`);
-
-function buildEnv(version) {
-  if (version === '1.13') {
-    const addon = path.join(root, 'build/Release/kvwire.node');
-    return fs.existsSync(addon) ? { env: { KVWIRE_ADDON: addon } } : { skipped: `${addon} not built (npm run build)` };
-  }
-  const addon = path.join(root, 'build-ucx122/Release/kvwire.node');
-  if (!fs.existsSync(addon)) return { skipped: `${addon} not built (bash .ci/ucx-smoke.sh builds it)` };
-  const ucx = execFileSync('bash', [path.join(root, '.ci/fetch-ucx122.sh')], { encoding: 'utf8' }).trim();
-  return {
-    env: {
-      KVWIRE_ADDON: addon,
-      // ucx_perftest of the same UCX as the addon, for the baseline column.
-      PATH: `${path.join(ucx, 'bin')}:${process.env.PATH}`,
-      LD_LIBRARY_PATH: [path.join(ucx, 'lib'), process.env.LD_LIBRARY_PATH].filter(Boolean).join(':'),
-    },
-  };
-}
 
 const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 100)}%`);
 

@@ -101,6 +101,18 @@ describe('kvwire bench', () => {
     }
   }, 120_000);
 
+  it('--path: every timed batch asks for that path (registered memory on shm by am and by cma at one size)', async () => {
+    const common = ['--block', '64K', '--runs', '1', '--run-ms', '20', '--transport', 'shm', '--memory', 'registered', '--op', 'write',
+      '--no-baselines', '--latency-samples', '0', '--idle-seconds', '0'];
+    for (const p of ['am', 'cma']) {
+      const r = await bench(...common, '--path', p);
+      const cells = r.cells.filter((c) => c.batch !== 10_000);
+      expect(cells.length).toBe(1);
+      expect(cells[0].path).toBe(p);
+      expectSaneCell(cells[0]);
+    }
+  }, 120_000);
+
   it('joins a remote target from its description file (--serve / --peer)', async () => {
     const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'kvwire-serve-')), 'target.json');
     const server = spawn(process.execPath, [cli, 'bench', '--serve', file, '--host', '127.0.0.1', '--block', '64K'], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -176,6 +188,7 @@ describe('kvwire bench', () => {
       [['--layout', 'cold'], /--layout takes one of spread, hot/],
       [['--serve', 'a', '--peer', 'b'], /--serve and --peer/],
       [['--baseline', 'bogus'], /--baseline: 'bogus' is not one of nixl/],
+      [['--path', 'fast'], /--path takes one of auto, direct, am, rma, cma, cuda_ipc, not 'fast'/],
     ] as const) {
       let status = 0;
       let stderr = '';

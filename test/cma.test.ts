@@ -228,6 +228,30 @@ describe('path cma', () => {
     expect(amMs).toBeGreaterThan(500); // waited for the target's loop (the block ends ~1.4 s after the cma write began)
   });
 
+  it("'auto' takes cma for batches whose mean segment is 16 KiB or more, active messages below (bench/path-choice.cjs)", async () => {
+    const { a, b } = await pair();
+    expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
+    const batch = (segment: number, count: number) => {
+      const offsets = Array.from({ length: count }, (_, i) => i * 2 * segment); // scattered, not adjacent
+      return { localOffsets: offsets, remoteOffsets: offsets, lengths: offsets.map(() => segment) };
+    };
+    for (const op of ['write', 'read'] as const) {
+      expect((await a.ok('transfer', { op, peer: b.name, ...batch(16 << 10, 64) })).stats.path, `${op} 16 KiB`).toBe('cma');
+      expect((await a.ok('transfer', { op, peer: b.name, ...batch(16 << 10, 1) })).stats.path, `${op} one 16 KiB`).toBe('cma');
+      expect((await a.ok('transfer', { op, peer: b.name, ...batch((16 << 10) - 1, 64) })).stats.path, `${op} 16 KiB - 1`).toBe('am');
+      expect((await a.ok('transfer', { op, peer: b.name, ...batch(4 << 10, 256) })).stats.path, `${op} 4 KiB`).toBe('am');
+    }
+    // Mixed: one 1 MiB segment and 63 of 64 B have a mean of ~16.7 KiB; the bytes land (both regions
+    // filled differently first).
+    await a.ok('fill', { seed: 71 });
+    await b.ok('fill', { seed: 72 });
+    const mixed = { offsets: [0, ...Array.from({ length: 63 }, (_, i) => (2 << 20) + i * 128)], lengths: [1 << 20, ...Array(63).fill(64)] };
+    expect((await a.ok('hash', mixed)).hash).not.toBe((await b.ok('hash', mixed)).hash);
+    const w = await a.ok('transfer', { op: 'write', peer: b.name, localOffsets: mixed.offsets, remoteOffsets: mixed.offsets, lengths: mixed.lengths });
+    expect(w.stats.path).toBe('cma');
+    expect((await b.ok('hash', mixed)).hash).toBe((await a.ok('hash', mixed)).hash);
+  });
+
   it('register(..., { hugePages: true }) advises the whole 2 MiB pages inside the memory; allocate refuses the option', async () => {
     const me = await Agent.create({ name: 'huge', ucx: { transports: 'shm,self' } });
     try {

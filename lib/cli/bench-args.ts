@@ -2,10 +2,12 @@
 import { parseArgs } from 'node:util';
 import { parseSize, type BenchOptions, type ExtraBaseline, type Pattern, type Transport } from './bench';
 import type { MemoryKind, Op } from './bench-node';
+import { PATH_NAMES } from '../transfer';
 
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered,vram,vram-dram] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
-         [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--huge-pages] [--no-baselines]
+         [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--path auto|am|cma|...]
+         [--huge-pages] [--no-baselines]
          [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE] [--baseline nixl]
          [--serve FILE --host IP | --peer FILE]
          throughput and latency sweep, with ucx_perftest, Node socket and memcpy baselines;
@@ -47,6 +49,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       'run-ms': { type: 'string', default: '200' },
       progress: { type: 'string', default: 'event' },
       cma: { type: 'string', default: 'on' },
+      path: { type: 'string', default: 'auto' },
       'huge-pages': { type: 'boolean', default: false },
       layout: { type: 'string', default: 'spread' },
       'no-baselines': { type: 'boolean', default: false },
@@ -77,6 +80,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     runMs: positive('run-ms', v['run-ms']!),
     progress: oneOf('progress', v.progress!, ['event', 'poll'] as const),
     cma: oneOf('cma', v.cma!, ['on', 'off'] as const) === 'on',
+    path: oneOf('path', v.path!, PATH_NAMES),
     hugePages: v['huge-pages']!,
     layout: oneOf('layout', v.layout!, ['spread', 'hot'] as const),
     baselines: !v['no-baselines'],

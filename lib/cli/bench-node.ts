@@ -6,6 +6,7 @@ import * as net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { Agent } from '../agent';
 import type { Region, RemoteRegion } from '../memory';
+import type { TransferPath } from '../transfer';
 
 export type Op = 'write' | 'read';
 /**
@@ -69,6 +70,8 @@ export interface RunRequest {
   runMs: number;
   /** Wall-clock µs at which to start (initiators of one cell start together). */
   startAtUs: number;
+  /** The path timed batches ask for (warm-up batches take 'auto', which also waits out a cma grant). */
+  path?: 'auto' | TransferPath;
 }
 
 export interface RunResult {
@@ -144,7 +147,8 @@ async function run(m: RunRequest): Promise<RunResult> {
     const t0 = performance.now();
     const lists = plans.map((p) => [local.descriptors(p.localOffsets, m.block), p.remote.descriptors(p.remoteOffsets, m.block)] as const);
     const prepUs = ((performance.now() - t0) * 1e3) / plans.length;
-    const stats = await Promise.all(lists.map(([l, r]) => (m.op === 'write' ? a.write(l, r) : a.read(l, r))));
+    const o = { path: record ? m.path ?? 'auto' : 'auto' };
+    const stats = await Promise.all(lists.map(([l, r]) => (m.op === 'write' ? a.write(l, r, o) : a.read(l, r, o))));
     path = stats[0].path;
     if (record) for (const s of stats) samples.push({ prepUs, postUs: s.postUs, transferUs: s.transferUs });
     return stats.reduce((n, s) => n + s.bytes, 0);

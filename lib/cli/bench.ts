@@ -6,7 +6,7 @@ import { fork, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { cudaInfo, ucxVersion } from '../index';
+import { cudaInfo, ucxVersion, type TransferPath } from '../index';
 import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
 import { init as initNode, memoryOf, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
 import { chartSvg } from './chart';
@@ -35,6 +35,8 @@ export interface BenchOptions {
   progress: 'event' | 'poll';
   /** Agents may use path 'cma' (same-host one-sided copies of registered memory); off: active messages. */
   cma: boolean;
+  /** The path every timed batch asks for ('auto': the agent chooses; warm-up batches always use 'auto'). */
+  path: 'auto' | TransferPath;
   /** Registered regions advised for transparent huge pages (registered, then filled). */
   hugePages: boolean;
   baselines: boolean;
@@ -226,7 +228,7 @@ async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGro
         op, block, batch, slots: slotsFor(opts, batch),
         peers: g.initiators.length === 1 ? Array.from({ length: g.peerCount }, (_, k) => k) : [0],
         remoteArea: i,
-        runs: opts.runs, runMs: opts.runMs, startAtUs,
+        runs: opts.runs, runMs: opts.runMs, startAtUs, path: opts.path,
       }),
     ),
   );
@@ -273,7 +275,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const total = groups.length * perCell;
   log(`kvwire bench: ${total} cells (${opts.transports.join('/')} x ${opts.memories.join('/')} x ${opts.patterns.join('/')} x ` +
     `${opts.ops.join('/')} x ${opts.blocks.length} block sizes), median of ${opts.runs} runs of >= ${opts.runMs} ms` +
-    (remote ? `, remote target ${remote.host}` : ''));
+    (remote ? `, remote target ${remote.host}` : '') + (opts.path !== 'auto' ? `, every timed batch by path '${opts.path}'` : ''));
   if (opts.memories.some(isVram)) {
     const c = cudaInfo();
     if (!c.available) throw new Error(`--memory ${opts.memories.filter(isVram).join(',')}: no CUDA (${c.reason})`);
