@@ -189,6 +189,8 @@ describe('kvwire bench', () => {
       [['--serve', 'a', '--peer', 'b'], /--serve and --peer/],
       [['--baseline', 'bogus'], /--baseline: 'bogus' is not one of nixl/],
       [['--path', 'fast'], /--path takes one of auto, direct, am, rma, cma, cuda_ipc, not 'fast'/],
+      [['--path', 'cma', '--cma', 'off'], /--path cma needs --cma on/],
+      [['--path', 'cma', '--transport', 'tcp'], /--path cma needs --transport shm/],
     ] as const) {
       let status = 0;
       let stderr = '';

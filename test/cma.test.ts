@@ -228,7 +228,7 @@ describe('path cma', () => {
     expect(amMs).toBeGreaterThan(500); // waited for the target's loop (the block ends ~1.4 s after the cma write began)
   });
 
-  it("'auto' takes cma for batches whose mean segment is 16 KiB or more, active messages below (bench/path-choice.cjs)", async () => {
+  it("'auto' takes cma for batches of 256 KiB or more whose mean segment is 16 KiB or more, active messages otherwise (bench/path-choice.cjs)", async () => {
     const { a, b } = await pair();
     expect((await a.ok('cmaReady', { peer: b.name })).ready).toBe(true);
     const batch = (segment: number, count: number) => {
@@ -237,7 +237,8 @@ describe('path cma', () => {
     };
     for (const op of ['write', 'read'] as const) {
       expect((await a.ok('transfer', { op, peer: b.name, ...batch(16 << 10, 64) })).stats.path, `${op} 16 KiB`).toBe('cma');
-      expect((await a.ok('transfer', { op, peer: b.name, ...batch(16 << 10, 1) })).stats.path, `${op} one 16 KiB`).toBe('cma');
+      expect((await a.ok('transfer', { op, peer: b.name, ...batch(16 << 10, 16) })).stats.path, `${op} 16 x 16 KiB`).toBe('cma');
+      expect((await a.ok('transfer', { op, peer: b.name, ...batch(16 << 10, 15) })).stats.path, `${op} 15 x 16 KiB`).toBe('am');
       expect((await a.ok('transfer', { op, peer: b.name, ...batch((16 << 10) - 1, 64) })).stats.path, `${op} 16 KiB - 1`).toBe('am');
       expect((await a.ok('transfer', { op, peer: b.name, ...batch(4 << 10, 256) })).stats.path, `${op} 4 KiB`).toBe('am');
     }

@@ -15,7 +15,7 @@ const TRANSPORTS = [
   { label: 'shm', transports: 'shm,self' },
   { label: 'tcp', transports: 'tcp' },
 ];
-// Registered memory on shm goes by path 'cma' (mean segment from 16 KiB) and active messages (smaller);
+// Registered memory on shm goes by path 'cma' (batches from 256 KiB, mean segment from 16 KiB) and active messages (else);
 // with cma turned off, by active messages only, so both are covered at every size.
 const MEMORY = [
   { memory: 'allocated', cma: true },
@@ -66,7 +66,7 @@ for (const { label, transports } of TRANSPORTS) {
             expect(r.stats.descriptors).toBe(batch.count);
             expect(r.stats.segments).toBeLessThanOrEqual(batch.count);
             const meanSegment = r.stats.bytes / r.stats.segments;
-            expect(r.stats.path).toBe(memory === 'allocated' && label === 'shm' ? 'direct' : cmaExpected && meanSegment >= 16 << 10 ? 'cma' : 'am');
+            expect(r.stats.path).toBe(memory === 'allocated' && label === 'shm' ? 'direct' : cmaExpected && meanSegment >= 16 << 10 && r.stats.bytes >= 256 << 10 ? 'cma' : 'am');
             expect((await dst.ok('hash', { offsets: dstOffsets, lengths })).hash).toBe(expected);
 
             const n = await notified;

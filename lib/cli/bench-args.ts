@@ -91,5 +91,10 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     svg: v.svg,
     peerFile: v.peer,
   };
+  if (options.path === 'cma' && !options.cma) throw new Error("--path cma needs --cma on");
+  if (options.path === 'cma' && !options.transports.includes('shm')) throw new Error('--path cma needs --transport shm (same-host peers)');
+  if (options.path === 'cuda_ipc' && !options.memories.every((m) => m === 'vram' || m === 'vram-dram'))
+    throw new Error('--path cuda_ipc needs --memory vram and/or vram-dram');
+  if (options.path !== 'auto' && v.serve) throw new Error('--path applies to the initiator: give it with --peer, not --serve');
   return { options, serve: v.serve, host: v.host!, help: v.help! };
 }

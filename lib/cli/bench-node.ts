@@ -70,7 +70,7 @@ export interface RunRequest {
   runMs: number;
   /** Wall-clock µs at which to start (initiators of one cell start together). */
   startAtUs: number;
-  /** The path timed batches ask for (warm-up batches take 'auto', which also waits out a cma grant). */
+  /** The path timed batches ask for (warm-up batches take 'auto': a cma grant arrives after the handshake). */
   path?: 'auto' | TransferPath;
 }
 
@@ -142,14 +142,14 @@ async function run(m: RunRequest): Promise<RunResult> {
     };
   });
   const samples: BatchSample[] = [];
-  let path = '';
+  const paths = new Set<string>(); // every path the timed batches went by
   const iteration = async (record: boolean) => {
     const t0 = performance.now();
     const lists = plans.map((p) => [local.descriptors(p.localOffsets, m.block), p.remote.descriptors(p.remoteOffsets, m.block)] as const);
     const prepUs = ((performance.now() - t0) * 1e3) / plans.length;
     const o = { path: record ? m.path ?? 'auto' : 'auto' };
     const stats = await Promise.all(lists.map(([l, r]) => (m.op === 'write' ? a.write(l, r, o) : a.read(l, r, o))));
-    path = stats[0].path;
+    if (record) for (const s of stats) paths.add(s.path);
     if (record) for (const s of stats) samples.push({ prepUs, postUs: s.postUs, transferUs: s.transferUs });
     return stats.reduce((n, s) => n + s.bytes, 0);
   };
@@ -166,7 +166,7 @@ async function run(m: RunRequest): Promise<RunResult> {
     }
     runs.push({ bytes, startUs, endUs: wallUs() });
   }
-  return { path, runs, samples };
+  return { path: [...paths].join('/'), runs, samples };
 }
 
 // ---- socket baseline: what a Node user would write without kvwire ----------------------------

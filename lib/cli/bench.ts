@@ -177,7 +177,7 @@ function summarize(r: RunResult[], cell: { block: number; batch: number }): Omit
     return { p50: round(percentile(v, 50), 1), p99: round(percentile(v, 99), 1) };
   };
   return {
-    path: r[0].path,
+    path: [...new Set(r.flatMap((x) => x.path.split('/')))].join('/'), // every initiator's paths
     gbps: round(median(runsGbps), 3),
     runsGbps: runsGbps.map((x) => round(x, 3)),
     avgLatencyUs: round(samples.reduce((n, s) => n + s.transferUs, 0) / samples.length, 1),

@@ -150,6 +150,7 @@ class UcxPeer : public BackendPeer {
   uint64_t cmaGrant_ = 0;    // where the target keeps our grant (verified: in its kvwire table)
   uint64_t cmaTableAddr_ = 0;  // and that table's start
   static constexpr uint64_t kCmaSegmentMin = 16u << 10;  // mean segment size from which 'auto' picks cma
+  static constexpr uint64_t kCmaBatchMin = 256u << 10;   // and batch size
   bool cmaUsable(const RemoteRegion& rr) const { return cma_ == Cma::Ready && rr.info.kind == MemKind::Dram; }
 };
 
@@ -1257,16 +1258,18 @@ Path UcxPeer::choosePath(uint32_t remoteRegionId, const LocalRegion& local, Path
       // Mapped peer memory is one memcpy. A registered region of a proven same-host peer is copied
       // by this process alone with process_vm_writev/readv (path 'cma'): the target's event loop
       // is not needed, so a busy or late target does not stall it. Measured (bench/path-choice.cjs,
-      // shm, registered, 2 cores, paths interleaved): from 16 KiB segments cma moves as much as
-      // rendezvous active messages or more, quiet (UCX 1.13: 1.3-1.7x at 16 KiB-1 MiB; UCX 1.22:
-      // 1.0-1.4x), and next to one busy process it keeps 65-113% where active messages keep
-      // 15-51% (UCX's own tag_bw over shm keeps 41% at 64 KiB). Below that the kernel's per-iovec
-      // cost wins (1 KiB: 0.45x; 64 B: 3.6x slower per descriptor than packed messages; 4 KiB:
-      // 1.0x on UCX 1.13, 0.8x on 1.22), so smaller segments go by active messages.
+      // shm, registered, 2 cores, paths interleaved, batches of ~16 MiB): from 16 KiB segments cma
+      // moves as much as rendezvous active messages or more, quiet (1.06-1.66x on UCX 1.13 and
+      // 1.22), and next to one busy process it keeps 65-106% where active messages keep 14-50%
+      // (UCX's own tag_bw over shm keeps 41% at 64 KiB). Below that the kernel's per-iovec cost
+      // wins (1 KiB: 0.46-0.53x; 64 B: 3.4x slower per descriptor than packed messages; 4 KiB:
+      // 0.75-0.97x), so smaller segments go by active messages. Batches under kCmaBatchMin stay on
+      // active messages as before (small-batch cma, with its grant lookups, was not measured).
       // Everywhere else UCX 1.13 would emulate RMA in software (user memory, tcp), so rendezvous
       // active messages are the path that does not collapse.
       if (mapped) return Path::Direct;
-      if (cmaUsable(*it->second) && segments != 0 && bytes / segments >= kCmaSegmentMin) return Path::Cma;
+      if (cmaUsable(*it->second) && segments != 0 && bytes / segments >= kCmaSegmentMin && bytes >= kCmaBatchMin)
+        return Path::Cma;
       return Path::ActiveMessage;
     case Path::Cma:
       if (!cmaUsable(*it->second))
