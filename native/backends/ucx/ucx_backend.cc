@@ -1723,26 +1723,23 @@ Status UcxBackendImpl::postCudaIpc(UcxPeer& peer, const TransferRef& t, const Re
   if (rr->revoked)
     return {Code::NotFound, "region '" + rr->info.name + "' of peer '" + peer.name_ +
                                 "' was deregistered by its owner; load its current metadata"};
-  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) {  // the region may have been reloaded since
-    if (!t->pathChosen) return st;
-    // 'auto' took cuda_ipc before this was known (e.g. transfers queued behind the handshake when
-    // an earlier one failed to open the handle): active messages reach the region all the same.
+  // Where 'auto' took cuda_ipc but the region cannot be reached that way (its handle does not open
+  // here: another container, this same process, ...; or that became known after the choice, e.g.
+  // for transfers queued behind the handshake), active messages reach it all the same (and are
+  // chosen from now on: RemoteRegion::ipcFailed). A path asked for by name fails with the reason.
+  const auto unreachable = [&](Status why) {
+    if (!t->pathChosen) return why;
     t->path = t->stats.path = Path::ActiveMessage;
     return postActiveMessage(peer, t);
-  }
+  };
+  if (Status st = peer.cudaIpcReady(*t->local, *rr); !st) return unreachable(st);  // (reloaded since the choice?)
   // The copies run on the local region's device (a host region's on device 0), where the peer's VRAM
   // is opened too.
   const int device = t->local->info.kind == MemKind::Vram ? static_cast<int>(t->local->info.deviceId) : 0;
   std::shared_ptr<cuda::IpcMapping> mapping;
   if (rr->info.kind == MemKind::Vram) {
     auto opened = peer.openVram(*rr, device);
-    if (!opened.isOk()) {
-      if (!t->pathChosen) return opened.status();
-      // 'auto' took cuda_ipc, but the handle does not open here (another container, this same
-      // process, ...): active messages reach the region all the same (and are chosen from now on).
-      t->path = t->stats.path = Path::ActiveMessage;
-      return postActiveMessage(peer, t);
-    }
+    if (!opened.isOk()) return unreachable(opened.status());
     mapping = std::move(opened.value());
   }
   // Host memory kvwire allocated (here, or the peer's mapped here) is page-locked with the driver
@@ -3096,19 +3093,13 @@ void UcxBackendImpl::retryStagingWaits() {
       if (!w.read) ucp_am_data_release(worker_, w.data);
       continue;
     }
-    const uint64_t bytes = w.read ? 0 : w.length;
-    if (!w.read && (blocked.count(w.conn) || !staging_->fits(w.conn, bytes))) {
+    if (blocked.count(w.conn) || (!w.read && !staging_->fits(w.conn, w.length))) {
       blocked.insert(w.conn);
       countWait(w);
       stagingWaits_.push_back(std::move(w));
       continue;
     }
-    if (w.read) {
-      if (blocked.count(w.conn)) {
-        countWait(w);
-        stagingWaits_.push_back(std::move(w));
-        continue;
-      }
+    if (w.read) {  // (serveRead checks whether its staging fits)
       const size_t before = stagingWaits_.size();
       serveRead(w.conn, w.sendOn, w.header, w.segments.data());  // it waits again if it still does not fit
       if (stagingWaits_.size() != before) blocked.insert(w.conn);
