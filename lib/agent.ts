@@ -6,6 +6,7 @@ import { check, KvwireError } from './errors';
 import { Peer, Region, RemoteRegion, type Access, type DeviceMemory, type RegionIo, type RegionOptions } from './memory';
 import { addon, SETTLED_STRIDE, type NativeAgent, type NativePeer } from './native';
 import { PATH_NAMES, Transfer, type TransferOptions, type TransferPath, type TransferStats } from './transfer';
+import { parseEndpointInfo, type EndpointProtocols } from './ucx-protocols';
 
 export interface AgentOptions {
   /** The name peers know this agent by (1..255 bytes). */
@@ -84,6 +85,18 @@ export interface SecurityCounters {
 }
 
 /** A notification from a peer; `from` comes from the connection, not from the message. */
+/** One open connection as the transport describes it (`agent.connections()`). */
+export interface ConnectionInfo {
+  /** The other agent's name. */
+  peer: string;
+  /** outbound: this agent's connection to a loaded peer (WRITE data and READ requests go on it); inbound: one a peer opened (READ data goes back on it). */
+  direction: 'outbound' | 'inbound';
+  /** UCX's own description of the endpoint (ucp_ep_print_info), verbatim. */
+  text: string;
+  /** The same, parsed: lanes and, per operation and message size, the protocol UCX selected. */
+  protocols: EndpointProtocols;
+}
+
 export interface Notification {
   from: string;
   message: Buffer;
@@ -578,6 +591,18 @@ export class Agent extends EventEmitter {
     const c = this.#native?.securityCounters();
     return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0,
       gpuKernelBatches: c?.gpuKernelBatches ?? 0, vramStagedBytes: c?.vramStagedBytes ?? 0, gpuFault: c?.gpuFault ?? null };
+  }
+
+  /**
+   * What UCX does on each open connection: its own description of the endpoint — the lanes it opened
+   * and, per operation and message size, the protocol it selected (the tables `UCX_PROTO_INFO=y`
+   * logs; UCX 1.13 gives its v1 thresholds only, without lanes) — verbatim and parsed. Outbound
+   * connections first, then inbound, each by peer name. Empty once closed.
+   */
+  connections(): ConnectionInfo[] {
+    return (this.#native?.connections() ?? []).map((c) => ({
+      peer: c.peer, direction: c.outbound ? 'outbound' : 'inbound', text: c.text, protocols: parseEndpointInfo(c.text),
+    }));
   }
 
   /**

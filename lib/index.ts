@@ -1,4 +1,5 @@
-export { Agent, type AgentOptions, type Notification, type Disconnect, type SecurityCounters, type AgentHealth, type Rebuilt } from './agent';
+export { Agent, type AgentOptions, type Notification, type Disconnect, type SecurityCounters, type AgentHealth, type Rebuilt, type ConnectionInfo } from './agent';
+export { parseEndpointInfo, protocolFor, type EndpointProtocols, type ProtocolTable, type ProtocolRange } from './ucx-protocols';
 export { DescriptorList, type ByteSpans, type DescriptorTarget } from './descriptors';
 export { KvwireError, type ErrorCode } from './errors';
 export { Peer, Region, RemoteRegion, copyRuns, type Access, type DeviceMemory, type MemoryKind, type RegionOptions } from './memory';

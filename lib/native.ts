@@ -77,6 +77,8 @@ export interface NativeAgent {
   close(): Promise<void>;
   setRef(ref: boolean): void;
   rebuildTransport(): void;
+  /** The transport's own description of each open connection (UCX: ucp_ep_print_info). */
+  connections(): { peer: string; outbound: boolean; text: string }[];
   securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number; gpuKernelBatches: number; vramStagedBytes: number; gpuFault: string | null };
 }
 

@@ -34,13 +34,30 @@ function nixlImportable(): boolean {
 const NIXL_TINY = ['--transport', 'shm', '--memory', 'registered', '--op', 'write,read', '--block', '64K', '--runs', '1', '--run-ms', '100',
   '--no-baselines', '--latency-samples', '0', '--idle-seconds', '0', '--baseline', 'nixl'];
 
-function expectSaneCell(c: Cell): void {
+function expectSaneCell(c: Cell, remote = false): void {
   expect(c.gbps).toBeGreaterThan(0);
   expect(c.runsGbps.length).toBeGreaterThan(0);
   expect(['direct', 'am', 'rma', 'cma']).toContain(c.path);
   for (const k of ['prepUs', 'postUs', 'transferUs'] as const) {
     expect(c[k].p50).toBeGreaterThanOrEqual(0);
     expect(c[k].p99).toBeGreaterThanOrEqual(c[k].p50);
+  }
+  // One carrier per path the timed batches took: kvwire's own copy, or UCX's protocol for the data
+  // messages, read from the endpoint of the side that sends them (both sides are local here).
+  expect(c.carriers.map((x) => x.path)).toEqual(c.path.split('/'));
+  for (const x of c.carriers) {
+    expect(x.by).toBe(x.path === 'am' || x.path === 'rma' ? 'ucx' : 'kvwire');
+    if (x.by === 'ucx' && remote && c.op === 'read') {
+      // READ data leaves the remote target, whose connections this initiator cannot ask.
+      expect(x.protocol).toBe('unknown');
+      expect(x.unknown).toMatch(/remote target/);
+    } else if (x.by === 'ucx') {
+      expect(x.unknown, JSON.stringify(x)).toBeUndefined();
+      expect(x.protocol).not.toBe('unknown');
+      expect(x.side).toBe(c.op === 'write' ? 'initiator' : 'target');
+      expect(x.lanes).toMatch(c.transport === 'tcp' ? /tcp\// : /(sysv|posix)\//);
+      expect(x.messageBytes).toBe(c.block > 1024 ? c.block : 8192);
+    }
   }
   expect(c.avgLatencyUs).toBeGreaterThan(0);
   expect(c.nsPerDescriptor).toBeGreaterThan(0);
@@ -125,7 +142,7 @@ describe('kvwire bench', () => {
       expect(r.remote).toBe(true);
       expect(r.cells).toHaveLength(2);
       for (const c of r.cells) {
-        expectSaneCell(c);
+        expectSaneCell(c, true);
         expect(c.transport).toBe('tcp');
       }
       expect(r.baselines.socket).toHaveLength(2);

@@ -7,6 +7,7 @@ import { performance } from 'node:perf_hooks';
 import { Agent } from '../agent';
 import type { Region, RemoteRegion } from '../memory';
 import type { TransferPath } from '../transfer';
+import type { EndpointProtocols } from '../ucx-protocols';
 
 export type Op = 'write' | 'read';
 /**
@@ -339,8 +340,14 @@ async function idleCpu(m: { seconds: number }): Promise<{ percent: number }> {
   return { percent: ((c.user + c.system) / 1e3 / (performance.now() - t0)) * 100 };
 }
 
+/** UCX's description of this agent's open connections, parsed (the raw text stays here). */
+function connections(): { connections: { peer: string; direction: string; protocols: EndpointProtocols }[] } {
+  return { connections: agent!.connections().map((c) => ({ peer: c.peer, direction: c.direction, protocols: c.protocols })) };
+}
+
 const handlers: Record<string, (m: any) => unknown> = {
   init,
+  connections,
   peers: (m) => loadPeers(m.metadata),
   run,
   socket: socketRun,

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { cudaInfo, ucxVersion, type TransferPath } from '../index';
 import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
 import { init as initNode, memoryOf, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
+import { carriersOf, carrierText, type Carrier, type ConnectionView } from './carriers';
 import { chartSvg } from './chart';
 import { nixlCell, nixlProgress, probeNixl, type NixlResult } from './nixl';
 import { median, percentile } from './stats';
@@ -117,6 +118,11 @@ export interface Cell {
   block: number;
   batch: number;
   path: string;
+  /**
+   * What carried the blocks on each of those paths: the protocol UCX selected for the data messages
+   * (from UCX's own description of the endpoint, after the timed runs) or kvwire's own copy.
+   */
+  carriers: Carrier[];
   /** Median over runs of bytes / wall time, all initiators together, GB/s (1e9). */
   gbps: number;
   runsGbps: number[];
@@ -159,7 +165,7 @@ export interface BenchResult {
   cuda?: { driver?: string; version?: number; testDouble?: string; devices: string[] };
 }
 
-function summarize(r: RunResult[], cell: { block: number; batch: number }): Omit<Cell, 'transport' | 'memory' | 'pattern' | 'op' | 'block' | 'batch' | 'vs'> {
+function summarize(r: RunResult[], cell: { block: number; batch: number }): Omit<Cell, 'transport' | 'memory' | 'pattern' | 'op' | 'block' | 'batch' | 'vs' | 'carriers'> {
   const runs = r[0].runs.length;
   const runsGbps: number[] = [];
   let descriptors = 0;
@@ -218,6 +224,20 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
     await Promise.all(all.map((n) => n.exit()));
     throw e;
   }
+}
+
+/**
+ * What carried a cell's blocks (see Cell.carriers): UCX's endpoint descriptions from initiator 0
+ * (its connection to the first target) and target 0 (its connection from initiator 0), asked after
+ * the timed runs, when every lane is wired up.
+ */
+async function cellCarriers(g: Awaited<ReturnType<typeof startGroup>>, path: string, op: Op, block: number, memory: MemoryKind): Promise<Carrier[]> {
+  const pick = async (n: Node | undefined, direction: string): Promise<ConnectionView | undefined> =>
+    n ? (await n.call<{ connections: ConnectionView[] }>('connections')).connections.find((c) => c.direction === direction) : undefined;
+  const [initiator, target] = await Promise.all([pick(g.initiators[0], 'outbound'), pick(g.targets[0], 'inbound')]);
+  // The data messages' source: the initiator's region for WRITE, the target's for READ.
+  const source = memoryOf(memory, op === 'write' ? 'initiator' : 'target');
+  return carriersOf(path.split('/').filter(Boolean), op, block, source === 'vram', initiator, target);
 }
 
 async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGroup>>, op: Op, block: number, batch: number): Promise<RunResult[]> {
@@ -310,6 +330,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
         }
         for (const op of opts.ops) {
           const s = summarize(await runCell(opts, g, op, block, batch), { block, batch });
+          const carriers = await cellCarriers(g, s.path, op, block, memory);
           const key = `${op}:${block}`;
           if (opts.baselines && !socketCache.has(key) && g.socket.port && !isVram(memory)) {
             const m = await g.initiators[0].call('socket', { ...g.socket, op, block, batch, slots: slotsFor(opts, batch), runs: opts.runs, runMs: opts.runMs });
@@ -354,7 +375,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           const mc = memcpyCache.get(block);
           const skipped = opts.baselines ? undefined : 'baselines off (--no-baselines)';
           const cell: Cell = {
-            transport: t, memory, pattern, op, block, batch, ...s,
+            transport: t, memory, pattern, op, block, batch, ...s, carriers,
             vs: {
               perftest: pt
                 ? { test: pt.test, ratio: ratio(s.gbps, pt as any), ...('skipped' in pt ? { skipped: pt.skipped } : {}), ...(pattern !== 'pairwise' ? { pairwiseBaseline: true as const } : {}) }
@@ -370,14 +391,16 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           log(`  [${String(done).padStart(String(total).length)}/${total}] ${t} ${memory} ${pattern} ${op.toUpperCase()} ` +
             `${formatSize(block)} x ${batch}: ${cell.gbps.toFixed(2)} GB/s (${cell.path})` +
             (pr !== null ? `, ${Math.round(pr * 100)}% of ${cell.vs.perftest.test}` : '') +
-            (nx?.ratio != null ? `, ${nx.ratio.toFixed(2)}x NIXL` : ''));
+            (nx?.ratio != null ? `, ${nx.ratio.toFixed(2)}x NIXL` : '') +
+            cell.carriers.map((c) => `\n        ${carrierText(c)}`).join(''));
         }
       }
       if (pattern === 'pairwise' && t === 'shm') {
         // Per-descriptor overhead: 10,000 x 64 B in one batch (T4).
         const { block, batch } = DESCRIPTOR_CELL;
         const s = summarize(await runCell(opts, g, 'write', block, batch), { block, batch });
-        result.cells.push({ transport: t, memory, pattern, op: 'write', block, batch, ...s,
+        const carriers = await cellCarriers(g, s.path, 'write', block, memory);
+        result.cells.push({ transport: t, memory, pattern, op: 'write', block, batch, ...s, carriers,
           vs: { perftest: { test: 'none', ratio: null, skipped: 'descriptor-rate cell' }, socket: { ratio: null, skipped: 'descriptor-rate cell' }, memcpy: { ratio: null, skipped: 'descriptor-rate cell' },
             ...(nixlWanted ? { nixl: { ratio: null, skipped: 'descriptor-rate cell' } } : {}) } });
         log(`  descriptor rate, ${t} ${memory}: ${batch} x ${block} B WRITE, ${s.nsPerDescriptor} ns per descriptor (${s.path})`);
@@ -462,8 +485,10 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
       ratios(pair.filter((c) => c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
   }
   for (const memory of ['allocated', 'registered'] as const) {
-    const rate = r.cells.filter((c) => c.memory === memory && c.block === DESCRIPTOR_CELL.block && c.batch === DESCRIPTOR_CELL.batch).map((c) => c.nsPerDescriptor);
-    if (rate.length) add('T4', `10,000 x 64 B in one batch, ${memory} (${memory === 'allocated' ? 'direct' : 'am, wire included'}), post to completion in JS`, '<= 200 ns per descriptor', rate, (m) => m <= 200, (x) => `${x} ns`);
+    const cells = r.cells.filter((c) => c.memory === memory && c.block === DESCRIPTOR_CELL.block && c.batch === DESCRIPTOR_CELL.batch);
+    const paths = [...new Set(cells.flatMap((c) => c.path.split('/')))].join('/');
+    if (cells.length) add('T4', `10,000 x 64 B in one batch, ${memory} (path ${paths}${paths.includes('am') ? ', wire included' : ''}), post to completion in JS`,
+      '<= 200 ns per descriptor', cells.map((c) => c.nsPerDescriptor), (m) => m <= 200, (x) => `${x} ns`);
   }
   // GPU targets (issue 9): same host, two processes.
   const vram = pair.filter((c) => c.memory === 'vram');
@@ -509,6 +534,7 @@ function printTables(r: BenchResult): void {
       transport: c.transport, memory: c.memory, pattern: c.pattern, op: c.op.toUpperCase(), block: formatSize(c.block), batch: c.batch, path: c.path,
       'GB/s': c.gbps, 'avg µs': c.avgLatencyUs, 'prep p50/p99': `${c.prepUs.p50}/${c.prepUs.p99}`, 'post p50/p99': `${c.postUs.p50}/${c.postUs.p99}`,
       'xfer p50/p99': `${c.transferUs.p50}/${c.transferUs.p99}`, 'ns/desc': c.nsPerDescriptor,
+      'carried by': c.carriers.map((x) => (x.by === 'kvwire' ? `${x.path}: kvwire copy` : `${x.path}: ${x.unknown ? 'UCX ?' : `${x.protocol}${x.lanes ? ` ${x.lanes}` : ''}`}`)).join('; '),
       'vs perftest': c.vs.perftest.ratio === null ? 'n/a' : `${fmt(c.vs.perftest.ratio)} ${c.vs.perftest.test}`,
       'vs socket': c.vs.socket.ratio === null ? 'n/a' : `${c.vs.socket.ratio.toFixed(1)}x`, 'vs memcpy': fmt(c.vs.memcpy.ratio),
       ...(c.vs.nixl ? { 'NIXL GB/s': c.vs.nixl.gbps ?? 'n/a', 'vs NIXL': c.vs.nixl.ratio === null ? 'n/a' : `${c.vs.nixl.ratio.toFixed(2)}x` } : {}),

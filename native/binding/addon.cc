@@ -116,6 +116,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value SetRef(const Napi::CallbackInfo& info);
   Napi::Value SecurityCounters(const Napi::CallbackInfo& info);
+  Napi::Value Connections(const Napi::CallbackInfo& info);
   Napi::Value RebuildTransport(const Napi::CallbackInfo& info);
 
   bool ensureOpen(Napi::Env env);
@@ -163,6 +164,7 @@ Napi::Function AgentWrap::Init(Napi::Env env) {
                       InstanceMethod("cancel", &AgentWrap::Cancel), InstanceMethod("notify", &AgentWrap::Notify),
                       InstanceMethod("close", &AgentWrap::Close), InstanceMethod("setRef", &AgentWrap::SetRef),
                       InstanceMethod("securityCounters", &AgentWrap::SecurityCounters),
+                      InstanceMethod("connections", &AgentWrap::Connections),
                       InstanceMethod("rebuildTransport", &AgentWrap::RebuildTransport)});
 }
 
@@ -620,6 +622,22 @@ Napi::Value AgentWrap::Notify(const Napi::CallbackInfo& info) {
   if (!st) throwStatus(env, st);
   schedule();
   return env.Undefined();
+}
+
+// connections() -> [{ peer, outbound, text }]: the transport's description of each open connection
+// (empty once closed).
+Napi::Value AgentWrap::Connections(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const auto list = agent_ ? agent_->describeConnections() : std::vector<kvwire::Backend::ConnectionInfo>{};
+  Napi::Array out = Napi::Array::New(env, list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("peer", Napi::String::New(env, list[i].peer));
+    o.Set("outbound", Napi::Boolean::New(env, list[i].outbound));
+    o.Set("text", Napi::String::New(env, list[i].text));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
 }
 
 // securityCounters() -> { droppedUnauthenticated, failedHandshakes, refusedAddresses, ... } (zeros once closed)

@@ -88,6 +88,9 @@ class Agent : public BackendHost {
   bool needsPolling() const { return backend_ && backend_->needsPolling(); }
   SecurityCounters securityCounters() const { return backend_ ? backend_->securityCounters() : SecurityCounters{}; }
   bool receiveBlocked() const { return backend_ && backend_->receiveBlocked(); }
+  std::vector<Backend::ConnectionInfo> describeConnections() {
+    return backend_ && !closing_ ? backend_->describeConnections() : std::vector<Backend::ConnectionInfo>{};
+  }
   uint64_t rebuilds() const { return backend_ ? backend_->rebuilds() : 0; }
   uint64_t retiredRegions() const { return backend_ ? backend_->retiredRegions() : 0; }
   uint64_t gpuKernelBatches() const { return backend_ ? backend_->gpuKernelBatches() : 0; }

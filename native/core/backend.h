@@ -112,6 +112,15 @@ class Backend {
   // instead of sleeping while this is true.
   virtual bool needsPolling() const { return false; }
   virtual SecurityCounters securityCounters() const = 0;
+  // What the transport does on each open connection, in its own words (UCX: ucp_ep_print_info, the
+  // lanes and, per operation and message size, the protocol it selected). `outbound`: our connection
+  // to a loaded peer; otherwise one a peer opened to us (the one we answer READs on).
+  struct ConnectionInfo {
+    std::string peer;
+    bool outbound = true;
+    std::string text;
+  };
+  virtual std::vector<ConnectionInfo> describeConnections() { return {}; }
   // This agent can no longer receive (its shared-memory queue is blocked by a peer that died
   // writing into it): only a new agent recovers.
   virtual bool receiveBlocked() const = 0;

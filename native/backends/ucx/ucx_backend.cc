@@ -362,6 +362,7 @@ class UcxBackendImpl : public Backend {
     }
   }
   SecurityCounters securityCounters() const override { return counters_; }
+  std::vector<ConnectionInfo> describeConnections() override;
   bool receiveBlocked() const override { return receiveBlocked_; }
   void rebuild() override { rebuildWorker(); }
   uint64_t rebuilds() const override { return rebuilds_; }
@@ -3503,6 +3504,32 @@ UcxInfo ucxInfo() {
       if (attr.memory_types & (1ull << t)) info.memoryTypes.push_back(ucs_memory_type_names[t]);
   ucp_cleanup(context);
   return info;
+}
+
+// UCX's own description of an endpoint: its lanes and, per operation and message size, the protocol
+// it selected (UCX >= 1.16: the protocol tables UCX_PROTO_INFO=y prints; 1.13: the v1 thresholds).
+static std::string endpointText(ucp_ep_h ep) {
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* out = open_memstream(&text, &size);
+  if (!out) return {};
+  ucp_ep_print_info(ep, out);
+  std::fclose(out);
+  std::string s(text ? text : "", size);
+  std::free(text);
+  return s;
+}
+
+std::vector<Backend::ConnectionInfo> UcxBackendImpl::describeConnections() {
+  std::vector<ConnectionInfo> out;
+  for (const auto& [ep, peer] : peersByEp_)
+    if (ep && !peer->failed_) out.push_back({peer->name_, true, endpointText(ep)});
+  for (const auto& [reply, c] : connections_)
+    if (c.ep && !c.name.empty()) out.push_back({c.name, false, endpointText(c.ep)});
+  std::sort(out.begin(), out.end(), [](const ConnectionInfo& a, const ConnectionInfo& b) {
+    return a.outbound != b.outbound ? a.outbound : a.peer < b.peer;
+  });
+  return out;
 }
 
 Result<std::unique_ptr<Backend>> createUcxBackend(const BackendOptions& options, BackendHost* host) {

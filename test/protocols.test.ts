@@ -1,0 +1,219 @@
+// agent.connections(): UCX's own description of each open connection (ucp_ep_print_info), parsed —
+// checked between real processes against what UCX_PROTO_INFO=y logs in those processes; the parser
+// against both UCX formats and against junk; and the bench's carriers built from it.
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Agent, parseEndpointInfo, protocolFor, type ConnectionInfo, type EndpointProtocols, type ProtocolTable } from '../lib';
+import { carriersOf, carrierText } from '../lib/cli/carriers';
+import { PeerProcess, UCX_113 } from './helpers';
+
+const MiB = 1 << 20;
+let procs: PeerProcess[] = [];
+afterEach(async () => {
+  await Promise.all(procs.map((p) => p.close()));
+  procs = [];
+});
+
+/** A UCX log file's lines without their "[time] [host:pid:thread]" prefix. */
+const unprefixed = (log: string) => log.split('\n').map((l) => l.replace(/^\[[^\]]*\]\s*\[[^\]]*\]\s*/, '')).join('\n');
+
+const sameTable = (a: ProtocolTable, b: ProtocolTable) => a.operation === b.operation && JSON.stringify(a.ranges) === JSON.stringify(b.ranges);
+
+describe('agent.connections()', () => {
+  for (const transports of ['shm,self', 'tcp']) {
+    it(`describes each side's endpoint as UCX does, matching the tables UCX_PROTO_INFO=y logs (${transports})`, async () => {
+      const dir = mkdtempSync(path.join(tmpdir(), 'kvwire-proto-'));
+      const env = { UCX_PROTO_INFO: 'y', UCX_LOG_FILE: path.join(dir, 'ucx.%p.log') };
+      const a = new PeerProcess('proto-init', env);
+      const b = new PeerProcess('proto-target', env);
+      procs.push(a, b);
+      const [pa, pb] = await Promise.all([a.init({ transports, memory: 'registered', size: 4 * MiB }), b.init({ transports, memory: 'registered', size: 4 * MiB })]);
+      await a.ok('load', { metadata: b.metadata });
+      // Path am: the initiator sends WRITE data (reply flag); the target sends READ data back.
+      for (const op of ['write', 'read'])
+        expect((await a.ok('transfer', { op, peer: 'proto-target', path: 'am', localOffsets: [0], remoteOffsets: [MiB], lengths: [MiB] })).stats.path).toBe('am');
+      const [ia, ib] = [await a.ok('connections'), await b.ok('connections')];
+      // UCX writes its log file through a buffer: read it once the processes have exited.
+      await Promise.all([a.close(), b.close()]);
+      const logOf = (pid: number) => {
+        const file = path.join(dir, `ucx.${pid}.log`);
+        return existsSync(file) ? readFileSync(file, 'utf8') : '';
+      };
+      ia.log = logOf(pa.pid);
+      ib.log = logOf(pb.pid);
+      const out: ConnectionInfo = ia.connections.find((c: ConnectionInfo) => c.direction === 'outbound');
+      const inb: ConnectionInfo = ib.connections.find((c: ConnectionInfo) => c.direction === 'inbound');
+      expect(out?.peer).toBe('proto-target');
+      expect(inb?.peer).toBe('proto-init');
+      for (const c of [out, inb]) {
+        expect(c.text).toMatch(/lane\[0\]/);
+        expect(c.protocols.lanes.some((l) => (transports === 'tcp' ? /^tcp\//.test(l) : /^(sysv|posix)\//.test(l)))).toBe(true);
+      }
+      if (UCX_113) {
+        // v1: thresholds, no lanes per protocol; UCX_PROTO_INFO describes only v2 selections, so it logs none.
+        for (const c of [out, inb]) {
+          expect(c.protocols.format).toBe(1);
+          expect(protocolFor(c.protocols, 'am_send', MiB)?.protocol).toBe('rndv');
+          expect(protocolFor(c.protocols, 'am_send', 0)?.protocol).toBe('egr/short');
+        }
+        expect(parseEndpointInfo(unprefixed(ia.log)).tables).toEqual([]);
+        return;
+      }
+      const check = (c: ConnectionInfo, log: string, operation: string) => {
+        expect(c.protocols.format).toBe(2);
+        const mine = c.protocols.tables.find((t) => t.operation === operation);
+        expect(mine, `${operation} in ${c.direction} connection`).toBeDefined();
+        // Every size has exactly one protocol: the ranges tile 0..inf.
+        let next = 0;
+        for (const r of mine!.ranges) {
+          expect(r.from).toBe(next);
+          expect(r.lanes).not.toBe('');
+          next = r.to === null ? Infinity : r.to + 1;
+        }
+        expect(next).toBe(Infinity);
+        // UCX logged the same table (UCX_PROTO_INFO=y prints each selection once, when it is made).
+        const logged = parseEndpointInfo(unprefixed(log)).tables;
+        expect(logged.length).toBeGreaterThan(0);
+        expect(logged.some((t) => sameTable(t, mine!)), `${operation}: ${JSON.stringify(mine)} not among ${logged.length} logged tables: ${JSON.stringify(logged)}`).toBe(true);
+      };
+      check(out, ia.log, 'active message by ucp_am_send* with reply flag from host memory');
+      check(inb, ib.log, 'active message by ucp_am_send* from host memory');
+    });
+  }
+
+  it('is empty for an agent with no connection, and once closed', async () => {
+    const a = await Agent.create({ name: 'proto-lonely', ucx: { transports: 'shm,self' } });
+    expect(a.connections()).toEqual([]);
+    await a.close();
+    expect(a.connections()).toEqual([]);
+  });
+});
+
+// Excerpts of what UCX 1.13 and 1.22 print for an endpoint (ucp_ep_print_info).
+const V1 = `#
+# UCP endpoint
+#
+#               peer: <no debug data>
+#                 lane[0]:  1:sysv/memory.0 md[1]           -> md[1]/sysv/sysdev[255] am am_bw#0 keepalive
+#                 lane[1]:  2:posix/memory.0 md[2]          -> md[2]/posix/sysdev[255]
+#
+#                 am_send: 0..<egr/short>..93..<egr/bcopy>..8256..<rndv>..(inf)
+#                  put[0]: 0..<short>..4294967296..<bcopy>..(inf)
+#                  rma_bw: mds rndv_rkey_size 9
+#`;
+const V2 = `#                 lane[0]:  1:tcp/lo.0 md[0]                -> md[0]/tcp/sysdev[255] seg 4294967295 am keepalive wireup
+# +---------------+--------------------------------------------+--------+
+# | kvwire inter-node cfg#1                                             |
+# | active message by ucp_am_send* with reply flag from host memory     |
+# +---------------+--------------------------------------------+--------+
+# |     Range     |                Description                 | Config |
+# +---------------+--------------------------------------------+--------+
+# |             0 | short                                      | tcp/lo |
+# |      1..65520 | zero-copy                                  | tcp/lo |
+# | 65521..273738 | multi-frag zero-copy                       | tcp/lo |
+# |   273739..inf | (?) rendezvous zero-copy                   | tcp/lo |
+# +---------------+--------------------------------------------+--------+
+# +--------------+-------------------------------------------+-------------+
+# | kvwire intra-node cfg#0                                                |
+# | active message by ucp_am_send* from host memory                        |
+# +--------------+-------------------------------------------+-------------+
+# |    Range     |                Description                |   Config    |
+# +--------------+-------------------------------------------+-------------+
+# |        0..92 | short                                     | sysv/memory |
+# | 8249..262143 | multi-frag copy-in                        | sysv/memory |
+# |    256K..inf | (?) rendezvous zero-copy read from remote | cma/memory  |
+# +--------------+-------------------------------------------+-------------+
+# | active message by ucp_am_send* from cuda memory                        |
+# +--------------+-------------------------------------------+-------------+
+# |    Range     |                Description                |   Config    |
+# |     0..inf   | (?) rendezvous pipeline cuda_copy         | cuda_copy/cuda |
+`;
+
+describe('parseEndpointInfo', () => {
+  it('reads UCX 1.13 v1 thresholds: each range up to the next threshold, no lane', () => {
+    const p = parseEndpointInfo(V1);
+    expect(p.format).toBe(1);
+    expect(p.lanes).toEqual(['sysv/memory', 'posix/memory']);
+    expect(p.tables.map((t) => t.operation)).toEqual(['am_send', 'put[0]']);
+    expect(p.tables[0].ranges).toEqual([
+      { from: 0, to: 92, protocol: 'egr/short', lanes: '' },
+      { from: 93, to: 8255, protocol: 'egr/bcopy', lanes: '' },
+      { from: 8256, to: null, protocol: 'rndv', lanes: '' },
+    ]);
+    expect(protocolFor(p, 'am_send', 8255)?.protocol).toBe('egr/bcopy');
+    expect(protocolFor(p, 'am_send', 8256)?.protocol).toBe('rndv');
+    expect(protocolFor(p, 'tag_send', 1)).toBeUndefined();
+  });
+
+  it('reads UCX 1.22 protocol tables: operation titles, single sizes, K suffixes, open ends, lanes', () => {
+    const p = parseEndpointInfo(V2);
+    expect(p.format).toBe(2);
+    expect(p.lanes).toEqual(['tcp/lo']);
+    expect(p.tables.map((t) => t.operation)).toEqual([
+      'active message by ucp_am_send* with reply flag from host memory',
+      'active message by ucp_am_send* from host memory',
+      'active message by ucp_am_send* from cuda memory',
+    ]);
+    const reply = p.tables[0].operation;
+    expect(protocolFor(p, reply, 0)).toEqual({ from: 0, to: 0, protocol: 'short', lanes: 'tcp/lo' });
+    expect(protocolFor(p, reply, 65520)?.protocol).toBe('zero-copy');
+    expect(protocolFor(p, reply, 4 * MiB)).toEqual({ from: 273739, to: null, protocol: '(?) rendezvous zero-copy', lanes: 'tcp/lo' });
+    expect(protocolFor(p, p.tables[1].operation, 256 << 10)?.lanes).toBe('cma/memory');
+    expect(protocolFor(p, p.tables[1].operation, 1000)).toBeUndefined(); // a gap in this excerpt: no range, no guess
+  });
+
+  it('never throws on junk and believes nothing it cannot parse', () => {
+    const junk = ['', '|', '||||', '| Range | a | b |', '| 1..x | p | l |', '# am_send: 0..<a>..zz..<b>..(inf)', 'lane[0]: x',
+      '| 9999999999999999999999K..inf | p | l |', '\u0000\uffff'.repeat(100), V2.slice(0, 333), V1.replace(/\n/g, '\r\n')];
+    for (let i = 0; i < 2000; i++) {
+      const a = V2.slice(0, (i * 7919) % V2.length);
+      junk.push(a + V1.slice((i * 104729) % V1.length));
+    }
+    for (const text of junk) {
+      const p: EndpointProtocols = parseEndpointInfo(text);
+      for (const t of p.tables)
+        for (const r of t.ranges) {
+          expect(Number.isFinite(r.from)).toBe(true);
+          expect(r.to === null || Number.isFinite(r.to)).toBe(true);
+        }
+    }
+    expect(parseEndpointInfo('| 1..x | p | l |').tables).toEqual([]);
+    expect(parseEndpointInfo('# am_send: 0..<a>..zz..<b>..(inf)').tables).toEqual([]);
+  });
+});
+
+describe('bench carriers', () => {
+  const v2 = parseEndpointInfo(V2);
+  const conn = (protocols: EndpointProtocols) => ({ peer: 'x', direction: 'outbound', protocols });
+  it('am: WRITE data is the initiator\'s reply-flag message, READ data the target\'s plain one, small blocks packed', () => {
+    const [w] = carriersOf(['am'], 'write', 4 * MiB, false, conn(v2), undefined);
+    expect(w).toMatchObject({ by: 'ucx', side: 'initiator', messageBytes: 4 * MiB, protocol: '(?) rendezvous zero-copy', lanes: 'tcp/lo' });
+    expect(w.operation).toMatch(/with reply flag from host memory/);
+    const [r] = carriersOf(['am'], 'read', 256 << 10, false, undefined, conn(v2));
+    expect(r).toMatchObject({ side: 'target', protocol: '(?) rendezvous zero-copy read from remote', lanes: 'cma/memory' });
+    const [packed] = carriersOf(['am'], 'write', 64, false, conn(v2), undefined);
+    expect(packed).toMatchObject({ messageBytes: 8192, protocol: 'zero-copy' });
+    // VRAM as the source: UCX's cuda table where it has one.
+    const [dev] = carriersOf(['am'], 'read', MiB, true, undefined, conn(v2));
+    expect(dev).toMatchObject({ protocol: '(?) rendezvous pipeline cuda_copy', lanes: 'cuda_copy/cuda' });
+  });
+
+  it('says why where it cannot know, and names kvwire\'s own copies', () => {
+    const [remote] = carriersOf(['am'], 'read', MiB, false, conn(v2), undefined);
+    expect(remote).toMatchObject({ protocol: 'unknown' });
+    expect(remote.unknown).toMatch(/target/);
+    const [v1] = carriersOf(['am'], 'write', MiB, false, conn(parseEndpointInfo(V1)), undefined);
+    expect(v1).toMatchObject({ protocol: 'rndv', lanes: 'sysv/memory+posix/memory', operation: 'am_send' });
+    const [none] = carriersOf(['am'], 'write', MiB, false, conn(parseEndpointInfo('')), undefined);
+    expect(none.unknown).toMatch(/no protocol selection/);
+    const both = carriersOf(['cma', 'direct'], 'write', MiB, false, undefined, undefined);
+    expect(both.map((c) => c.by)).toEqual(['kvwire', 'kvwire']);
+    expect(carrierText(both[0])).toMatch(/process_vm_writev/);
+    expect(carrierText(w())).toMatch(/^am: UCX \(\?\) rendezvous zero-copy on tcp\/lo \(initiator's 4194304 B messages\)$/);
+    function w() {
+      return carriersOf(['am'], 'write', 4 * MiB, false, conn(v2), undefined)[0];
+    }
+  });
+});
