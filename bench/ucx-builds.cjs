@@ -46,6 +46,17 @@ const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 10
     }
   console.log(`kvwire bench on UCX ${versions.map((v) => results[v].ucx).join(' and ')}, ${results[versions[0]].machine.cpus} CPUs`);
   console.table([...rows.values()]);
+  // What carried each cell's blocks on each build: kvwire's own copy, or the protocol UCX selected.
+  const carried = new Map();
+  for (const v of versions)
+    for (const c of results[v].cells) {
+      const k = key(c);
+      if (!carried.has(k)) carried.set(k, { transport: c.transport, memory: c.memory, op: c.op.toUpperCase(), block: size(c.block) });
+      carried.get(k)[`UCX ${results[v].ucx}`] = (c.carriers ?? []).map((x) => (x.by === 'kvwire' ? `${x.path}: kvwire copy`
+        : `${x.path}: ${x.unknown ? `unknown (${x.unknown})` : `${x.protocol}${x.lanes ? ` on ${x.lanes}` : ''}`}`)).join('; ');
+    }
+  console.log('What carried the blocks (UCX: its protocol for the data messages, from agent.connections()):');
+  console.table([...carried.values()]);
   for (const v of versions) {
     console.log(`UCX ${results[v].ucx} targets:`);
     console.table(results[v].targets.map((t) => ({ id: t.id, case: t.case, target: t.target, measured: t.measured, met: t.met === null ? 'n/a' : t.met ? 'yes' : 'NO' })));

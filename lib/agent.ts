@@ -84,7 +84,6 @@ export interface SecurityCounters {
   refusedAddresses: number;
 }
 
-/** A notification from a peer; `from` comes from the connection, not from the message. */
 /** One open connection as the transport describes it (`agent.connections()`). */
 export interface ConnectionInfo {
   /** The other agent's name. */
@@ -97,6 +96,7 @@ export interface ConnectionInfo {
   protocols: EndpointProtocols;
 }
 
+/** A notification from a peer; `from` comes from the connection, not from the message. */
 export interface Notification {
   from: string;
   message: Buffer;
@@ -595,9 +595,11 @@ export class Agent extends EventEmitter {
 
   /**
    * What UCX does on each open connection: its own description of the endpoint — the lanes it opened
-   * and, per operation and message size, the protocol it selected (the tables `UCX_PROTO_INFO=y`
-   * logs; UCX 1.13 gives its v1 thresholds only, without lanes) — verbatim and parsed. Outbound
-   * connections first, then inbound, each by peer name. Empty once closed.
+   * and, per operation and message size, the protocol it selected for the endpoint's configuration
+   * (the tables `UCX_PROTO_INFO=y` logs; UCX 1.13 gives v1 thresholds, which name no lane; UCX >= 1.16
+   * keeps put/get selections with the remote key, not here) — verbatim and parsed. Outbound
+   * connections first, then inbound, each by peer name. An inbound connection is listed once this
+   * agent has opened its own endpoint back to that peer. Empty once closed.
    */
   connections(): ConnectionInfo[] {
     return (this.#native?.connections() ?? []).map((c) => ({

@@ -1,7 +1,10 @@
 // What UCX does on a connection, read from its own description of the endpoint (ucp_ep_print_info):
-// the lanes it opened and, per operation and message size, the protocol it selected. UCX 1.16 and
-// later print protocol tables (the ones UCX_PROTO_INFO=y logs); UCX 1.13 prints its v1 thresholds
-// (e.g. "am_send: 0..<egr/short>..93..<egr/bcopy>..8256..<rndv>..(inf)"), which name no lane.
+// the lanes it opened and, per operation and message size, the protocol it selected for the
+// endpoint's configuration (shared by endpoints of the same configuration; an operation appears once
+// UCX has selected protocols for it). UCX 1.16 and later print protocol tables (the ones UCX_PROTO_INFO=y logs; 1.16-1.21
+// with a one-row title, 1.22 with a title block and a header row); UCX 1.13 prints its v1 thresholds
+// (e.g. "am_send: 0..<egr/short>..93..<egr/bcopy>..8256..<rndv>..(inf)"), which name no lane. RMA
+// (put/get) selections of UCX >= 1.16 live with the remote key and are not in this description.
 
 /** One message-size range of an operation and the protocol UCX picked for it. */
 export interface ProtocolRange {
@@ -30,13 +33,13 @@ export interface EndpointProtocols {
   format: 1 | 2 | null;
 }
 
-const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
+const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40, P: 2 ** 50, E: 2 ** 60 };
 
 /** "8256", "256K", "4M" -> bytes; "inf" -> null; anything else -> NaN. */
 function sizeOf(text: string): number | null {
   const t = text.trim();
   if (t === 'inf' || t === '(inf)') return null;
-  const m = /^(\d+)([KMGT]?)$/i.exec(t);
+  const m = /^(\d+)([KMGTPE]?)$/i.exec(t);
   return m ? Number(m[1]) * UNITS[m[2].toUpperCase()] : NaN;
 }
 
@@ -88,14 +91,23 @@ export function parseEndpointInfo(text: string): EndpointProtocols {
     }
     const cells = line.split('|').slice(1, -1).map((c) => c.trim());
     if (cells.length === 1) {
+      // UCX >= 1.22: title rows ("<context> intra-node cfg#0", then the operation) before a header row.
       if (current) { // a new table's title after the rows of the last one
         current = undefined;
         titles = [];
       }
       titles.push(cells[0]);
-    } else if (cells.length >= 3 && cells[0] === 'Range') {
-      current = { operation: titles[titles.length - 1] ?? '', ranges: [] };
+    } else if (cells.length === 2) {
+      // UCX 1.16-1.21: one title row, "| <context> ... cfg#0 | <operation> |", then the rows.
+      current = { operation: cells[1], ranges: [] };
       tables.push(current);
+      titles = [];
+      format = 2;
+    } else if (cells.length >= 3 && cells[0] === 'Range') {
+      if (!current || current.ranges.length) {
+        current = { operation: titles[titles.length - 1] ?? '', ranges: [] };
+        tables.push(current);
+      }
       format = 2;
     } else if (cells.length >= 3 && current) {
       const r = rangeOf(cells[0]);

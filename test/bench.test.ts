@@ -55,8 +55,10 @@ function expectSaneCell(c: Cell, remote = false): void {
       expect(x.unknown, JSON.stringify(x)).toBeUndefined();
       expect(x.protocol).not.toBe('unknown');
       expect(x.side).toBe(c.op === 'write' ? 'initiator' : 'target');
-      expect(x.lanes).toMatch(c.transport === 'tcp' ? /tcp\// : /(sysv|posix)\//);
-      expect(x.messageBytes).toBe(c.block > 1024 ? c.block : 8192);
+      expect(x.lanes).toMatch(c.transport === 'tcp' ? /tcp\// : /(sysv|posix|cma)\//);
+      // One block and kvwire's header per message; small blocks packed, up to 8 KiB of payload.
+      if (c.block > 1024) expect(x.messageBytes! - c.block).toBe(c.op === 'write' ? 32 : 12);
+      else expect(x.messageBytes!).toBeLessThanOrEqual(16 + 8192);
     }
   }
   expect(c.avgLatencyUs).toBeGreaterThan(0);
@@ -93,6 +95,10 @@ describe('kvwire bench', () => {
       const expected = p.transport === 'shm' && p.memory === 'allocated' ? (p.op === 'write' ? 'ucp_put_bw' : 'ucp_get') : 'tag_bw';
       expect(p.test).toBe(expected);
     }
+    // tag_bw cells also compare against tag_bw -e (peer error handling, kvwire's endpoint mode).
+    for (const c of sweep) expect(c.vs.perftestErrh !== undefined).toBe(c.vs.perftest.test === 'tag_bw');
+    expect(r.baselines.perftestErrh.length).toBeGreaterThan(0);
+    for (const p of r.baselines.perftestErrh) expect(p.test).toBe('tag_bw -e');
     expect(r.baselines.socket).toHaveLength(4);
     for (const s of r.baselines.socket) expect('gbps' in s && s.gbps > 0).toBe(true);
     expect(r.baselines.memcpy.map((m) => m.block)).toEqual([4096, 65536]);
@@ -128,6 +134,19 @@ describe('kvwire bench', () => {
       expect(cells[0].path).toBe(p);
       expectSaneCell(cells[0]);
     }
+  }, 120_000);
+
+  it('P2: tcp 1 MiB against tag_bw and tag_bw -e (peer error handling, as kvwire runs) of the same UCX', async () => {
+    const r = await bench('--transport', 'tcp', '--memory', 'registered', '--op', 'write', '--block', '1M', '--runs', '1', '--run-ms', '20',
+      '--latency-samples', '0', '--idle-seconds', '0');
+    const [c] = r.cells;
+    expectSaneCell(c);
+    expect(c.vs.perftest.test).toBe('tag_bw');
+    expect(c.vs.perftestErrh?.test).toBe('tag_bw -e');
+    expect(c.vs.perftestErrh!.ratio).toBeGreaterThan(0); // this UCX's ucx_perftest has -e
+    const p2 = r.targets.find((t) => t.id === 'P2')!;
+    expect(p2.measured).toMatch(/^tag_bw: min \d+%.*; tag_bw -e \(peer error handling, as kvwire\): min \d+%/);
+    expect(p2.met).toBe(c.vs.perftest.ratio! >= 0.9);
   }, 120_000);
 
   it('joins a remote target from its description file (--serve / --peer)', async () => {

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, parseEndpointInfo, protocolFor, type ConnectionInfo, type EndpointProtocols, type ProtocolTable } from '../lib';
-import { carriersOf, carrierText } from '../lib/cli/carriers';
+import { amMessageBytes, carriersOf, carrierText } from '../lib/cli/carriers';
 import { PeerProcess, UCX_113 } from './helpers';
 
 const MiB = 1 << 20;
@@ -125,10 +125,24 @@ const V2 = `#                 lane[0]:  1:tcp/lo.0 md[0]                -> md[0]
 # | 8249..262143 | multi-frag copy-in                        | sysv/memory |
 # |    256K..inf | (?) rendezvous zero-copy read from remote | cma/memory  |
 # +--------------+-------------------------------------------+-------------+
-# | active message by ucp_am_send* from cuda memory                        |
+# | kvwire intra-node cfg#0                                                |
+# | active message by ucp_am_send* from cuda/GPU0                          |
 # +--------------+-------------------------------------------+-------------+
 # |    Range     |                Description                |   Config    |
 # |     0..inf   | (?) rendezvous pipeline cuda_copy         | cuda_copy/cuda |
+`;
+// UCX 1.16-1.21: a one-row title (context | operation), no header row.
+const V16 = `# +--------------------------------+---------------------------------------------------------+
+# | ucp_context_0 intra-node cfg#0 | active message by ucp_am_send* from host memory          |
+# +--------------------------------+-----------------------------------------+---------------+
+# |                         0..92  | short                                   | sysv/memory   |
+# |                      93..8248  | copy-in                                 | sysv/memory   |
+# |                     8249..inf  | (?) rendezvous fragmented copy-in copy-out | sysv/memory |
+# +--------------------------------+-----------------------------------------+---------------+
+# | ucp_context_0 intra-node cfg#0 | active message by ucp_am_send* with reply flag from host memory |
+# +--------------------------------+-----------------------------------------+---------------+
+# |                         0..84  | short                                   | sysv/memory   |
+# |                       85..2P   | copy-in                                 | sysv/memory   |
 `;
 
 describe('parseEndpointInfo', () => {
@@ -154,7 +168,7 @@ describe('parseEndpointInfo', () => {
     expect(p.tables.map((t) => t.operation)).toEqual([
       'active message by ucp_am_send* with reply flag from host memory',
       'active message by ucp_am_send* from host memory',
-      'active message by ucp_am_send* from cuda memory',
+      'active message by ucp_am_send* from cuda/GPU0',
     ]);
     const reply = p.tables[0].operation;
     expect(protocolFor(p, reply, 0)).toEqual({ from: 0, to: 0, protocol: 'short', lanes: 'tcp/lo' });
@@ -162,6 +176,15 @@ describe('parseEndpointInfo', () => {
     expect(protocolFor(p, reply, 4 * MiB)).toEqual({ from: 273739, to: null, protocol: '(?) rendezvous zero-copy', lanes: 'tcp/lo' });
     expect(protocolFor(p, p.tables[1].operation, 256 << 10)?.lanes).toBe('cma/memory');
     expect(protocolFor(p, p.tables[1].operation, 1000)).toBeUndefined(); // a gap in this excerpt: no range, no guess
+  });
+
+  it('reads UCX 1.16-1.21 tables: a one-row title, no header row, P/E suffixes', () => {
+    const p = parseEndpointInfo(V16);
+    expect(p.format).toBe(2);
+    expect(p.tables.map((t) => t.operation)).toEqual(['active message by ucp_am_send* from host memory',
+      'active message by ucp_am_send* with reply flag from host memory']);
+    expect(protocolFor(p, p.tables[0].operation, MiB)).toEqual({ from: 8249, to: null, protocol: '(?) rendezvous fragmented copy-in copy-out', lanes: 'sysv/memory' });
+    expect(p.tables[1].ranges[1]).toEqual({ from: 85, to: 2 * 2 ** 50, protocol: 'copy-in', lanes: 'sysv/memory' });
   });
 
   it('never throws on junk and believes nothing it cannot parse', () => {
@@ -187,33 +210,43 @@ describe('parseEndpointInfo', () => {
 describe('bench carriers', () => {
   const v2 = parseEndpointInfo(V2);
   const conn = (protocols: EndpointProtocols) => ({ peer: 'x', direction: 'outbound', protocols });
-  it('am: WRITE data is the initiator\'s reply-flag message, READ data the target\'s plain one, small blocks packed', () => {
-    const [w] = carriersOf(['am'], 'write', 4 * MiB, false, conn(v2), undefined);
-    expect(w).toMatchObject({ by: 'ucx', side: 'initiator', messageBytes: 4 * MiB, protocol: '(?) rendezvous zero-copy', lanes: 'tcp/lo' });
+  it('am: WRITE data is the initiator\'s reply-flag message, READ data the target\'s plain one; sizes include kvwire\'s header', () => {
+    const [w] = carriersOf(['am'], 'write', 4 * MiB, 4, false, conn(v2), undefined);
+    expect(w).toMatchObject({ by: 'ucx', side: 'initiator', messageBytes: 4 * MiB + 32, protocol: '(?) rendezvous zero-copy', lanes: 'tcp/lo' });
     expect(w.operation).toMatch(/with reply flag from host memory/);
-    const [r] = carriersOf(['am'], 'read', 256 << 10, false, undefined, conn(v2));
-    expect(r).toMatchObject({ side: 'target', protocol: '(?) rendezvous zero-copy read from remote', lanes: 'cma/memory' });
-    const [packed] = carriersOf(['am'], 'write', 64, false, conn(v2), undefined);
-    expect(packed).toMatchObject({ messageBytes: 8192, protocol: 'zero-copy' });
-    // VRAM as the source: UCX's cuda table where it has one.
-    const [dev] = carriersOf(['am'], 'read', MiB, true, undefined, conn(v2));
+    const [r] = carriersOf(['am'], 'read', 256 << 10, 64, false, undefined, conn(v2));
+    expect(r).toMatchObject({ side: 'target', messageBytes: (256 << 10) + 12, protocol: '(?) rendezvous zero-copy read from remote', lanes: 'cma/memory' });
+    // Small blocks go packed: as many as fit in 8 KiB of payload (WRITE: a 16 B entry each), or the whole batch.
+    expect(amMessageBytes('write', 64, 10_000)).toBe(16 + 102 * 80);
+    expect(amMessageBytes('read', 1024, 10_000)).toBe(16 + 8 * 1024);
+    expect(amMessageBytes('write', 64, 1)).toBe(16 + 80);
+    expect(amMessageBytes('write', 1025, 1)).toBe(1025 + 32);
+    const [packed] = carriersOf(['am'], 'write', 64, 10_000, false, conn(v2), undefined);
+    expect(packed).toMatchObject({ messageBytes: 8176, protocol: 'zero-copy' });
+    // VRAM as the source: UCX's cuda table ("from cuda/GPU0") for blocks over 1 KiB; packed ones are staged in host memory.
+    const [dev] = carriersOf(['am'], 'read', MiB, 16, true, undefined, conn(v2));
     expect(dev).toMatchObject({ protocol: '(?) rendezvous pipeline cuda_copy', lanes: 'cuda_copy/cuda' });
+    expect(dev.operation).toMatch(/from cuda\/GPU0$/);
+    const [staged] = carriersOf(['am'], 'read', 64, 1, true, undefined, conn(v2));
+    expect(staged.operation).toMatch(/from host memory$/);
   });
 
   it('says why where it cannot know, and names kvwire\'s own copies', () => {
-    const [remote] = carriersOf(['am'], 'read', MiB, false, conn(v2), undefined);
-    expect(remote).toMatchObject({ protocol: 'unknown' });
-    expect(remote.unknown).toMatch(/target/);
-    const [v1] = carriersOf(['am'], 'write', MiB, false, conn(parseEndpointInfo(V1)), undefined);
+    const [remote] = carriersOf(['am'], 'read', MiB, 16, false, conn(v2), undefined, { target: 'the target is remote' });
+    expect(remote).toMatchObject({ protocol: 'unknown', unknown: 'the target is remote' });
+    const [v1] = carriersOf(['am'], 'write', MiB, 16, false, conn(parseEndpointInfo(V1)), undefined);
     expect(v1).toMatchObject({ protocol: 'rndv', lanes: 'sysv/memory+posix/memory', operation: 'am_send' });
-    const [none] = carriersOf(['am'], 'write', MiB, false, conn(parseEndpointInfo('')), undefined);
+    const [none] = carriersOf(['am'], 'write', MiB, 16, false, conn(parseEndpointInfo('')), undefined);
     expect(none.unknown).toMatch(/no protocol selection/);
-    const both = carriersOf(['cma', 'direct'], 'write', MiB, false, undefined, undefined);
+    // RMA: UCX 1.13 lists put/get per lane; later UCX keeps them with the remote key.
+    const [put] = carriersOf(['rma'], 'write', MiB, 16, false, conn(parseEndpointInfo(V1)), undefined);
+    expect(put).toMatchObject({ operation: 'put[0]', protocol: 'short' }); // 1.13 shm: short up to 4 GiB
+    const [rma2] = carriersOf(['rma'], 'read', MiB, 16, false, conn(v2), undefined);
+    expect(rma2.unknown).toMatch(/remote key/);
+    const both = carriersOf(['cma', 'direct'], 'write', MiB, 16, false, undefined, undefined);
     expect(both.map((c) => c.by)).toEqual(['kvwire', 'kvwire']);
     expect(carrierText(both[0])).toMatch(/process_vm_writev/);
-    expect(carrierText(w())).toMatch(/^am: UCX \(\?\) rendezvous zero-copy on tcp\/lo \(initiator's 4194304 B messages\)$/);
-    function w() {
-      return carriersOf(['am'], 'write', 4 * MiB, false, conn(v2), undefined)[0];
-    }
+    const [w] = carriersOf(['am'], 'write', 4 * MiB, 4, false, conn(v2), undefined);
+    expect(carrierText(w)).toBe(`am: UCX (?) rendezvous zero-copy on tcp/lo (initiator's ${4 * MiB + 32} B messages)`);
   });
 });

@@ -23,6 +23,17 @@ export function perftestFor(transport: string, memory: MemoryKind, op: Op): { te
   return { test: 'tag_bw', env: memory === 'registered' ? { UCX_ALLOC_PRIO: 'mmap,heap' } : {} };
 }
 
+/**
+ * Whether this ucx_perftest can create its endpoints with peer error handling (`-e`; UCX 1.13 and 1.22 have it),
+ * as kvwire creates its own: under it UCX offers zero-copy rendezvous only over memory domains that
+ * can revoke remote access, so tag_bw with `-e` is what the wire allows a transport that must
+ * survive its peers' failures (plain tag_bw may stripe rendezvous over several interfaces instead).
+ */
+export function perftestErrorHandling(): boolean {
+  const r = spawnSync('ucx_perftest', ['-h'], { encoding: 'utf8' });
+  return /-e\s+create endpoints with error handling/.test(`${r.stdout ?? ''}${r.stderr ?? ''}`);
+}
+
 export function perftestMissing(): string | undefined {
   const r = spawnSync('ucx_perftest', ['-h'], { stdio: 'ignore' });
   if ((r.error as NodeJS.ErrnoException | undefined)?.code === 'ENOENT') return 'ucx_perftest not installed (apt-get install ucx-utils)';
@@ -60,6 +71,8 @@ export interface PerftestSpec {
   runs: number;
   /** ucx_perftest memory types (`-m cuda,cuda`) for GPU cells. */
   memArgs?: string[];
+  /** `-e`: endpoints with peer error handling (see perftestErrorHandling). */
+  errorHandling?: boolean;
   /** A remote `kvwire bench --serve` target's perftest server; else one is started here per run. */
   remote?: { host: string; port: number };
 }
@@ -79,7 +92,7 @@ export async function perftest(s: PerftestSpec): Promise<PerftestResult> {
       const server = s.remote ? undefined : spawn('ucx_perftest', ['-p', String(port)], { env, stdio: 'ignore' });
       await sleep(s.remote ? 200 + attempt * 300 : 300);
       const args = [s.remote?.host ?? '127.0.0.1', '-p', String(port), '-t', s.test, '-s', String(s.block),
-        '-n', String(iterations), '-w', String(Math.min(20, iterations)), ...(s.memArgs ?? [])];
+        '-n', String(iterations), '-w', String(Math.min(20, iterations)), ...(s.memArgs ?? []), ...(s.errorHandling ? ['-e'] : [])];
       const { code, out } = await runClient(args, env, 120_000);
       server?.kill('SIGKILL');
       gbps = code === 0 ? parseFinal(out) : undefined;

@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { cudaInfo, ucxVersion, type TransferPath } from '../index';
-import { perftest, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
+import { perftest, perftestErrorHandling, perftestFor, perftestServerLoop, type PerftestResult } from './baselines';
 import { init as initNode, memoryOf, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
 import { carriersOf, carrierText, type Carrier, type ConnectionView } from './carriers';
 import { chartSvg } from './chart';
@@ -135,6 +135,13 @@ export interface Cell {
   transferUs: { p50: number; p99: number };
   vs: {
     perftest: { test: string; ratio: number | null; skipped?: string; pairwiseBaseline?: true };
+    /**
+     * tag_bw cells: the same ucx_perftest with peer error handling (`-e`), as kvwire's endpoints have
+     * it: UCX then offers zero-copy rendezvous only where it can revoke remote access (not cma, not
+     * tcp), and stripes nothing over several interfaces. Run with kvwire's settings (UCX_MM_ERROR_HANDLING
+     * on shared memory, 64 KiB tcp send segments); skipped, saying why, where ucx_perftest has no `-e`.
+     */
+    perftestErrh?: { test: string; ratio: number | null; skipped?: string };
     socket: { ratio: number | null; skipped?: string };
     memcpy: { ratio: number | null; skipped?: string };
     /** With `--baseline nixl`: kvwire ÷ NIXL on the same transport, op, block and batch (DRAM both sides). */
@@ -153,6 +160,8 @@ export interface BenchResult {
   cells: Cell[];
   baselines: {
     perftest: (PerftestResult & { transport: Transport; memory: MemoryKind; op: Op; block: number })[];
+    /** tag_bw with `-e` (peer error handling), per (transport, memory, block) of tag_bw cells. */
+    perftestErrh: (PerftestResult & { transport: Transport; memory: MemoryKind; block: number })[];
     socket: ({ op: Op; block: number; gbps: number; runs: number[] } | { op: Op; block: number; skipped: string })[];
     memcpy: { block: number; gbps: number; runs: number[] }[];
     /** One per (transport, op, block) with `--baseline nixl`; both memory kinds compare against it. */
@@ -228,16 +237,23 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
 
 /**
  * What carried a cell's blocks (see Cell.carriers): UCX's endpoint descriptions from initiator 0
- * (its connection to the first target) and target 0 (its connection from initiator 0), asked after
- * the timed runs, when every lane is wired up.
+ * (its connection to target 0) and target 0 (its connection to initiator 0), asked after the timed
+ * runs, when every lane is wired up.
  */
-async function cellCarriers(g: Awaited<ReturnType<typeof startGroup>>, path: string, op: Op, block: number, memory: MemoryKind): Promise<Carrier[]> {
-  const pick = async (n: Node | undefined, direction: string): Promise<ConnectionView | undefined> =>
-    n ? (await n.call<{ connections: ConnectionView[] }>('connections')).connections.find((c) => c.direction === direction) : undefined;
-  const [initiator, target] = await Promise.all([pick(g.initiators[0], 'outbound'), pick(g.targets[0], 'inbound')]);
+async function cellCarriers(g: Awaited<ReturnType<typeof startGroup>>, path: string, op: Op, block: number, batch: number, memory: MemoryKind): Promise<Carrier[]> {
+  const list = async (n: Node) => (await n.call<{ connections: ConnectionView[] }>('connections')).connections;
+  const [outbound, inbound] = await Promise.all([list(g.initiators[0]), g.targets[0] ? list(g.targets[0]) : Promise.resolve(undefined)]);
+  // The initiator's connection to target 0 (a remote target: its only one), the target's to initiator 0.
+  const initiator = outbound.find((c) => c.direction === 'outbound' && (!g.targets[0] || c.peer === 'bench-target-0'));
+  const target = inbound?.find((c) => c.direction === 'inbound' && c.peer === 'bench-init-0');
+  const missing = {
+    initiator: 'the initiator lists no connection to the target',
+    target: inbound ? "the target lists no endpoint of its own to the initiator (it answered on UCX's reply endpoint)"
+      : "the target is remote: its connections cannot be asked from here",
+  };
   // The data messages' source: the initiator's region for WRITE, the target's for READ.
   const source = memoryOf(memory, op === 'write' ? 'initiator' : 'target');
-  return carriersOf(path.split('/').filter(Boolean), op, block, source === 'vram', initiator, target);
+  return carriersOf(path.split('/').filter(Boolean), op, block, batch, source === 'vram', initiator, target, missing);
 }
 
 async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGroup>>, op: Op, block: number, batch: number): Promise<RunResult[]> {
@@ -285,7 +301,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
     options: { ...opts, json: undefined, svg: undefined } as BenchResult['options'],
     remote: !!remote,
     cells: [],
-    baselines: { perftest: [], socket: [], memcpy: [], nixl: [] },
+    baselines: { perftest: [], perftestErrh: [], socket: [], memcpy: [], nixl: [] },
     latency: [],
     idle: null,
     targets: [],
@@ -307,6 +323,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const socketCache = new Map<string, BenchResult['baselines']['socket'][number]>();
   const memcpyCache = new Map<number, BenchResult['baselines']['memcpy'][number]>();
   const perftestCache = new Map<string, PerftestResult>();
+  const errhSupported = opts.baselines && perftestErrorHandling();
   const nixlWanted = opts.extraBaselines.includes('nixl');
   const nixlCache = new Map<string, NixlResult>();
   let nixlOff: string | undefined; // why no NIXL cell can run at all
@@ -330,13 +347,14 @@ export async function runBench(opts: BenchOptions): Promise<number> {
         }
         for (const op of opts.ops) {
           const s = summarize(await runCell(opts, g, op, block, batch), { block, batch });
-          const carriers = await cellCarriers(g, s.path, op, block, memory);
+          const carriers = await cellCarriers(g, s.path, op, block, batch, memory);
           const key = `${op}:${block}`;
           if (opts.baselines && !socketCache.has(key) && g.socket.port && !isVram(memory)) {
             const m = await g.initiators[0].call('socket', { ...g.socket, op, block, batch, slots: slotsFor(opts, batch), runs: opts.runs, runMs: opts.runMs });
             socketCache.set(key, { op, block, gbps: round(median(m.gbps), 3), runs: m.gbps.map((x: number) => round(x, 3)) });
           }
           let pt: PerftestResult | undefined;
+          let ptErrh: PerftestResult | undefined;
           if (opts.baselines) {
             const spec = perftestFor(t, memory, op);
             // tag_bw does not depend on the op: READ and WRITE of one memory kind share one measurement.
@@ -351,6 +369,21 @@ export async function runBench(opts: BenchOptions): Promise<number> {
             }
             if (!result.baselines.perftest.some((x) => x.transport === t && x.memory === memory && x.op === op && x.block === block))
               result.baselines.perftest.push({ ...pt, transport: t, memory, op, block });
+            if (spec.test === 'tag_bw' && !isVram(memory)) {
+              const ekey = `${key}|-e`;
+              ptErrh = perftestCache.get(ekey);
+              if (!ptErrh) {
+                // kvwire's endpoint settings: peer error handling (on shared memory with UCX_MM_ERROR_HANDLING,
+                // as kvwire sets it), and over tcp its 64 KiB send segments.
+                ptErrh = !errhSupported ? { test: 'tag_bw -e', skipped: 'this ucx_perftest has no -e (endpoints with peer error handling)' }
+                  : remote ? { test: 'tag_bw -e', skipped: 'runs on one host only (not with --peer)' }
+                  : await perftest({ ...spec, env: { ...spec.env, ...(t === 'tcp' ? { UCX_TCP_TX_SEG_SIZE: '64k' } : { UCX_MM_ERROR_HANDLING: 'y' }) }, errorHandling: true,
+                      transports: transportsOf(t), block, runs: opts.runs });
+                if ('gbps' in ptErrh || 'skipped' in ptErrh) ptErrh = { ...ptErrh, test: 'tag_bw -e' };
+                perftestCache.set(ekey, ptErrh);
+                result.baselines.perftestErrh.push({ ...ptErrh, transport: t, memory, block });
+              }
+            }
           }
           let nx: Cell['vs']['nixl'];
           if (nixlWanted) {
@@ -380,6 +413,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
               perftest: pt
                 ? { test: pt.test, ratio: ratio(s.gbps, pt as any), ...('skipped' in pt ? { skipped: pt.skipped } : {}), ...(pattern !== 'pairwise' ? { pairwiseBaseline: true as const } : {}) }
                 : { test: 'none', ratio: null, skipped },
+              ...(ptErrh ? { perftestErrh: { test: ptErrh.test, ratio: ratio(s.gbps, ptErrh as any), ...('skipped' in ptErrh ? { skipped: ptErrh.skipped } : {}) } } : {}),
               socket: sock && 'gbps' in sock ? { ratio: ratio(s.gbps, sock) } : { ratio: null, skipped: skipped ?? (sock as any)?.skipped ?? 'no socket server' },
               memcpy: mc ? { ratio: ratio(s.gbps, mc) } : { ratio: null, skipped },
               ...(nx ? { nixl: nx } : {}),
@@ -391,6 +425,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
           log(`  [${String(done).padStart(String(total).length)}/${total}] ${t} ${memory} ${pattern} ${op.toUpperCase()} ` +
             `${formatSize(block)} x ${batch}: ${cell.gbps.toFixed(2)} GB/s (${cell.path})` +
             (pr !== null ? `, ${Math.round(pr * 100)}% of ${cell.vs.perftest.test}` : '') +
+            (cell.vs.perftestErrh?.ratio != null ? ` (${Math.round(cell.vs.perftestErrh.ratio * 100)}% of tag_bw -e)` : '') +
             (nx?.ratio != null ? `, ${nx.ratio.toFixed(2)}x NIXL` : '') +
             cell.carriers.map((c) => `\n        ${carrierText(c)}`).join(''));
         }
@@ -399,7 +434,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
         // Per-descriptor overhead: 10,000 x 64 B in one batch (T4).
         const { block, batch } = DESCRIPTOR_CELL;
         const s = summarize(await runCell(opts, g, 'write', block, batch), { block, batch });
-        const carriers = await cellCarriers(g, s.path, 'write', block, memory);
+        const carriers = await cellCarriers(g, s.path, 'write', block, batch, memory);
         result.cells.push({ transport: t, memory, pattern, op: 'write', block, batch, ...s, carriers,
           vs: { perftest: { test: 'none', ratio: null, skipped: 'descriptor-rate cell' }, socket: { ratio: null, skipped: 'descriptor-rate cell' }, memcpy: { ratio: null, skipped: 'descriptor-rate cell' },
             ...(nixlWanted ? { nixl: { ratio: null, skipped: 'descriptor-rate cell' } } : {}) } });
@@ -484,6 +519,18 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
     add('T3', 'tcp between two hosts, 1-4 MiB', '>= 90% of tag_bw over tcp',
       ratios(pair.filter((c) => c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
   }
+  // P2 (issue 10): tcp 1-4 MiB against tag_bw of the same UCX, and against tag_bw with peer error
+  // handling (-e), the endpoint mode kvwire runs in.
+  const tcpBig = pair.filter((c) => c.transport === 'tcp' && c.block >= 1 << 20 && c.block <= 4 << 20);
+  const plain = ratios(tcpBig, 'perftest');
+  if (plain.length) {
+    const errh = tcpBig.map((c) => c.vs.perftestErrh?.ratio).filter((x): x is number => typeof x === 'number');
+    const errhSkipped = tcpBig.map((c) => c.vs.perftestErrh?.skipped).find((x) => x);
+    out.push({ id: 'P2', case: 'tcp, 1-4 MiB', target: '>= 90% of tag_bw (same UCX)',
+      measured: `tag_bw: min ${pct(Math.min(...plain))}, median ${pct(median(plain))} (${plain.length} cells); tag_bw -e (peer error handling, as kvwire): ` +
+        (errh.length ? `min ${pct(Math.min(...errh))}, median ${pct(median(errh))}` : `not measured (${errhSkipped ?? 'no tag_bw cell'})`),
+      met: Math.min(...plain) >= 0.9 });
+  }
   for (const memory of ['allocated', 'registered'] as const) {
     const cells = r.cells.filter((c) => c.memory === memory && c.block === DESCRIPTOR_CELL.block && c.batch === DESCRIPTOR_CELL.batch);
     const paths = [...new Set(cells.flatMap((c) => c.path.split('/')))].join('/');
@@ -536,6 +583,7 @@ function printTables(r: BenchResult): void {
       'xfer p50/p99': `${c.transferUs.p50}/${c.transferUs.p99}`, 'ns/desc': c.nsPerDescriptor,
       'carried by': c.carriers.map((x) => (x.by === 'kvwire' ? `${x.path}: kvwire copy` : `${x.path}: ${x.unknown ? 'UCX ?' : `${x.protocol}${x.lanes ? ` ${x.lanes}` : ''}`}`)).join('; '),
       'vs perftest': c.vs.perftest.ratio === null ? 'n/a' : `${fmt(c.vs.perftest.ratio)} ${c.vs.perftest.test}`,
+      ...(c.vs.perftestErrh ? { 'vs perftest -e': fmt(c.vs.perftestErrh.ratio) } : {}),
       'vs socket': c.vs.socket.ratio === null ? 'n/a' : `${c.vs.socket.ratio.toFixed(1)}x`, 'vs memcpy': fmt(c.vs.memcpy.ratio),
       ...(c.vs.nixl ? { 'NIXL GB/s': c.vs.nixl.gbps ?? 'n/a', 'vs NIXL': c.vs.nixl.ratio === null ? 'n/a' : `${c.vs.nixl.ratio.toFixed(2)}x` } : {}),
     })),

@@ -3507,7 +3507,8 @@ UcxInfo ucxInfo() {
 }
 
 // UCX's own description of an endpoint: its lanes and, per operation and message size, the protocol
-// it selected (UCX >= 1.16: the protocol tables UCX_PROTO_INFO=y prints; 1.13: the v1 thresholds).
+// it selected for the endpoint's configuration (UCX >= 1.16: the protocol tables UCX_PROTO_INFO=y prints;
+// 1.13: the v1 thresholds).
 static std::string endpointText(ucp_ep_h ep) {
   char* text = nullptr;
   size_t size = 0;
