@@ -50,7 +50,7 @@ function expectSaneCell(c: Cell, remote = false): void {
     if (x.by === 'ucx' && remote && c.op === 'read') {
       // READ data leaves the remote target, whose connections this initiator cannot ask.
       expect(x.protocol).toBe('unknown');
-      expect(x.unknown).toMatch(/remote target/);
+      expect(x.unknown).toMatch(/target is remote/);
     } else if (x.by === 'ucx') {
       expect(x.unknown, JSON.stringify(x)).toBeUndefined();
       expect(x.protocol).not.toBe('unknown');
