@@ -4,6 +4,7 @@
 // prints per cell the medians and noisy ÷ quiet. Every other argument goes to `kvwire bench`.
 // With --perftest the bench's ucx_perftest baselines run in both modes too, and each cell also shows
 // what UCX's own test kept next to the same spinner (tag_bw -e: peer error handling, as kvwire).
+// Over shm next to the spinner tag_bw may not finish: each such baseline gives up after 5 x 120 s.
 //   node bench/noisy-neighbour.cjs [--rounds 2] [--perftest] [kvwire bench options...]
 // e.g. node bench/noisy-neighbour.cjs --transport shm,tcp --memory allocated,registered --block 64K,1M,4M --runs 3
 'use strict';

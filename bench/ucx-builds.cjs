@@ -26,7 +26,8 @@ const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 10
   }
   const versions = Object.keys(results);
   if (!versions.length) process.exit(1);
-  const key = (c) => `${c.transport}|${c.memory}|${c.pattern}|${c.op}|${c.block}|${c.batch}`;
+  // The descriptor-rate cell (10,000 x 64 B WRITE) is its own row, even next to a --block 64 --batch 10000 sweep cell.
+  const key = (c) => `${c.transport}|${c.memory}|${c.pattern}|${c.op}|${c.block}|${c.batch}|${c.vs.perftest.skipped === 'descriptor-rate cell' ? 'rate' : ''}`;
   const rows = new Map();
   for (const v of versions)
     for (const c of results[v].cells) {

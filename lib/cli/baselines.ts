@@ -25,9 +25,10 @@ export function perftestFor(transport: string, memory: MemoryKind, op: Op): { te
 
 /**
  * Whether this ucx_perftest can create its endpoints with peer error handling (`-e`; UCX 1.13 and 1.22 have it),
- * as kvwire creates its own: under it UCX offers zero-copy rendezvous only over memory domains that
- * can revoke remote access, so tag_bw with `-e` is what the wire allows a transport that must
- * survive its peers' failures (plain tag_bw may stripe rendezvous over several interfaces instead).
+ * as kvwire creates its own: under it UCX opens RMA lanes only over memory domains that can revoke a
+ * peer's access (not tcp, not cma), so its rendezvous runs over active messages on one interface;
+ * tag_bw with `-e` is what UCX itself moves with a transport that must survive its peers' failures
+ * (plain tag_bw may stripe RMA writes over several interfaces instead).
  */
 export function perftestErrorHandling(): boolean {
   const r = spawnSync('ucx_perftest', ['-h'], { encoding: 'utf8' });
@@ -73,13 +74,16 @@ export interface PerftestSpec {
   memArgs?: string[];
   /** `-e`: endpoints with peer error handling (see perftestErrorHandling). */
   errorHandling?: boolean;
+  /** The name results and failures carry (default: `test`). */
+  label?: string;
   /** A remote `kvwire bench --serve` target's perftest server; else one is started here per run. */
   remote?: { host: string; port: number };
 }
 
 export async function perftest(s: PerftestSpec): Promise<PerftestResult> {
+  const name = s.label ?? s.test;
   const missing = perftestMissing();
-  if (missing) return { test: s.test, skipped: missing };
+  if (missing) return { test: name, skipped: missing };
   const env = { ...process.env, UCX_TLS: s.transports, ...s.env };
   // Enough bytes for a stable figure, bounded in time (emulated get over tcp is ~1 ms per message).
   const iterations = Math.max(10, Math.min(10_000, Math.floor((512 << 20) / s.block)));
@@ -98,10 +102,10 @@ export async function perftest(s: PerftestSpec): Promise<PerftestResult> {
       gbps = code === 0 ? parseFinal(out) : undefined;
       if (gbps === undefined) why = `exit ${code}: ${out.trim().split('\n').slice(-1)[0] ?? ''}`;
     }
-    if (gbps === undefined) return { test: s.test, skipped: `ucx_perftest ${s.test} failed (${why})` };
+    if (gbps === undefined) return { test: name, skipped: `ucx_perftest ${name} failed (${why})` };
     rates.push(gbps);
   }
-  return { test: s.test, gbps: median(rates), runs: rates };
+  return { test: name, gbps: median(rates), runs: rates };
 }
 
 /** Keeps a ucx_perftest server listening on `port` (each serves one test and exits). */

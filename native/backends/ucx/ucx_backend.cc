@@ -801,8 +801,9 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
   // keeps its bytes on tcp) and did not turn the path off.
   cmaAllowed_ = options.cma && mayUse(tls, {"shm", "sm", "cma"}) && cmaTable_.init();
   setenv("UCX_KEEPALIVE_INTERVAL", "1s", 0);
-  // tcp with peer error handling (which kvwire needs to hear of dead peers) gets no zero-copy
-  // rendezvous lanes from UCX: large messages go in copies of UCX_TCP_TX_SEG_SIZE, 8 KiB by default.
+  // tcp with peer error handling (which kvwire needs to hear of dead peers) gets no RMA lanes from UCX
+  // (tcp cannot revoke a peer's access): rendezvous runs over active-message fragments of
+  // UCX_TCP_TX_SEG_SIZE, 8 KiB by default, received into segments of UCX_TCP_RX_SEG_SIZE.
   // 64 KiB is the most that stays compatible: a receiver asserts (tcp_ep.c "hdr->length <=
   // rx_seg_size") on a segment larger than its UCX_TCP_RX_SEG_SIZE, 64 KiB by default in UCX 1.13 and
   // 1.22, so a larger one would crash peers that keep UCX's defaults (older kvwire builds, plain UCX
