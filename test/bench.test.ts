@@ -158,6 +158,23 @@ describe('kvwire bench', () => {
     expect(p2.met).toBe(c.vs.perftest.ratio! >= 0.9 && c.vs.socket.ratio! >= 2);
   }, 120_000);
 
+  it('--depth: several batches in flight per initiator, every one of their bytes counted', async () => {
+    const common = ['--transport', 'shm', '--memory', 'allocated', '--op', 'write', '--block', '64K', '--runs', '1', '--run-ms', '100',
+      '--no-baselines', '--latency-samples', '0', '--idle-seconds', '0'];
+    for (const depth of [1, 4]) {
+      const r = await bench(...common, '--depth', String(depth));
+      expect(r.options.depth).toBe(depth);
+      const c = r.cells.find((x) => x.block === 65536)!;
+      expectSaneCell(c);
+      // With `depth` batches always in flight, throughput is about depth x one batch's bytes over
+      // its mean time (the gaps between batches make it less): a count that lost the bytes of
+      // concurrent batches would come out near 1 / depth of that.
+      const inFlight = (depth * c.block * c.batch) / (c.avgLatencyUs * 1e3);
+      expect(c.gbps, JSON.stringify({ depth, gbps: c.gbps, inFlight })).toBeGreaterThan(0.5 * inFlight);
+      expect(c.gbps).toBeLessThan(1.5 * inFlight);
+    }
+  }, 120_000);
+
   it('joins a remote target from its description file (--serve / --peer)', async () => {
     const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'kvwire-serve-')), 'target.json');
     const server = spawn(process.execPath, [cli, 'bench', '--serve', file, '--host', '127.0.0.1', '--block', '64K'], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -236,6 +253,8 @@ describe('kvwire bench', () => {
       [['--path', 'fast'], /--path takes one of auto, direct, am, rma, cma, cuda_ipc, not 'fast'/],
       [['--path', 'cma', '--cma', 'off'], /--path cma needs --cma on/],
       [['--path', 'cma', '--transport', 'tcp'], /--path cma needs --transport shm/],
+      [['--depth', '0'], /--depth must be an integer >= 1/],
+      [['--depth', '65'], /--depth must be 1 \.\. 64 batches in flight/],
     ] as const) {
       let status = 0;
       let stderr = '';

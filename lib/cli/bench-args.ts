@@ -6,7 +6,7 @@ import { PATH_NAMES } from '../transfer';
 
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered,vram,vram-dram] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
-         [--batch auto|N] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--path auto|am|cma|...]
+         [--batch auto|N] [--depth 1] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--cma on|off] [--path auto|am|cma|...]
          [--huge-pages] [--no-baselines]
          [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE] [--baseline nixl]
          [--serve FILE --host IP | --peer FILE]
@@ -45,6 +45,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       fan: { type: 'string', default: '2' },
       block: { type: 'string', default: DEFAULT_BLOCKS },
       batch: { type: 'string', default: 'auto' },
+      depth: { type: 'string', default: '1' },
       runs: { type: 'string', default: '3' },
       'run-ms': { type: 'string', default: '200' },
       progress: { type: 'string', default: 'event' },
@@ -75,6 +76,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     patterns,
     blocks: [...new Set(v.block!.split(',').map(parseSize))].sort((a, b) => a - b),
     batch: v.batch === 'auto' ? 0 : positive('batch', v.batch!),
+    depth: positive('depth', v.depth!),
     fan: positive('fan', v.fan!, 2),
     runs: positive('runs', v.runs!),
     runMs: positive('run-ms', v['run-ms']!),
@@ -91,6 +93,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     svg: v.svg,
     peerFile: v.peer,
   };
+  if (options.depth > 64) throw new Error(`--depth must be 1 .. 64 batches in flight, not ${options.depth}`);
   if (options.path === 'cma' && !options.cma) throw new Error("--path cma needs --cma on");
   if (options.path === 'cma' && !options.transports.includes('shm')) throw new Error('--path cma needs --transport shm (same-host peers)');
   if (options.path === 'cuda_ipc' && !options.memories.every((m) => m === 'vram' || m === 'vram-dram'))

@@ -73,6 +73,12 @@ export interface RunRequest {
   startAtUs: number;
   /** The path timed batches ask for (warm-up batches take 'auto': a cma grant arrives after the handshake). */
   path?: 'auto' | TransferPath;
+  /**
+   * Batches kept in flight (default 1): each of `depth` loops posts its next batch when its last
+   * settled. They move the same blocks (a READ's batches land in the same local blocks: fine for a
+   * throughput run, which checks no bytes).
+   */
+  depth?: number;
 }
 
 export interface RunResult {
@@ -161,10 +167,14 @@ async function run(m: RunRequest): Promise<RunResult> {
     const startUs = wallUs();
     let bytes = 0;
     let n = 0;
-    while (n < 3 || wallUs() - startUs < m.runMs * 1e3) {
-      bytes += await iteration(true);
-      n++;
-    }
+    const loop = async () => {
+      while (n < 3 || wallUs() - startUs < m.runMs * 1e3) {
+        n++;
+        const moved = await iteration(true); // not `bytes += await …`: that reads `bytes` before the await
+        bytes += moved;
+      }
+    };
+    await Promise.all(Array.from({ length: Math.max(1, m.depth ?? 1) }, loop));
     runs.push({ bytes, startUs, endUs: wallUs() });
   }
   return { path: [...paths].join('/'), runs, samples };

@@ -27,6 +27,8 @@ export interface BenchOptions {
   blocks: number[];
   /** Blocks per batch; 0 = automatic (about 16 MiB per batch, 1..1024 blocks). */
   batch: number;
+  /** Batches each initiator keeps in flight per target (1: post the next when the last settled). */
+  depth: number;
   /** Initiators (many-to-one) or targets (one-to-many). */
   fan: number;
   runs: number;
@@ -264,7 +266,7 @@ async function runCell(opts: BenchOptions, g: Awaited<ReturnType<typeof startGro
         op, block, batch, slots: slotsFor(opts, batch),
         peers: g.initiators.length === 1 ? Array.from({ length: g.peerCount }, (_, k) => k) : [0],
         remoteArea: i,
-        runs: opts.runs, runMs: opts.runMs, startAtUs, path: opts.path,
+        runs: opts.runs, runMs: opts.runMs, startAtUs, path: opts.path, depth: opts.depth,
       }),
     ),
   );
@@ -311,6 +313,7 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const total = groups.length * perCell;
   log(`kvwire bench: ${total} cells (${opts.transports.join('/')} x ${opts.memories.join('/')} x ${opts.patterns.join('/')} x ` +
     `${opts.ops.join('/')} x ${opts.blocks.length} block sizes), median of ${opts.runs} runs of >= ${opts.runMs} ms` +
+    (opts.depth > 1 ? `, ${opts.depth} batches in flight per initiator` : '') +
     (remote ? `, remote target ${remote.host}` : '') + (opts.path !== 'auto' ? `, every timed batch by path '${opts.path}'` : ''));
   if (opts.memories.some(isVram)) {
     const c = cudaInfo();
