@@ -2,8 +2,8 @@
 # npm run test:asan: the addon built with AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/),
 # Node itself uninstrumented with the sanitizer runtime preloaded, running the suites that drive the
 # native code hardest: transfers, lifecycle, bounds and limits, hostile peers, authenticated
-# connections, metadata fuzz, the KV layer. Any sanitizer report fails the run: a report aborts the
-# process it happened in (its test fails), and every report is also written under build-asan/reports/,
+# connections, metadata fuzz, the KV layer, endpoint descriptions (agent.connections). Any sanitizer
+# report fails the run: a report aborts the process it happened in (its test fails), and every report is also written under build-asan/reports/,
 # which must stay empty. UCX: PyPI's 1.22 (fetched once, as for the smoke test), or UCX_HOME=<prefix>.
 # Not Debian's 1.13: under the sanitizer runtime it reads its active-message handler flags wrong
 # ("callback registered with ucp_worker_set_am_handler() API does not support rendezvous protocol")
@@ -37,7 +37,7 @@ set +e
 # from killed peers, including workers given up in rebuilds (releaseWorker).
 LD_PRELOAD="$asan $ubsan" KVWIRE_SOAK_ROUNDS=${KVWIRE_SOAK_ROUNDS:-20} npx vitest run test/transfer.test.ts test/lifecycle.test.ts \
   test/bounds.test.ts test/limits.test.ts test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts \
-  test/kv-transfer.test.ts test/kv-early-stop.test.ts test/peer-death-soak.test.ts test/cma.test.ts test/vram.test.ts "$@"
+  test/kv-transfer.test.ts test/kv-early-stop.test.ts test/peer-death-soak.test.ts test/cma.test.ts test/vram.test.ts test/protocols.test.ts "$@"
 status=$?
 set -e
 if compgen -G "$reports/*" >/dev/null; then
