@@ -83,6 +83,23 @@ describe('agent.connections()', () => {
     });
   }
 
+  it('with a secret, lists an inbound connection once the handshake is done, under the name the peer proved', async () => {
+    const secret = Buffer.alloc(32, 7);
+    const target = await Agent.create({ name: 'proto-vault', secret, ucx: { transports: 'shm,self' } });
+    const friend = await Agent.create({ name: 'proto-friend', secret, ucx: { transports: 'shm,self' } });
+    try {
+      target.register(Buffer.alloc(4096), { name: 'kv' });
+      const mine = friend.register(Buffer.alloc(4096), { name: 'kv' });
+      const remote = friend.loadPeer(target.metadata()).region('kv');
+      expect(target.connections()).toEqual([]); // loaded, not yet connected
+      await friend.write(mine.descriptors([0], [64]), remote.descriptors([0], [64]));
+      expect(target.connections().map((c) => [c.peer, c.direction])).toEqual([['proto-friend', 'inbound']]);
+      expect(friend.connections().map((c) => [c.peer, c.direction])).toEqual([['proto-vault', 'outbound']]);
+    } finally {
+      await Promise.all([target.close(), friend.close()]);
+    }
+  });
+
   it('is empty for an agent with no connection, and once closed', async () => {
     const a = await Agent.create({ name: 'proto-lonely', ucx: { transports: 'shm,self' } });
     expect(a.connections()).toEqual([]);
