@@ -6,6 +6,7 @@
 // e.g. node bench/ucx-builds.cjs --transport shm,tcp --block 64K,1M,4M --runs 3 --latency-samples 0 --idle-seconds 0
 'use strict';
 const { takeOption, runBenchJson, formatSize: size, buildEnv } = require('./run-bench.cjs');
+const { carrierSummary } = require('../dist/cli/carriers');
 
 const taken = takeOption(process.argv.slice(2), '--builds');
 const args = taken.args;
@@ -53,8 +54,7 @@ const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 10
     for (const c of results[v].cells) {
       const k = key(c);
       if (!carried.has(k)) carried.set(k, { transport: c.transport, memory: c.memory, op: c.op.toUpperCase(), block: size(c.block) });
-      carried.get(k)[`UCX ${results[v].ucx}`] = (c.carriers ?? []).map((x) => (x.by === 'kvwire' ? `${x.path}: kvwire copy`
-        : `${x.path}: ${x.unknown ? `unknown (${x.unknown})` : `${x.protocol}${x.lanes ? ` on ${x.lanes}` : ''}`}`)).join('; ');
+      carried.get(k)[`UCX ${results[v].ucx}`] = (c.carriers ?? []).map(carrierSummary).join('; ');
     }
   console.log('What carried the blocks (UCX: its protocol for the data messages, from agent.connections()):');
   console.table([...carried.values()]);

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, parseEndpointInfo, protocolFor, type ConnectionInfo, type EndpointProtocols, type ProtocolTable } from '../lib';
-import { amMessageBytes, carriersOf, carrierText } from '../lib/cli/carriers';
+import { amMessageBytes, carriersOf, carrierSummary, carrierText } from '../lib/cli/carriers';
 import { PeerProcess, UCX_113 } from './helpers';
 
 const MiB = 1 << 20;
@@ -265,5 +265,9 @@ describe('bench carriers', () => {
     expect(carrierText(both[0])).toMatch(/process_vm_writev/);
     const [w] = carriersOf(['am'], 'write', 4 * MiB, 4, false, conn(v2), undefined);
     expect(carrierText(w)).toBe(`am: UCX (?) rendezvous zero-copy on tcp/lo (initiator's ${4 * MiB + 32} B messages)`);
+    // The tables' short form (kvwire bench, bench/ucx-builds.cjs).
+    expect(carrierSummary(w)).toBe('am: (?) rendezvous zero-copy on tcp/lo');
+    expect(carrierSummary(both[0])).toBe('cma: kvwire copy');
+    expect(carrierSummary(remote)).toBe('am: unknown (the target is remote)');
   });
 });

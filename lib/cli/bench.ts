@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { cudaInfo, ucxVersion, type TransferPath } from '../index';
 import { perftest, perftestErrorHandling, perftestFor, perftestMissing, perftestServerLoop, type PerftestResult } from './baselines';
 import { init as initNode, memoryOf, wallUs, type BatchSample, type MemoryKind, type Op, type RunResult } from './bench-node';
-import { carriersOf, carrierText, type Carrier, type ConnectionView } from './carriers';
+import { carriersOf, carrierSummary, carrierText, type Carrier, type ConnectionView } from './carriers';
 import { chartSvg } from './chart';
 import { nixlCell, nixlProgress, probeNixl, type NixlResult } from './nixl';
 import { median, percentile } from './stats';
@@ -213,6 +213,10 @@ function log(text: string): void {
 
 const transportsOf = (t: Transport) => (t === 'tcp' ? 'tcp' : 'shm,self');
 
+/** The agent names of a group's processes (cellCarriers finds their connections by them). */
+const initiatorName = (i: number) => `bench-init-${i}`;
+const targetName = (i: number) => `bench-target-${i}`;
+
 /** The processes of one (transport, memory, pattern) group: initiators and targets. */
 async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, pattern: Pattern, remote?: RemoteTarget) {
   const nInit = pattern === 'many-to-one' ? opts.fan : 1;
@@ -226,9 +230,9 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
     const targetInfo = remote
       ? [{ metadata: remote.metadata, socketPort: remote.socketPort }]
       : await Promise.all(
-          targets.map((n, i) => n.call('init', { ...base, memory: memoryOf(memory, 'target'), name: `bench-target-${i}`, regionBytes: maxArea * nInit, socketHost: '127.0.0.1' })),
+          targets.map((n, i) => n.call('init', { ...base, memory: memoryOf(memory, 'target'), name: targetName(i), regionBytes: maxArea * nInit, socketHost: '127.0.0.1' })),
         );
-    await Promise.all(initiators.map((n, i) => n.call('init', { ...base, memory: memoryOf(memory, 'initiator'), name: `bench-init-${i}`, regionBytes: maxArea * nTarget })));
+    await Promise.all(initiators.map((n, i) => n.call('init', { ...base, memory: memoryOf(memory, 'initiator'), name: initiatorName(i), regionBytes: maxArea * nTarget })));
     await Promise.all(initiators.map((n) => n.call('peers', { metadata: targetInfo.map((x: any) => x.metadata) })));
     return { initiators, targets, all, peerCount: targetInfo.length, socket: { host: remote?.host ?? '127.0.0.1', port: targetInfo[0].socketPort as number | undefined } };
   } catch (e) {
@@ -246,8 +250,8 @@ async function cellCarriers(g: Awaited<ReturnType<typeof startGroup>>, path: str
   const list = async (n: Node) => (await n.call<{ connections: ConnectionView[] }>('connections')).connections;
   const [outbound, inbound] = await Promise.all([list(g.initiators[0]), g.targets[0] ? list(g.targets[0]) : Promise.resolve(undefined)]);
   // The initiator's connection to target 0 (a remote target: its only one), the target's to initiator 0.
-  const initiator = outbound.find((c) => c.direction === 'outbound' && (!g.targets[0] || c.peer === 'bench-target-0'));
-  const target = inbound?.find((c) => c.direction === 'inbound' && c.peer === 'bench-init-0');
+  const initiator = outbound.find((c) => c.direction === 'outbound' && (!g.targets[0] || c.peer === targetName(0)));
+  const target = inbound?.find((c) => c.direction === 'inbound' && c.peer === initiatorName(0));
   const missing = {
     initiator: 'the initiator lists no connection to the target',
     target: inbound ? "the target lists no endpoint of its own to the initiator (it answered on UCX's reply endpoint)"
@@ -326,7 +330,8 @@ export async function runBench(opts: BenchOptions): Promise<number> {
   const socketCache = new Map<string, BenchResult['baselines']['socket'][number]>();
   const memcpyCache = new Map<number, BenchResult['baselines']['memcpy'][number]>();
   const perftestCache = new Map<string, PerftestResult>();
-  const errhSupported = opts.baselines && perftestErrorHandling();
+  const perftestAbsent = opts.baselines ? perftestMissing() : undefined; // why no ucx_perftest runs here
+  const errhSupported = opts.baselines && !perftestAbsent && perftestErrorHandling();
   const nixlWanted = opts.extraBaselines.includes('nixl');
   const nixlCache = new Map<string, NixlResult>();
   let nixlOff: string | undefined; // why no NIXL cell can run at all
@@ -379,9 +384,8 @@ export async function runBench(opts: BenchOptions): Promise<number> {
                 // kvwire's endpoint settings: peer error handling (on shared memory with UCX_MM_ERROR_HANDLING,
                 // as kvwire sets it), and over tcp its 64 KiB send segments.
                 const label = 'tag_bw -e';
-                const missing = perftestMissing();
                 ptErrh = remote ? { test: label, skipped: 'runs on one host only (not with --peer)' }
-                  : missing ? { test: label, skipped: missing }
+                  : perftestAbsent ? { test: label, skipped: perftestAbsent }
                   : !errhSupported ? { test: label, skipped: 'this ucx_perftest has no -e (endpoints with peer error handling)' }
                   : await perftest({ ...spec, label, env: { ...spec.env, ...(t === 'tcp' ? { UCX_TCP_TX_SEG_SIZE: '64k' } : { UCX_MM_ERROR_HANDLING: 'y' }) },
                       errorHandling: true, transports: transportsOf(t), block, runs: opts.runs });
@@ -510,11 +514,12 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
   const pct = (x: number) => `${Math.round(x * 100)}%`;
   const ratios = (cells: Cell[], k: 'perftest' | 'socket') => cells.map((c) => c.vs[k].ratio).filter((x): x is number => x !== null);
   const pair = r.cells.filter((c) => c.pattern === 'pairwise' && c.block !== DESCRIPTOR_CELL.block);
+  const mib1to4 = (c: Cell) => c.block >= 1 << 20 && c.block <= 4 << 20;
   const add = (id: string, what: string, target: string, values: number[], ok: (min: number) => boolean, show = pct) =>
     out.push({ id, case: what, target, measured: values.length ? `min ${show(Math.min(...values))}, median ${show(median(values))} (${values.length} cells)` : 'not measured in this run', met: values.length ? ok(Math.min(...values)) : null });
   if (!r.remote) {
     add('T1', 'allocated memory, same host, WRITE+READ, 1-4 MiB', '>= 90% of ucp_put_bw / ucp_get',
-      ratios(pair.filter((c) => c.transport === 'shm' && c.memory === 'allocated' && c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
+      ratios(pair.filter((c) => c.transport === 'shm' && c.memory === 'allocated' && mib1to4(c)), 'perftest'), (m) => m >= 0.9);
     const reg = pair.filter((c) => c.transport === 'shm' && c.memory === 'registered');
     const big = ratios(reg.filter((c) => c.block >= 64 << 10), 'perftest');
     const all = ratios(reg, 'perftest');
@@ -523,12 +528,12 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
       met: big.length ? Math.min(...big) >= 0.9 && Math.min(...all) >= 0.5 : null });
   } else {
     add('T3', 'tcp between two hosts, 1-4 MiB', '>= 90% of tag_bw over tcp',
-      ratios(pair.filter((c) => c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
+      ratios(pair.filter(mib1to4), 'perftest'), (m) => m >= 0.9);
   }
   // P2 (issue 10, for UCX 1.22): tcp 1-4 MiB against tag_bw of the same UCX and a Node socket, and
   // (shown, not judged) against tag_bw with peer error handling (-e), the endpoint mode kvwire runs in.
   // A remote run judges the same cells as T3.
-  const tcpBig = pair.filter((c) => c.transport === 'tcp' && c.block >= 1 << 20 && c.block <= 4 << 20);
+  const tcpBig = pair.filter((c) => c.transport === 'tcp' && mib1to4(c));
   if (!r.remote && tcpBig.length) {
     const plain = ratios(tcpBig, 'perftest');
     const sock = ratios(tcpBig, 'socket');
@@ -550,7 +555,7 @@ function verdicts(r: BenchResult): BenchResult['targets'] {
   // GPU targets (issue 9): same host, two processes.
   const vram = pair.filter((c) => c.memory === 'vram');
   add('G1', 'VRAM<->VRAM, 1-4 MiB blocks, WRITE and READ', '>= 90% of ucx_perftest ucp_put_bw -m cuda,cuda',
-    ratios(vram.filter((c) => c.block >= 1 << 20 && c.block <= 4 << 20), 'perftest'), (m) => m >= 0.9);
+    ratios(vram.filter(mib1to4), 'perftest'), (m) => m >= 0.9);
   for (const [block, floor] of [[4 << 10, 200], [64 << 10, 400]] as const)
     add('G2', `VRAM<->VRAM, ${formatSize(block)} blocks, ~16 MiB batches`, `>= ${floor} GB/s`,
       vram.filter((c) => c.block === block).map((c) => c.gbps), (m) => m >= floor, (x) => `${x} GB/s`);
@@ -591,7 +596,7 @@ function printTables(r: BenchResult): void {
       transport: c.transport, memory: c.memory, pattern: c.pattern, op: c.op.toUpperCase(), block: formatSize(c.block), batch: c.batch, path: c.path,
       'GB/s': c.gbps, 'avg µs': c.avgLatencyUs, 'prep p50/p99': `${c.prepUs.p50}/${c.prepUs.p99}`, 'post p50/p99': `${c.postUs.p50}/${c.postUs.p99}`,
       'xfer p50/p99': `${c.transferUs.p50}/${c.transferUs.p99}`, 'ns/desc': c.nsPerDescriptor,
-      'carried by': c.carriers.map((x) => (x.by === 'kvwire' ? `${x.path}: kvwire copy` : `${x.path}: ${x.unknown ? 'UCX ?' : `${x.protocol}${x.lanes ? ` ${x.lanes}` : ''}`}`)).join('; '),
+      'carried by': c.carriers.map(carrierSummary).join('; '),
       'vs perftest': c.vs.perftest.ratio === null ? 'n/a' : `${fmt(c.vs.perftest.ratio)} ${c.vs.perftest.test}`,
       ...(c.vs.perftestErrh ? { 'vs perftest -e': fmt(c.vs.perftestErrh.ratio) } : {}),
       'vs socket': c.vs.socket.ratio === null ? 'n/a' : `${c.vs.socket.ratio.toFixed(1)}x`, 'vs memcpy': fmt(c.vs.memcpy.ratio),

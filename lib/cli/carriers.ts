@@ -112,6 +112,12 @@ function rmaCarrier(op: Op, block: number, initiator?: ConnectionView): Carrier 
       : `no ${op === 'write' ? 'put' : 'get'} thresholds in the endpoint description` };
 }
 
+/** A short cell for tables: "am: (?) rendezvous zero-copy on tcp/lo", "cma: kvwire copy", "am: unknown (why)". */
+export function carrierSummary(c: Carrier): string {
+  if (c.by === 'kvwire') return `${c.path}: kvwire copy`;
+  return `${c.path}: ${c.unknown ? `unknown (${c.unknown})` : `${c.protocol}${c.lanes ? ` on ${c.lanes}` : ''}`}`;
+}
+
 /** One line: "UCX (?) rendezvous zero-copy on tcp/lo" / "kvwire process_vm_writev ...". */
 export function carrierText(c: Carrier): string {
   if (c.by === 'kvwire') return `${c.path}: ${c.protocol}`;

@@ -3464,6 +3464,20 @@ std::string ucxVersion() {
   return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(release);
 }
 
+// What one of UCX's print functions (they write to a FILE*) writes, as a string; empty if no stream opens.
+template <typename Print>
+static std::string printed(Print print) {
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* out = open_memstream(&text, &size);
+  if (!out) return {};
+  print(out);
+  std::fclose(out);
+  std::string s(text ? text : "", size);
+  std::free(text);
+  return s;
+}
+
 UcxInfo ucxInfo() {
   UcxInfo info;
   ucp_config_t* config = nullptr;
@@ -3482,21 +3496,15 @@ UcxInfo ucxInfo() {
     return info;
   }
   // The transports: UCX's own listing ("#      resource 0  :  md 0  dev 0  flags -- tcp/lo").
-  char* text = nullptr;
-  size_t size = 0;
-  if (FILE* out = open_memstream(&text, &size)) {
-    ucp_context_print_info(context, out);
-    std::fclose(out);
-    for (const char* line = text; line && *line;) {
-      const char* end = std::strchr(line, '\n');
-      std::string l(line, end ? static_cast<size_t>(end - line) : std::strlen(line));
-      if (l.find("resource") != std::string::npos) {
-        const size_t at = l.find_last_of(' ');
-        if (at != std::string::npos && l.find('/', at) != std::string::npos) info.transports.push_back(l.substr(at + 1));
-      }
-      line = end ? end + 1 : nullptr;
+  const std::string text = printed([&](FILE* out) { ucp_context_print_info(context, out); });
+  for (size_t from = 0; from < text.size();) {
+    const size_t end = std::min(text.find('\n', from), text.size());
+    const std::string l = text.substr(from, end - from);
+    if (l.find("resource") != std::string::npos) {
+      const size_t at = l.find_last_of(' ');
+      if (at != std::string::npos && l.find('/', at) != std::string::npos) info.transports.push_back(l.substr(at + 1));
     }
-    std::free(text);
+    from = end + 1;
   }
   ucp_context_attr_t attr{};
   attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
@@ -3511,15 +3519,7 @@ UcxInfo ucxInfo() {
 // it selected for the endpoint's configuration (UCX >= 1.16: the protocol tables UCX_PROTO_INFO=y prints;
 // 1.13: the v1 thresholds).
 static std::string endpointText(ucp_ep_h ep) {
-  char* text = nullptr;
-  size_t size = 0;
-  FILE* out = open_memstream(&text, &size);
-  if (!out) return {};
-  ucp_ep_print_info(ep, out);
-  std::fclose(out);
-  std::string s(text ? text : "", size);
-  std::free(text);
-  return s;
+  return printed([ep](FILE* out) { ucp_ep_print_info(ep, out); });
 }
 
 std::vector<Backend::ConnectionInfo> UcxBackendImpl::describeConnections() {
