@@ -18,6 +18,16 @@ export interface AgentOptions {
   progress?: 'event' | 'poll';
   /** In event mode, keep polling this long after any activity before sleeping (default 200 µs). */
   spinWindowUs?: number;
+  /**
+   * A native progress thread (default true): it sleeps on UCX's event fd beside the event loop and,
+   * when the JS thread has not progressed the agent within `progressGraceUs` of an event (JS busy
+   * with the application, or descheduled), progresses it itself — rendezvous, acknowledgements and
+   * peers' requests go on while JS is late. Completions and notifications still reach JS on its own
+   * thread. Idle, it sleeps (no CPU). `false`: progress only on the event loop, as before.
+   */
+  progressThread?: boolean;
+  /** How long the progress thread leaves an event to the JS thread before taking it (default 1000 µs, 50..1e6). */
+  progressGraceUs?: number;
   /** UCX settings: `transports` becomes UCX_TLS (e.g. 'shm,self' or 'tcp'), `devices` UCX_NET_DEVICES. */
   ucx?: { transports?: string; devices?: string };
   /**
@@ -55,6 +65,11 @@ export interface AgentHealth {
    * them where its UCX has no CUDA memory support, the packed small segments where it has).
    */
   vramStagedBytes: number;
+  /**
+   * Progress steps this agent's native progress thread took because the JS thread was late (0 with
+   * `progressThread: false`, and while the event loop keeps up).
+   */
+  progressThreadSteps: number;
   /**
    * Why this agent's first failed GPU copy failed (null: none). A CUDA fault such as an illegal
    * address is sticky for the whole context (the application's too): restart the process.
@@ -216,6 +231,8 @@ export class Agent extends EventEmitter {
         progress: options.progress ?? 'event',
         spinWindowUs: options.spinWindowUs,
         cma: options.cma ?? true,
+        progressThread: options.progressThread ?? true,
+        progressGraceUs: options.progressGraceUs ?? 1000,
       },
       (rows, errors) => this.#onSettled(rows, errors),
       (from, messages) => this.#onNotifications(from, messages),
@@ -248,6 +265,18 @@ export class Agent extends EventEmitter {
       'must be a non-negative number',
     );
     check(options.cma === undefined || typeof options.cma === 'boolean', 'cma', `must be a boolean, got ${typeof options.cma}`);
+    check(
+      options.progressThread === undefined || typeof options.progressThread === 'boolean',
+      'progressThread',
+      `must be a boolean, got ${typeof options.progressThread}`,
+    );
+    check(
+      options.progressGraceUs === undefined ||
+        (typeof options.progressGraceUs === 'number' && Number.isFinite(options.progressGraceUs) &&
+          options.progressGraceUs >= 50 && options.progressGraceUs <= 1e6),
+      'progressGraceUs',
+      `must be a number of microseconds in [50, 1000000], got ${String(options.progressGraceUs)}`,
+    );
     if (options.secret !== undefined) {
       const secret = toBytes('secret', options.secret);
       check(secret.byteLength > 0 && secret.byteLength <= MAX_SECRET_BYTES, 'secret', `must be 1..${MAX_SECRET_BYTES} bytes, got ${secret.byteLength}`);
@@ -590,7 +619,8 @@ export class Agent extends EventEmitter {
   get health(): AgentHealth {
     const c = this.#native?.securityCounters();
     return { receiveBlocked: c?.receiveBlocked ?? false, rebuilds: c?.rebuilds ?? 0, retiredRegions: c?.retiredRegions ?? 0,
-      gpuKernelBatches: c?.gpuKernelBatches ?? 0, vramStagedBytes: c?.vramStagedBytes ?? 0, gpuFault: c?.gpuFault ?? null };
+      gpuKernelBatches: c?.gpuKernelBatches ?? 0, vramStagedBytes: c?.vramStagedBytes ?? 0,
+      progressThreadSteps: c?.progressThreadSteps ?? 0, gpuFault: c?.gpuFault ?? null };
   }
 
   /**

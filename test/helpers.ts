@@ -1,6 +1,6 @@
 import { execFile, fork, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'vitest';
@@ -78,7 +78,7 @@ export class PeerProcess {
     });
   }
 
-  async init(opts: { transports?: string; memory: 'allocated' | 'registered' | 'vram'; size: number; access?: string; progress?: string; cma?: boolean; device?: number }) {
+  async init(opts: { transports?: string; memory: 'allocated' | 'registered' | 'vram'; size: number; access?: string; progress?: string; cma?: boolean; progressThread?: boolean; device?: number }) {
     const r = await this.ok('init', { name: this.name, ...opts });
     this.metadata = r.metadata;
     return r;
@@ -95,6 +95,25 @@ export class PeerProcess {
     await Promise.race([exited, new Promise((r) => setTimeout(r, 3000))]);
     if (this.child.exitCode === null) this.child.kill('SIGKILL');
   }
+}
+
+/**
+ * SIGSTOPs a process and returns once every one of its threads has stopped. A group stop is not
+ * instant: the thread the signal picked must run to stop the others, and meanwhile another thread
+ * (kvwire's progress thread) can still answer a peer, as seen on a loaded 2-core machine.
+ */
+export function stopProcess(pid: number): void {
+  process.kill(pid, 'SIGSTOP');
+  const until = Date.now() + 5000;
+  const stopped = () =>
+    readdirSync(`/proc/${pid}/task`).every((tid) => {
+      try {
+        return /^[Tt]$/.test(readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]);
+      } catch {
+        return true; // the thread is gone
+      }
+    });
+  while (!stopped()) if (Date.now() > until) throw new Error(`process ${pid} did not stop within 5 s`);
 }
 
 /** Connects two peer processes to each other. */

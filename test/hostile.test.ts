@@ -5,7 +5,7 @@
 import { existsSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent } from '../lib';
-import { expectServedBothWays, HOSTILE_TOOL, PeerProcess, runHostileTool, startHostileTool, UCX_113 } from './helpers';
+import { expectServedBothWays, HOSTILE_TOOL, PeerProcess, runHostileTool, startHostileTool, stopProcess, UCX_113 } from './helpers';
 
 const attack = (transports: string, base64Metadata: string, ...args: string[]) =>
   runHostileTool(transports, Buffer.from(base64Metadata, 'base64'), ...args);
@@ -93,7 +93,7 @@ describe('hostile peer', () => {
     const v = await victim.ok('init', { name: 'forge-victim', transports, memory: 'registered', size: 1 << 16 });
     await target.ok('fill', { seed: 5 });
     await victim.ok('load', { metadata: t.metadata });
-    process.kill(t.pid, 'SIGSTOP'); // the real target cannot answer: the READ stays pending
+    stopProcess(t.pid); // the real target cannot answer: the READ stays pending
     let settled: any = null;
     const reading = victim.call('transfer', { op: 'read', peer: 'forge-target', localOffsets: [0], remoteOffsets: [0], lengths: [4096], deadlineMs: 60_000 });
     void reading.then((r) => (settled = r));

@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Region } from '../lib';
-import { PeerProcess } from './helpers';
+import { PeerProcess, stopProcess } from './helpers';
 
 const fixture = (name: string) => path.join(__dirname, 'fixtures', name);
 
@@ -37,7 +37,7 @@ for (const { label, transports } of [
       const remote = peer.region('kv').descriptors([0], [4 << 20]);
       const l = local.descriptors([0], [4 << 20]);
       await agent.write(l, remote); // connection is up
-      process.kill(target.child.pid!, 'SIGSTOP'); // the target stops answering
+      stopProcess(target.child.pid!); // the target stops answering
       try {
         const t0 = Date.now();
         const timedOut = agent.write(l, remote, { deadlineMs: 300 });
@@ -80,7 +80,7 @@ for (const { label, transports } of [
       const remote = peer.region('kv').descriptors([0], [2 << 20]);
       const l = local.descriptors([0], [2 << 20]);
       await agent.write(l, remote);
-      process.kill(target.child.pid!, 'SIGSTOP'); // freeze it so transfers are surely in flight
+      stopProcess(target.child.pid!); // freeze it so transfers are surely in flight
       const pending = Array.from({ length: 20 }, (_, i) => (i % 2 ? agent.read(l, remote) : agent.write(l, remote)));
       await new Promise((r) => setTimeout(r, 100));
       expect(pending.every((t) => t.status === 'pending')).toBe(true);
@@ -101,7 +101,7 @@ for (const { label, transports } of [
       const l = local.descriptors([0], [1 << 20]);
       const oldRemote = oldPeer.region('kv').descriptors([0], [1 << 20]);
       await agent.write(l, oldRemote);
-      process.kill(oldTarget.child.pid!, 'SIGSTOP');
+      stopProcess(oldTarget.child.pid!);
       const pending = [agent.write(l, oldRemote), agent.read(l, oldRemote)];
       const newPeer = await freshTarget(`phoenix-${label}`); // same name, new process
       expect(newPeer.name).toBe(oldPeer.name);
@@ -123,7 +123,7 @@ for (const { label, transports } of [
       const p = other.loadPeer(Buffer.from(target.metadata, 'base64'));
       // Connect fully first: UCX 1.13 aborts a peer that resumes to find its half-made connection gone.
       await other.write(mine.descriptors([0], [64]), p.region('kv').descriptors([0], [64]));
-      process.kill(target.child.pid!, 'SIGSTOP');
+      stopProcess(target.child.pid!);
       const t = other.write(mine.descriptors([0], [1 << 20]), p.region('kv').descriptors([0], [1 << 20]));
       await other.close();
       await expect(t).rejects.toMatchObject({ code: 'ERR_CANCELED' });

@@ -6,7 +6,7 @@
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, type Rebuilt } from '../lib';
-import { PeerProcess } from './helpers';
+import { PeerProcess, stopProcess } from './helpers';
 
 const cleanup: (() => Promise<unknown> | void)[] = [];
 afterEach(async () => {
@@ -31,7 +31,7 @@ for (const transports of ['shm,self', 'tcp']) {
       const before = Buffer.from(mover.metadata());
 
       // A READ the stayer cannot answer (stopped) is in flight when the worker is replaced.
-      process.kill(s.pid, 'SIGSTOP');
+      stopProcess(s.pid);
       let err: any;
       try {
         const pending = mover.read(mine.descriptors([65536], [4096]), peer.region('kv').descriptors([0], [4096]));
@@ -45,7 +45,7 @@ for (const transports of ['shm,self', 'tcp']) {
       expect(err.message).toMatch(/opened a new UCX worker/);
       await new Promise((r) => setTimeout(r, 50));
       expect(events).toHaveLength(1);
-      expect(mover.health).toEqual({ receiveBlocked: false, rebuilds: 1, retiredRegions: 0, gpuKernelBatches: 0, vramStagedBytes: 0, gpuFault: null });
+      expect(mover.health).toEqual({ receiveBlocked: false, rebuilds: 1, retiredRegions: 0, gpuKernelBatches: 0, vramStagedBytes: 0, progressThreadSteps: expect.any(Number), gpuFault: null });
       const after = Buffer.from(mover.metadata());
       expect(after.equals(before)).toBe(false); // a new address (and generation)
 

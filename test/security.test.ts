@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Agent, KvwireError } from '../lib';
-import { expectServedBothWays, openMetadata, PeerProcess, runHostileTool, sealMetadata } from './helpers';
+import { expectServedBothWays, openMetadata, PeerProcess, runHostileTool, sealMetadata, stopProcess } from './helpers';
 
 // The tool gets the target's worker address from its metadata, opened here: the test knows the
 // secret; a real outsider would have to learn the address some other way (or scan for it).
@@ -107,7 +107,7 @@ describe('authenticated connections (secret)', () => {
     const { target, metadata } = await secretTarget('sec-silent', transports);
     const me = await Agent.create({ name: 'sec-waiting', secret: SECRET, ucx: { transports } });
     cleanup.push(() => me.close());
-    process.kill(target.child.pid!, 'SIGSTOP');
+    stopProcess(target.child.pid!);
     try {
       const peer = me.loadPeer(Buffer.from(metadata, 'base64'));
       const mine = me.register(Buffer.alloc(4096), { name: 'mine' });

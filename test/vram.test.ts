@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
-import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, runHostileTool, thrown } from './helpers';
+import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, runHostileTool, stopProcess, thrown } from './helpers';
 
 const CLI = path.join(__dirname, '..', 'dist', 'cli', 'index.js');
 const MiB = 1 << 20;
@@ -557,7 +557,7 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     const fresh = await Agent.create({ name: 'hello-waiter' });
     try {
       await stopped.init({ memory: 'vram', size: MiB });
-      stopped.child.kill('SIGSTOP');
+      stopProcess(stopped.child.pid!);
       const peer = fresh.loadPeer(Buffer.from(stopped.metadata, 'base64'));
       const mine = fresh.allocate(MiB, { name: 'mine', memory: 'vram' });
       const t0 = Date.now();

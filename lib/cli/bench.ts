@@ -38,6 +38,8 @@ export interface BenchOptions {
   progress: 'event' | 'poll';
   /** Agents may use path 'cma' (same-host one-sided copies of registered memory); off: active messages. */
   cma: boolean;
+  /** Agents run their native progress thread (AgentOptions.progressThread); off: progress on the event loop only. */
+  progressThread: boolean;
   /** The path every timed batch asks for ('auto': the agent chooses; warm-up batches always use 'auto'). */
   path: 'auto' | TransferPath;
   /** Registered regions advised for transparent huge pages (registered, then filled). */
@@ -222,7 +224,7 @@ async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, 
   const nInit = pattern === 'many-to-one' ? opts.fan : 1;
   const nTarget = remote ? 1 : pattern === 'one-to-many' ? opts.fan : 1;
   const maxArea = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b), 2 * DESCRIPTOR_CELL.batch * DESCRIPTOR_CELL.block);
-  const base = { transports: transportsOf(t), progress: opts.progress, cma: opts.cma, hugePages: opts.hugePages };
+  const base = { transports: transportsOf(t), progress: opts.progress, cma: opts.cma, progressThread: opts.progressThread, hugePages: opts.hugePages };
   const initiators = Array.from({ length: nInit }, (_, i) => new Node(`initiator-${i}`));
   const targets = remote ? [] : Array.from({ length: nTarget }, (_, i) => new Node(`target-${i}`));
   const all = [...initiators, ...targets];
@@ -624,7 +626,7 @@ function printTables(r: BenchResult): void {
 export async function serveRemote(opts: BenchOptions, file: string, host: string): Promise<number> {
   if (opts.memories.length !== 1) throw new Error('--serve takes one --memory (allocated or registered)');
   const regionBytes = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b));
-  const info = await initNode({ name: `bench-remote-${os.hostname()}`, transports: 'tcp', memory: opts.memories[0], regionBytes, progress: opts.progress, cma: opts.cma, socketHost: host });
+  const info = await initNode({ name: `bench-remote-${os.hostname()}`, transports: 'tcp', memory: opts.memories[0], regionBytes, progress: opts.progress, cma: opts.cma, progressThread: opts.progressThread, socketHost: host });
   const perftestPort = 20000 + Math.floor(Math.random() * 20000);
   const loop = perftestServerLoop(perftestPort, 'tcp');
   fs.writeFileSync(file, JSON.stringify({ metadata: info.metadata, memory: opts.memories[0], host, socketPort: info.socketPort, perftestPort: loop ? perftestPort : undefined }));

@@ -1,11 +1,17 @@
 // node-addon-api glue only: argument conversion, buffer pinning, progress on the libuv loop,
 // and batched delivery of completions and notifications to JS.
 #include <napi.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 #include <uv.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_set>
 #include <vector>
 
@@ -76,10 +82,44 @@ bool readOffsets(Napi::Env env, const Napi::Value& v, const char* what, std::vec
 struct LoopHandles {
   uv_poll_t* poll = nullptr;  // replaced when the agent's event fd changes (a rebuilt UCX worker)
   int polledFd = -1;
+  uint64_t polledRebuilds = 0;  // a rebuilt worker's fd may reuse the old number: compare both
   uv_idle_t idle;
   uv_timer_t timer;
+  uv_async_t async;  // the progress thread's "results are waiting" (uv_async_send is thread-safe)
   int open = 0;
   napi_async_cleanup_hook_handle cleanupHook = nullptr;
+};
+
+// References to registered Buffers are N-API objects: only the JS thread may delete them. A region
+// whose last holder lets go on the progress thread (a held region released, a transfer ended) hands
+// its reference here, and the JS thread deletes it on its next step.
+struct JsReleases {
+  const std::thread::id js = std::this_thread::get_id();
+  std::mutex mutex;
+  std::vector<Napi::ObjectReference*> refs;
+  void release(Napi::ObjectReference* ref) {
+    if (std::this_thread::get_id() == js) {
+      delete ref;
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    refs.push_back(ref);
+  }
+  void drain() {
+    std::vector<Napi::ObjectReference*> now;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      now.swap(refs);
+    }
+    for (auto* ref : now) delete ref;
+  }
+};
+
+// What allocate()'s Uint8Array keeps alive: its region, released under the agent lock (the view's
+// finalizer runs whenever the GC decides, possibly while the progress thread is inside the agent).
+struct ViewKeep {
+  std::shared_ptr<void> region;
+  std::shared_ptr<std::recursive_mutex> lock;
 };
 
 class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
@@ -131,7 +171,27 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   void updateRefs();
   void shutdown();
   void finishClose();
+  void startHelper();
+  void stopHelper();
+  void helperMain();
   static void onAsyncCleanup(napi_async_cleanup_hook_handle handle, void* arg);
+
+  // Every call into agent_ holds this lock: the JS thread's calls and progress steps, and the
+  // progress thread's (below). Recursive, so a GC finalizer that runs inside a locked call can
+  // take it again. Shared with allocate()'s views, which can outlive this wrapper.
+  std::shared_ptr<std::recursive_mutex> lock_ = std::make_shared<std::recursive_mutex>();
+  std::shared_ptr<JsReleases> releases_ = std::make_shared<JsReleases>();
+  // The progress thread: it sleeps on the agent's event fd too and steps in only when the JS
+  // thread has not progressed the agent for graceNs_ after an event (a JS thread busy with the
+  // application, or descheduled), so UCX's protocols (rendezvous, acknowledgements, incoming
+  // requests) go on while JS is late; results still reach JS only on its own thread.
+  bool helperEnabled_ = true;
+  uint64_t graceNs_ = 1'000'000;
+  std::thread helper_;
+  int wakeFd_ = -1;
+  std::atomic<bool> stopHelper_{false};
+  std::atomic<uint64_t> jsSteps_{0};
+  std::atomic<uint64_t> helperSteps_{0};  // progress steps the thread took (health.progressThreadSteps)
 
   std::unique_ptr<kvwire::Agent> agent_;
   LoopHandles* handles_ = nullptr;
@@ -187,6 +247,9 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
   pollMode_ = opts.Get("progress").IsString() && opts.Get("progress").As<Napi::String>().Utf8Value() == "poll";
   if (opts.Get("spinWindowUs").IsNumber())
     spinWindowNs_ = static_cast<uint64_t>(opts.Get("spinWindowUs").As<Napi::Number>().DoubleValue() * 1000);
+  if (opts.Get("progressThread").IsBoolean()) helperEnabled_ = opts.Get("progressThread").As<Napi::Boolean>().Value();
+  if (opts.Get("progressGraceUs").IsNumber())
+    graceNs_ = static_cast<uint64_t>(opts.Get("progressGraceUs").As<Napi::Number>().DoubleValue() * 1000);
   onSettled_ = Napi::Persistent(info[2].As<Napi::Function>());
   onNotification_ = Napi::Persistent(info[3].As<Napi::Function>());
 
@@ -222,30 +285,131 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
 }
 
 void AgentWrap::startLoop(uv_loop_t* loop) {
-  handles_ = new LoopHandles();  // freed by the last uv_close callback of idle and timer
-  handles_->idle.data = handles_->timer.data = this;
+  handles_ = new LoopHandles();  // freed by the last uv_close callback of idle, timer and async
+  handles_->idle.data = handles_->timer.data = handles_->async.data = this;
   uv_idle_init(loop, &handles_->idle);
   uv_timer_init(loop, &handles_->timer);
-  handles_->open = 2;
+  uv_async_init(loop, &handles_->async, [](uv_async_t* h) { static_cast<AgentWrap*>(h->data)->drive(); });
+  uv_unref(reinterpret_cast<uv_handle_t*>(&handles_->async));  // the other handles decide what keeps the loop alive
+  handles_->open = 3;
   pollEventFd();
   napi_add_async_cleanup_hook(Env(), &AgentWrap::onAsyncCleanup, this, &handles_->cleanupHook);
   lastActivityNs_ = kvwire::monotonicNs();
+  if (helperEnabled_) startHelper();
   schedule();
+}
+
+void AgentWrap::startHelper() {
+  wakeFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wakeFd_ < 0) return;  // progress stays on the JS thread alone
+  stopHelper_ = false;
+  try {
+    helper_ = std::thread([this] { helperMain(); });
+  } catch (const std::system_error&) {
+    close(wakeFd_);
+    wakeFd_ = -1;
+  }
+}
+
+// Called on the JS thread without the agent lock (the thread may be waiting for it).
+void AgentWrap::stopHelper() {
+  if (!helper_.joinable()) return;
+  stopHelper_ = true;
+  const uint64_t one = 1;
+  if (write(wakeFd_, &one, sizeof one) < 0) {
+  }  // the thread also looks at the flag between waits
+  helper_.join();
+  close(wakeFd_);
+  wakeFd_ = -1;
+}
+
+// The progress thread. It waits on the agent's event fd (and, while work is in flight, wakes every
+// 10 ms as a watchdog). After an event it gives the JS thread graceNs_ to take it; if JS has not
+// stepped by then, this thread progresses the agent itself, and keeps doing so without the grace
+// until JS steps again. It never calls JS: what settles waits in settled_/arrived_ and the
+// JS thread is woken with uv_async_send. Idle (nothing in flight, fd armed), it sleeps.
+void AgentWrap::helperMain() {
+  const int ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = wakeFd_;
+  epoll_ctl(ep, EPOLL_CTL_ADD, wakeFd_, &ev);
+  int watched = -1;
+  uint64_t watchedRebuilds = 0;  // a rebuilt worker's fd may reuse the old number
+  bool inCharge = false;      // this thread progressed last and JS has not stepped since
+  uint64_t jsMark = 0;        // jsSteps_ when this thread last progressed
+  while (!stopHelper_.load(std::memory_order_acquire)) {
+    int fd = -1;
+    uint64_t rebuilds = 0;
+    bool busy = false, polling = false;
+    {
+      std::lock_guard<std::recursive_mutex> guard(*lock_);
+      if (!agent_) break;
+      fd = agent_->eventFd();
+      rebuilds = agent_->rebuilds();
+      busy = agent_->busy();
+      polling = agent_->needsPolling();
+    }
+    if (fd != watched || rebuilds != watchedRebuilds) {
+      if (watched >= 0) epoll_ctl(ep, EPOLL_CTL_DEL, watched, nullptr);  // fails harmlessly once closed
+      watched = -1;
+      watchedRebuilds = rebuilds;
+      ev.data.fd = fd;
+      if (fd >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0) watched = fd;
+    }
+    const uint64_t seen = jsSteps_.load(std::memory_order_acquire);
+    if (inCharge && seen != jsMark) inCharge = false;  // JS is back
+    epoll_event got[2];
+    const int timeoutMs = polling ? 1 : busy ? 10 : watched < 0 ? 50 : -1;
+    const int n = epoll_wait(ep, got, 2, timeoutMs);
+    for (int i = 0; i < n; ++i)
+      if (got[i].data.fd == wakeFd_) {
+        uint64_t drained = 0;
+        if (read(wakeFd_, &drained, sizeof drained) < 0) {
+        }
+      }
+    if (stopHelper_.load(std::memory_order_acquire)) break;
+    if (n <= 0 && !busy && !polling) continue;
+    if (!inCharge) {
+      // The JS thread normally takes the event at once: step in only if it has not within the grace.
+      std::this_thread::sleep_for(std::chrono::nanoseconds(graceNs_));
+      if (jsSteps_.load(std::memory_order_acquire) != seen || stopHelper_.load(std::memory_order_acquire)) continue;
+    }
+    std::lock_guard<std::recursive_mutex> guard(*lock_);
+    if (!agent_ || stopHelper_.load(std::memory_order_acquire)) break;
+    if (!inCharge && jsSteps_.load(std::memory_order_acquire) != seen) continue;
+    bool any = false;
+    for (int round = 0; round < 64 && agent_->progress(); ++round) any = true;
+    helperSteps_.fetch_add(1, std::memory_order_relaxed);
+    // JS left an event untaken for the grace: this thread keeps the agent (no grace) until JS steps
+    // again. A watchdog step (no event: JS may simply be asleep with nothing to do) does not count.
+    if (n > 0) inCharge = true;
+    jsMark = jsSteps_.load(std::memory_order_acquire);
+    if ((any || !settled_.empty() || !arrived_.empty() || agent_->closed()) && handles_) uv_async_send(&handles_->async);
+    if (!agent_->needsPolling()) agent_->arm();  // events pending: the fd stays readable, the loop comes back at once
+  }
+  close(ep);
 }
 
 // Sleeps on the agent's event fd; called again when it changed (the old poll handle is closed).
 void AgentWrap::pollEventFd() {
   const int fd = agent_->eventFd();
-  if (!handles_ || fd == handles_->polledFd) return;
+  const uint64_t rebuilds = agent_->rebuilds();
+  if (!handles_ || (fd == handles_->polledFd && rebuilds == handles_->polledRebuilds)) return;
   uv_loop_t* loop = uv_handle_get_loop(reinterpret_cast<uv_handle_t*>(&handles_->idle));
   if (handles_->poll) {
     uv_close(reinterpret_cast<uv_handle_t*>(handles_->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
     handles_->poll = nullptr;
   }
   handles_->polledFd = fd;
+  handles_->polledRebuilds = rebuilds;
   auto* poll = new uv_poll_t;
   if (uv_poll_init(loop, poll, fd) != 0) {
-    delete poll;  // the idle handle and the watchdog timer keep progress going
+    // E.g. the closing handle still holds the same fd number until the loop turns: try again on the
+    // next step (meanwhile the idle handle, the watchdog timer and the progress thread keep it going).
+    delete poll;
+    handles_->polledFd = -1;
     return;
   }
   poll->data = this;
@@ -265,13 +429,19 @@ void AgentWrap::schedule() {
 // (poll mode, or within the spin window after activity) or arm the event fd and sleep.
 void AgentWrap::drive() {
   if (!agent_ || !handles_) return;
+  releases_->drain();
+  std::unique_lock<std::recursive_mutex> guard(*lock_);
+  jsSteps_.fetch_add(1, std::memory_order_release);
   const bool any = agent_->progress();
   if (!agent_->closed()) pollEventFd();  // the agent may have opened a new UCX worker
   const uint64_t now = kvwire::monotonicNs();
   if (any) lastActivityNs_ = now;
+  guard.unlock();  // JS callbacks run without it, so the progress thread is never kept waiting on JS
   deliver();
   if (!agent_ || !handles_) return;  // closed from a JS callback
+  guard.lock();
   if (agent_->closed() && (agent_->drained() || now > closeDeadlineNs_)) {
+    guard.unlock();
     finishClose();
     return;
   }
@@ -310,7 +480,18 @@ void AgentWrap::updateRefs() {
 // checked: while a worker_thread is being terminated JS cannot run, and node-addon-api would turn
 // such a failure into a fatal error; here the batch is simply dropped (the thread is going away).
 void AgentWrap::deliver() {
-  if (delivering_ || (settled_.empty() && arrived_.empty())) return;
+  if (delivering_) return;
+  std::vector<Settled> settled;
+  std::vector<Arrived> arrived;
+  // Taken under the agent lock (the progress thread adds to them), handed to JS without it.
+  auto take = [&] {
+    std::lock_guard<std::recursive_mutex> guard(*lock_);
+    settled.swap(settled_);
+    arrived.swap(arrived_);
+    arrivedBytes_ = 0;
+    return !settled.empty() || !arrived.empty();
+  };
+  if (!take()) return;
   delivering_ = true;
   napi_env env = Env();
   napi_handle_scope scope = nullptr;
@@ -336,10 +517,10 @@ void AgentWrap::deliver() {
       ok = false;
     }
   };
-  while (ok && (!settled_.empty() || !arrived_.empty())) {
-    if (!settled_.empty()) {
+  for (bool more = true; ok && more; more = ok && take()) {
+    if (!settled.empty()) {
       std::vector<Settled> batch;
-      batch.swap(settled_);
+      batch.swap(settled);
       // One row per transfer: [id, code, index, bytes, descriptors, segments, path, postNs, transferNs].
       constexpr size_t kStride = 9;
       napi_value buffer = nullptr, rows = nullptr, errors = nullptr;
@@ -370,10 +551,9 @@ void AgentWrap::deliver() {
       }
       call(onSettled_, rows, errors);
     }
-    if (ok && !arrived_.empty()) {
+    if (ok && !arrived.empty()) {
       std::vector<Arrived> batch;
-      batch.swap(arrived_);
-      arrivedBytes_ = 0;
+      batch.swap(arrived);
       napi_value from = nullptr, messages = nullptr;
       ok = napi_create_array_with_length(env, batch.size(), &from) == napi_ok &&
            napi_create_array_with_length(env, batch.size(), &messages) == napi_ok;
@@ -431,6 +611,7 @@ Napi::Value AgentWrap::newRegion(Napi::Env env, const kvwire::Result<kvwire::Reg
 
 // allocate(name, bytes, access) -> { region, bytes: Uint8Array over the allocated memory }
 Napi::Value AgentWrap::Allocate(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   auto r = agent_->allocate(info[0].As<Napi::String>(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
@@ -443,9 +624,17 @@ Napi::Value AgentWrap::Allocate(const Napi::CallbackInfo& info) {
   // The JS view keeps the mapping alive: deregistering while a view exists unmaps only after GC.
   kvwire::LocalRegionRef region = agent_->regionRef(ri.id);
   uint8_t* data = region->ptr();
-  auto* keep = new std::shared_ptr<void>(std::move(region));
+  auto* keep = new ViewKeep{std::move(region), lock_};
   auto ab = Napi::ArrayBuffer::New(env, data, ri.length,
-                                   [](Napi::Env, void*, std::shared_ptr<void>* k) { delete k; }, keep);
+                                   [](Napi::Env, void*, ViewKeep* k) {
+                                     const std::shared_ptr<std::recursive_mutex> lock = k->lock;
+                                     {
+                                       std::lock_guard<std::recursive_mutex> guard(*lock);
+                                       k->region.reset();
+                                     }
+                                     delete k;
+                                   },
+                                   keep);
   auto out = Napi::Object::New(env);
   out.Set("region", regionObject(env, ri));
   out.Set("bytes", Napi::Uint8Array::New(env, ri.length, ab, 0));
@@ -455,6 +644,7 @@ Napi::Value AgentWrap::Allocate(const Napi::CallbackInfo& info) {
 
 // register(name, view: Uint8Array, access) -> region
 Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   if (!info[1].IsTypedArray()) {
@@ -463,13 +653,14 @@ Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
   }
   auto view = info[1].As<Napi::Uint8Array>();
   auto* ref = new Napi::ObjectReference(Napi::Persistent(info[1].As<Napi::Object>()));
-  std::shared_ptr<void> keeper(ref, [](void* p) { delete static_cast<Napi::ObjectReference*>(p); });
+  std::shared_ptr<void> keeper(ref, [releases = releases_](void* p) { releases->release(static_cast<Napi::ObjectReference*>(p)); });
   return newRegion(env, agent_->registerMemory(info[0].As<Napi::String>(), view.Data(), view.ByteLength(), accessFrom(info[2]),
                                                std::move(keeper), info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value()));
 }
 
 // allocateVram(name, bytes, access, device) -> region (no host view: VRAM is reached by copies)
 Napi::Value AgentWrap::AllocateVram(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   return newRegion(env, agent_->allocateVram(info[0].As<Napi::String>(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
@@ -478,6 +669,7 @@ Napi::Value AgentWrap::AllocateVram(const Napi::CallbackInfo& info) {
 
 // registerVram(name, address: bigint, bytes, access, device) -> region
 Napi::Value AgentWrap::RegisterVram(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   bool lossless = false;
@@ -493,6 +685,7 @@ Napi::Value AgentWrap::RegisterVram(const Napi::CallbackInfo& info) {
 
 // writeRegion(id, offset, bytes: Uint8Array) / readRegion(id, offset, into: Uint8Array): host copies.
 Napi::Value AgentWrap::WriteRegion(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   auto data = info[2].As<Napi::Uint8Array>();
@@ -503,6 +696,7 @@ Napi::Value AgentWrap::WriteRegion(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::ReadRegion(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   auto into = info[2].As<Napi::Uint8Array>();
@@ -513,6 +707,7 @@ Napi::Value AgentWrap::ReadRegion(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::Deregister(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   Status st = agent_->deregister(info[0].As<Napi::Number>().Uint32Value());
@@ -521,6 +716,7 @@ Napi::Value AgentWrap::Deregister(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::Metadata(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   auto md = agent_->metadata();
@@ -532,6 +728,7 @@ Napi::Value AgentWrap::Metadata(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::LoadPeer(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   if (!info[0].IsTypedArray()) {
@@ -557,6 +754,7 @@ Napi::Value AgentWrap::LoadPeer(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::ForgetPeer(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   Status st = agent_->forgetPeer(info[0].As<Napi::String>());
@@ -568,6 +766,7 @@ Napi::Value AgentWrap::ForgetPeer(const Napi::CallbackInfo& info) {
 // post(op, path, localRegion, localOffsets, localLengths, peer, peerAgentId, remoteRegion, remoteOffsets,
 //      remoteLengths, notify?: Uint8Array) -> transfer id. Offsets are relative to their region.
 Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   kvwire::TransferRequest rq;
@@ -604,6 +803,7 @@ Napi::Value AgentWrap::Post(const Napi::CallbackInfo& info) {
 
 // cancel(id, timeout: boolean, why) -> boolean (false if already settled)
 Napi::Value AgentWrap::Cancel(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!agent_) return Napi::Boolean::New(env, false);
   const bool timeout = info[1].ToBoolean();
@@ -614,6 +814,7 @@ Napi::Value AgentWrap::Cancel(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::Notify(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   if (!ensureOpen(env)) return env.Undefined();
   auto msg = info[1].As<Napi::Uint8Array>();
@@ -627,6 +828,7 @@ Napi::Value AgentWrap::Notify(const Napi::CallbackInfo& info) {
 // connections() -> [{ peer, outbound, text }]: the transport's description of each open connection
 // (empty once closed).
 Napi::Value AgentWrap::Connections(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   const auto list = agent_ ? agent_->describeConnections() : std::vector<kvwire::Backend::ConnectionInfo>{};
   Napi::Array out = Napi::Array::New(env, list.size());
@@ -642,6 +844,7 @@ Napi::Value AgentWrap::Connections(const Napi::CallbackInfo& info) {
 
 // securityCounters() -> { droppedUnauthenticated, failedHandshakes, refusedAddresses, ... } (zeros once closed)
 Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   Napi::Env env = info.Env();
   const kvwire::SecurityCounters c = agent_ ? agent_->securityCounters() : kvwire::SecurityCounters{};
   Napi::Object out = Napi::Object::New(env);
@@ -653,6 +856,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("retiredRegions", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->retiredRegions()) : 0));
   out.Set("gpuKernelBatches", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->gpuKernelBatches()) : 0));
   out.Set("vramStagedBytes", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->vramStagedBytes()) : 0));
+  out.Set("progressThreadSteps", Napi::Number::New(env, static_cast<double>(helperSteps_.load(std::memory_order_relaxed))));
   const std::string fault = agent_ ? agent_->gpuFault() : std::string();
   out.Set("gpuFault", fault.empty() ? env.Null() : Napi::String::New(env, fault));
   return out;
@@ -661,6 +865,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
 // rebuildTransport(): the agent opens a new UCX worker as if its shared-memory queue were blocked
 // (tests drive that path with it; nothing else should).
 Napi::Value AgentWrap::RebuildTransport(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   if (!ensureOpen(info.Env())) return info.Env().Undefined();
   agent_->rebuildTransport();
   schedule();  // results are delivered, and the new event fd polled, from the loop
@@ -668,6 +873,7 @@ Napi::Value AgentWrap::RebuildTransport(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value AgentWrap::SetRef(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::recursive_mutex> guard(*lock_);
   userRef_ = info[0].ToBoolean();
   updateRefs();
   return info.Env().Undefined();
@@ -681,7 +887,10 @@ Napi::Value AgentWrap::Close(const Napi::CallbackInfo& info) {
   if (!closeDeferred_) {
     closeDeferred_ = std::make_unique<Napi::Promise::Deferred>(env);
     if (agent_) {
-      agent_->beginClose();
+      {
+        std::lock_guard<std::recursive_mutex> guard(*lock_);
+        agent_->beginClose();
+      }
       deliver();
       closeDeadlineNs_ = kvwire::monotonicNs() + kCloseGraceNs;
       schedule();
@@ -693,6 +902,7 @@ Napi::Value AgentWrap::Close(const Napi::CallbackInfo& info) {
 }
 
 void AgentWrap::finishClose() {
+  stopHelper();
   agent_.reset();  // blocks only if UCX is still not drained, then leaks the worker rather than abort
   shutdown();
   if (closeDeferred_) {
@@ -704,7 +914,9 @@ void AgentWrap::finishClose() {
 }
 
 void AgentWrap::shutdown() {
+  stopHelper();
   agent_.reset();
+  releases_->drain();
   if (!handles_) return;
   LoopHandles* h = handles_;
   handles_ = nullptr;
@@ -716,15 +928,17 @@ void AgentWrap::shutdown() {
     auto* hs = static_cast<LoopHandles*>(handle->data);
     if (--hs->open == 0) delete hs;
   };
-  h->idle.data = h->timer.data = h;
+  h->idle.data = h->timer.data = h->async.data = h;
   if (h->poll) uv_close(reinterpret_cast<uv_handle_t*>(h->poll), [](uv_handle_t* p) { delete reinterpret_cast<uv_poll_t*>(p); });
   uv_close(reinterpret_cast<uv_handle_t*>(&h->idle), closed);
   uv_close(reinterpret_cast<uv_handle_t*>(&h->timer), closed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&h->async), closed);
 }
 
 // A worker_thread is exiting: release UCX and close the uv handles while the loop still runs.
 void AgentWrap::onAsyncCleanup(napi_async_cleanup_hook_handle, void* arg) {
   auto* self = static_cast<AgentWrap*>(arg);
+  self->stopHelper();
   if (self->agent_) self->agent_->close();
   self->settled_.clear();
   self->arrived_.clear();

@@ -865,7 +865,7 @@ Status UcxBackendImpl::init(const BackendOptions& options) {
 Status UcxBackendImpl::openWorker() {
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // the JS thread and the progress thread, one at a time (addon lock)
   // Only for this worker's interfaces (see init): not inherited by child processes, not seen by
   // other UCX users of this process.
   if (tcpSegments_) setenv("UCX_TCP_TX_SEG_SIZE", "64k", 1);
@@ -2297,7 +2297,7 @@ void UcxBackendImpl::sendCanary(uint64_t now) {
   if (canary_ == nullptr) {
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-    wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+    wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // the JS thread and the progress thread, one at a time (addon lock)
     if (ucp_worker_create(ctx_->context, &wp, &canary_) != UCS_OK) {
       canary_ = nullptr;
       sharedMemory_ = false;  // no self-check then
