@@ -102,6 +102,33 @@ describe('progress thread', () => {
     expect((await b.ok('hash', { offsets, lengths })).hash).toBe((await a.ok('hash', { offsets, lengths })).hash);
   });
 
+  it('a flood of notifications while JS is blocked: the thread holds a bounded backlog, UCX the rest, and JS gets every one, in order', async () => {
+    const target = await Agent.create({ name: 'pt-flooded', ucx: { transports: 'shm,self' } });
+    const flooder = new PeerProcess('pt-flooder');
+    procs.push(flooder);
+    try {
+      target.register(Buffer.alloc(4096), { name: 'kv' });
+      await flooder.init({ transports: 'shm,self', memory: 'registered', size: 4096 });
+      await flooder.ok('load', { metadata: Buffer.from(target.metadata()).toString('base64') });
+      const got: string[] = [];
+      target.on('notification', (n) => got.push(n.message.subarray(0, 8).toString()));
+      const COUNT = 100_000; // more than the 65,536 the thread lets wait for JS
+      const notifying = flooder.waitEvent('notifying');
+      const done = flooder.ok('notifyMany', { peer: target.name, count: COUNT, length: 64 });
+      await notifying;
+      const t0 = Date.now();
+      while (Date.now() - t0 < 1500); // this process's JS thread is blocked
+      expect((await done).failed).toEqual([]);
+      for (let i = 0; i < 200 && got.length < COUNT; i++) await new Promise((r) => setTimeout(r, 50));
+      expect(got.length).toBe(COUNT);
+      expect(got.every((id, i) => Number(id) === i)).toBe(true);
+      expect(target.health.progressThreadSteps).toBeGreaterThan(0);
+      expect(target.droppedNotifications).toBe(0);
+    } finally {
+      await target.close();
+    }
+  });
+
   it('idle, with a connected peer, the thread costs no CPU', async () => {
     const { a, b } = await pair('tcp');
     await a.ok('transfer', { op: 'write', peer: b.name, ...(() => { const x = blocks(1 << 20, 2); return { localOffsets: x.offsets, remoteOffsets: x.offsets, lengths: x.lengths }; })() });

@@ -171,6 +171,12 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   void updateRefs();
   void shutdown();
   void finishClose();
+  // Results waiting for JS that the progress thread must not add to (bounded memory; UCX queues
+  // and flow control hold the rest back meanwhile).
+  bool backlogFull() const {
+    return arrivedBytes_ >= kMaxArrivedBytes / 2 || arrived_.size() >= kMaxWaiting || settled_.size() >= kMaxWaiting;
+  }
+  static constexpr size_t kMaxWaiting = 65536;
   void startHelper();
   void stopHelper();
   void helperMain();
@@ -376,9 +382,16 @@ void AgentWrap::helperMain() {
       std::this_thread::sleep_for(std::chrono::nanoseconds(graceNs_));
       if (jsSteps_.load(std::memory_order_acquire) != seen || stopHelper_.load(std::memory_order_acquire)) continue;
     }
-    std::lock_guard<std::recursive_mutex> guard(*lock_);
+    std::unique_lock<std::recursive_mutex> guard(*lock_);
     if (!agent_ || stopHelper_.load(std::memory_order_acquire)) break;
     if (!inCharge && jsSteps_.load(std::memory_order_acquire) != seen) continue;
+    if (backlogFull()) {
+      // What waits for JS is bounded: leave the rest in UCX (its queues hold peers back) until JS
+      // has taken the backlog.
+      guard.unlock();
+      std::this_thread::sleep_for(std::chrono::nanoseconds(graceNs_));
+      continue;
+    }
     bool any = false;
     for (int round = 0; round < 64 && agent_->progress(); ++round) any = true;
     helperSteps_.fetch_add(1, std::memory_order_relaxed);
