@@ -1,13 +1,37 @@
 // Resources a careless caller or a peer could exhaust are bounded, and memory that could move away
 // under UCX cannot: allocations the machine cannot hold are refused up front (nothing left behind),
 // one notification limit holds on both sides, registered ArrayBuffers cannot be transferred away.
-import { readdirSync, statfsSync } from 'node:fs';
+import { readdirSync, readFileSync, statfsSync } from 'node:fs';
 import { MessageChannel } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Agent, KvwireError, type Peer, type Region } from '../lib';
 import { MAX_NOTIFY_BYTES } from '../lib/agent';
 import { thrown } from './helpers';
 
+
+/**
+ * Shared-memory files that appeared since `before` and that no process maps: what a failed
+ * allocation would leave behind. (Test files run in parallel: other agents create and remove
+ * their own files meanwhile, mapped while in use.)
+ */
+async function leftInShm(before: string[]): Promise<string[]> {
+  const mapped = () => {
+    const names = new Set<string>();
+    for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p)))
+      try {
+        for (const m of readFileSync(`/proc/${pid}/maps`, 'utf8').matchAll(/\/dev\/shm\/(\S+)/g)) names.add(m[1]);
+      } catch {} // the process is gone
+    return names;
+  };
+  let left: string[] = [];
+  for (let i = 0; i < 20; i++) {
+    const now = mapped();
+    left = readdirSync('/dev/shm').filter((f) => !before.includes(f) && !now.has(f));
+    if (!left.length) break;
+    await new Promise((r) => setTimeout(r, 100)); // another agent may be creating or removing one
+  }
+  return left;
+}
 
 describe('bounded resources', () => {
   let a: Agent;
@@ -26,7 +50,7 @@ describe('bounded resources', () => {
     await b.close();
   });
 
-  it('allocate() beyond what the machine can hold fails ERR_UNAVAILABLE at once and leaves no shared-memory file', () => {
+  it('allocate() beyond what the machine can hold fails ERR_UNAVAILABLE at once and leaves no shared-memory file', async () => {
     const before = readdirSync('/dev/shm').sort();
     const started = performance.now();
     const huge = thrown(() => a.allocate(2 ** 52, { name: 'huge' }));
@@ -37,7 +61,7 @@ describe('bounded resources', () => {
     const beyond = thrown(() => a.allocate(shm.bavail * shm.bsize + (64 << 20), { name: 'beyond' }));
     expect(beyond.code).toBe('ERR_UNAVAILABLE');
     expect(performance.now() - started).toBeLessThan(1000);
-    expect(readdirSync('/dev/shm').sort()).toEqual(before);
+    expect(await leftInShm(before)).toEqual([]);
     expect(a.allocate(1 << 20, { name: 'fits' }).length).toBe(1 << 20); // and the agent still works
   });
 

@@ -4,11 +4,13 @@
 // KVWIRE_CUDA_DRIVER. `npm run test:gpu` (KVWIRE_GPU=1) runs the same suite against the real driver;
 // the tests that need the double's pacing or fault injection are skipped there, and say so.
 import { createHash } from 'node:crypto';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Agent, KvwireError, type Peer, type Region } from '../lib';
-import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, runHostileTool, stopProcess, thrown } from './helpers';
+import { Agent, KvLayout, KvReceiver, KvSender, KvwireError, POOL_REGION, type Peer, type Region } from '../lib';
+import { CUDA_DOUBLE, PeerProcess, mixedLengths, place, reencodeMetadata, reseal, rng, runHostileTool, stopProcess, thrown, type RawRegion } from './helpers';
 
 const CLI = path.join(__dirname, '..', 'dist', 'cli', 'index.js');
 const MiB = 1 << 20;
@@ -99,8 +101,27 @@ describe('without a CUDA driver', () => {
     expect(i.ucx.memoryTypes).toContain('host');
     const gdr = i.paths.find((x: any) => x.path.startsWith('GPUDirect'));
     const rdma = i.ucx.transports.some((t: string) => /^(rc|dc|ud)_(verbs|mlx5)\//.test(t));
-    expect(gdr.ready).toBe(i.cuda.available && i.ucx.memoryTypes.includes('cuda') && rdma);
+    const peermem = existsSync('/sys/module/nvidia_peermem') || existsSync('/sys/module/nv_peer_mem');
+    expect(gdr.ready).toBe(i.cuda.available && i.ucx.memoryTypes.includes('cuda') && rdma && peermem);
     if (!i.cuda.available) expect(i.paths.find((x: any) => x.path === 'am (VRAM, any host)').ready).toBe(false);
+  });
+
+  it('npm run test:gpu: no driver or no device is a skip (exit 77, not a pass); a driver that is there but unusable is a failure', () => {
+    const out = mkdtempSync(path.join(tmpdir(), 'kvwire-gpu-'));
+    const run = (env: NodeJS.ProcessEnv) =>
+      spawnSync('bash', [path.join(__dirname, 'gpu', 'run.sh')], { env: { ...env, KVWIRE_GPU_OUT: out }, encoding: 'utf8' });
+    const { KVWIRE_CUDA_DRIVER: _, ...plain } = process.env;
+    const broken = run({ ...plain, KVWIRE_GPU_DRY_RUN: '1', KVWIRE_CUDA_DRIVER: '/nonexistent/libcuda.so.1' });
+    expect(broken.status).toBe(1);
+    expect(broken.stderr).toMatch(/FAILED: the CUDA driver is present but unusable: CUDA driver \/nonexistent\/libcuda\.so\.1 \(KVWIRE_CUDA_DRIVER\) could not be loaded/);
+    expect(broken.stdout).not.toMatch(/skipped/);
+    // Where this machine has no driver at all (CI): the skip. (With a driver, that would run the GPU suite.)
+    const here = JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env: plain, encoding: 'utf8' }));
+    if (/libcuda\.so\.1 not found/.test(here.cuda.reason ?? '')) {
+      const none = run(plain);
+      expect(none.status, none.stderr).toBe(77);
+      expect(none.stdout).toMatch(/^skipped: no CUDA device \(no CUDA driver: libcuda\.so\.1 not found/m);
+    }
   });
 });
 
@@ -130,6 +151,64 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
     expect(am.detail).toMatch(i.ucx.memoryTypes.includes('cuda') ? /handed to UCX with its memory type/ : /staged by kvwire through host memory .*has no CUDA memory type/);
     const forced = info({ ...DOUBLE, KVWIRE_VRAM_STAGING: '1' }).paths.find((x: any) => x.path === 'am (VRAM, any host)');
     expect(forced.detail).toMatch(/staged by kvwire through host memory on each side \(KVWIRE_VRAM_STAGING is set\)/);
+  });
+
+  it('kvwire info is truthful about settings that break paths (a bad staging limit, self only, no shared memory) and flags paths that only the double makes ready', () => {
+    const vramAm = (i: any) => i.paths.find((x: any) => x.path === 'am (VRAM, any host)');
+    // Agents cannot even be created with a bad limit: nothing is ready, and it says why.
+    const bad = info({ ...DOUBLE, KVWIRE_VRAM_STAGING_LIMIT: 'abc' });
+    for (const p of bad.paths) {
+      expect(p.ready, p.path).toBe(false);
+      if (!p.path.startsWith('cma') && !p.path.startsWith('GPUDirect')) expect(p.detail, p.path).toMatch(/KVWIRE_VRAM_STAGING_LIMIT 'abc' .*Agent\.create refuses it/);
+    }
+    expect(vramAm(info({ ...DOUBLE, KVWIRE_VRAM_STAGING: '1', KVWIRE_VRAM_STAGING_LIMIT: String(4 * MiB) })).detail).toMatch(/at most 4 MiB staged per connection/);
+    expect(vramAm(info({ ...DOUBLE, KVWIRE_VRAM_STAGING: '1' })).detail).toMatch(/at most 1 GiB staged per connection/);
+    // 'self' reaches no other process.
+    const self = info({ ...DOUBLE, UCX_TLS: 'self' });
+    const hostAm = self.paths.find((x: any) => x.path === 'am (host, any host)');
+    expect(hostAm.ready).toBe(false);
+    expect(hostAm.detail).toMatch(/only 'self'/);
+    expect(vramAm(self).ready).toBe(false);
+    // Without shared memory a peer's host memory is not mapped here: cuda_ipc DRAM<->VRAM is this agent's own only.
+    const tcp = info({ ...DOUBLE, UCX_TLS: 'tcp' }).paths.find((x: any) => x.path === 'cuda_ipc (DRAM<->VRAM, same host)');
+    expect(tcp.detail).toMatch(/this agent's own host regions only/);
+    const i = info(DOUBLE);
+    for (const p of i.paths.filter((x: any) => x.path.startsWith('cuda_ipc') || x.path === 'am (VRAM, any host)'))
+      expect(p.testDouble, p.path).toBe(GPU ? undefined : true);
+    for (const p of i.paths.filter((x: any) => !x.path.startsWith('cuda_ipc') && !x.path.includes('VRAM'))) expect(p.testDouble, p.path).toBeUndefined();
+  });
+
+  it('KV workers with a VRAM pool: a sender refuses host staging for it; a VRAM receiver pulls run by run from a staging sender', async () => {
+    const spec = { modelId: 'm', layers: 2, tokensPerBlock: 16, kvHeads: 8, headDim: 64, dtypeBytes: 2, blockLayout: 'NHD' } as const;
+    const prefillLayout = new KvLayout({ ...spec, blocks: 8 });
+    const decodeLayout = new KvLayout({ ...spec, blocks: 8, tp: { rank: 1, size: 2 } });
+    const gpuPool = agent.allocate(prefillLayout.regionBytes, { name: 'vram-pool', memory: 'vram', device: 0 });
+    const refused = thrown(() => new KvSender(agent, prefillLayout, gpuPool, { stagingBytes: MiB }));
+    expect(refused.code).toBe('ERR_INVALID_PARAM');
+    expect(refused.message).toMatch(/stagingBytes.*VRAM/);
+    agent.deregister(gpuPool);
+    const prefill = await Agent.create({ name: 'kv-prefill-dram' });
+    const decode = await Agent.create({ name: 'kv-decode-vram' });
+    try {
+      const pool = prefill.allocate(prefillLayout.regionBytes, { name: POOL_REGION, access: 'read' });
+      pool.bytes.set(random(91, pool.length));
+      const sender = new KvSender(prefill, prefillLayout, pool, { stagingBytes: MiB });
+      const intoVram = decode.allocate(decodeLayout.regionBytes, { name: 'dst-vram', memory: 'vram', device: 0 });
+      const intoHost = decode.allocate(decodeLayout.regionBytes, { name: 'dst-host' });
+      const source = decode.loadPeer(prefill.metadata());
+      const rq = { sources: [source], sourceLayout: prefillLayout, sourceBlocks: [1, 4, 6], destinationBlocks: [0, 3, 7] };
+      for (const id of ['r1', 'r2']) sender.publish(id, rq.sourceBlocks).then(() => {}, () => {});
+      const viaVram = await new KvReceiver(decode, decodeLayout, intoVram).pull({ ...rq, requestId: 'r1' });
+      const viaHost = await new KvReceiver(decode, decodeLayout, intoHost).pull({ ...rq, requestId: 'r2' });
+      expect(viaVram.bytes).toBe(viaHost.bytes);
+      expect(viaHost.transfers).toBe(1);
+      expect(intoVram.read(0, intoVram.length).equals(Buffer.from(intoHost.bytes))).toBe(true);
+      expect(intoHost.bytes.some((x) => x !== 0)).toBe(true);
+      sender.close();
+    } finally {
+      await decode.close();
+      await prefill.close();
+    }
   });
 
   it('allocate(vram): zeroed (the double hands out dirty memory, as GPUs do), no host view, write/read copies, bounds and device checked', () => {
@@ -266,6 +345,40 @@ describe(`VRAM regions (${GPU ? 'real CUDA driver' : 'CUDA test double'}, one pr
       agent.deregister(v);
       agent.deregister(h);
     } finally {
+      await other.close();
+    }
+  });
+
+  it('metadata with host memory on a device, a CUDA IPC handle on host memory, or a device id past 1023 does not load', async () => {
+    const other = await Agent.create({ name: 'strict-loader' });
+    const v = agent.allocate(2 * MiB, { name: 'strict-v', memory: 'vram' });
+    const h = agent.register(Buffer.alloc(4096), { name: 'strict-h' });
+    try {
+      const md = Buffer.from(agent.metadata());
+      const forge = (change: (v: RawRegion, h: RawRegion) => void) =>
+        reencodeMetadata(md, (regions) => {
+          const names = regions.map((r) => r.fixed.subarray(5, 5 + r.fixed[4]).toString());
+          change(regions[names.indexOf('strict-v')], regions[names.indexOf('strict-h')]);
+        });
+      const setDevice = (r: RawRegion, device: number) => {
+        const f = Buffer.from(r.fixed);
+        f.writeUInt32LE(device, 4 + 1 + f[4] + 3); // after id, name, kind, access, flags
+        r.fixed = f;
+      };
+      expect(v.exported).toBe(true);
+      for (const [blob, pattern] of [
+        [forge((_, host) => setDevice(host, 1)), /'strict-h'\): host memory with device id 1/],
+        [forge((vram, host) => (host.sections = vram.sections)), /'strict-h'\): a CUDA IPC handle on host memory/],
+        [forge((vram) => setDevice(vram, 1024)), /'strict-v'\): device id 1024 \(at most 1023\)/],
+      ] as const) {
+        const e = thrown(() => other.loadPeer(blob));
+        expect(e.code).toBe('ERR_INVALID_PARAM');
+        expect(e.message).toMatch(pattern);
+      }
+      expect(other.loadPeer(forge(() => {})).region('strict-v').kind).toBe('vram'); // the unforged re-encoding loads
+    } finally {
+      agent.deregister(v);
+      agent.deregister(h);
       await other.close();
     }
   });
@@ -444,23 +557,27 @@ describe(`path cuda_ipc between processes (${GPU ? 'real CUDA driver' : 'CUDA te
     // The wider region is refused by the size of what the IPC handle maps here.
     const widerRefusal = /claims 8392704 bytes at offset 0 of an allocation of which 8388608 bytes were mapped here/;
     // (What a damaged handle does to a real driver is its own business: the double's check only.)
-    for (const [blob, codes, pattern] of [
-      [reseal(wider), ['ERR_INVALID_PARAM'], widerRefusal],
-      ...(GPU ? [] : [[reseal(damaged), ['ERR_UNAVAILABLE'], /does not open here/]]),
+    for (const [blob, codes, pattern, wide] of [
+      [reseal(wider), ['ERR_INVALID_PARAM'], widerRefusal, true],
+      ...(GPU ? [] : [[reseal(damaged), ['ERR_UNAVAILABLE'], /does not open here/, false]]),
     ] as const) {
       const fresh = await Agent.create({ name: 'forged-loader' });
       try {
         const peer = fresh.loadPeer(blob);
         const mine = fresh.allocate(SIZE + 4096, { name: 'mine', memory: 'vram' });
         // Inside the length the metadata claims, past what the handle maps; or anywhere, for the damaged handle.
-        const at = blob === wider ? SIZE : 0;
+        const at = wide ? SIZE : 0;
         const e = await fresh.write(mine.descriptors([at], [4096]), peer.region('kv').descriptors([at], [4096]), { path: 'cuda_ipc' }).catch((x) => x);
         expect(codes).toContain(e.code);
         expect(e.message).toMatch(pattern);
+        // Asked again, the same answer (the failure is remembered with its code, not as another one).
+        const again = await fresh.write(mine.descriptors([0], [4096]), peer.region('kv').descriptors([0], [4096]), { path: 'cuda_ipc' }).catch((x) => x);
+        expect(again.code).toBe(e.code);
+        expect(again.message).toMatch(pattern);
         // 'auto' then goes by active messages, where the target checks the range against its own
         // region: past it refused, inside it served.
         const r = await fresh.read(mine.descriptors([at], [4096]), peer.region('kv').descriptors([at], [4096])).catch((x) => x);
-        if (blob === wider) {
+        if (wide) {
           expect(r.code).toBe('ERR_INVALID_PARAM');
           expect(r.message).toMatch(/lies outside region 'kv'/);
         } else {

@@ -250,6 +250,8 @@ export class KvSender extends KvEndpoint {
     super(agent, layout, pool);
     const bytes = options.stagingBytes ?? 0;
     check(Number.isSafeInteger(bytes) && bytes >= 0, 'stagingBytes', 'must be a non-negative integer');
+    check(bytes === 0 || pool.kind !== 'vram', 'stagingBytes',
+      'staging gathers heads on the host and this pool is VRAM: leave it 0 (readers then read run by run)');
     this.#staging = bytes > 0 ? agent.allocate(bytes, { name: STAGING_REGION, access: 'read' }) : null;
   }
 
@@ -548,8 +550,9 @@ export class KvReceiver extends KvEndpoint {
   async #pullLayers(rq: PullRequest, read: ActiveRead, layers: [number, number]): Promise<PullResult> {
     check(rq.sources.length === rq.sourceLayout.tpSize, 'sources', `need one peer per prefill rank (${rq.sourceLayout.tpSize}), got ${rq.sources.length}`);
     const plans = this.layout.planPull(rq.sourceLayout, rq.sourceBlocks, rq.destinationBlocks, layers);
-    // NHD blocks across TP sizes are one run per token; a source with a staging region gathers them.
-    const staged = this.layout.blockLayout === 'NHD' && rq.sourceLayout.tpSize !== this.layout.tpSize;
+    // NHD blocks across TP sizes are one run per token; a source with a staging region gathers them
+    // (into host memory here, scattered by the CPU: not for a VRAM pool, read run by run).
+    const staged = this.layout.blockLayout === 'NHD' && rq.sourceLayout.tpSize !== this.layout.tpSize && this.pool.kind !== 'vram';
     const regionName = rq.sourceRegion ?? POOL_REGION;
     const stats = await Promise.all(
       plans.map(async (plan) => {

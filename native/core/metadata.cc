@@ -230,6 +230,13 @@ Result<AgentMetadata> decodeMetadata(const uint8_t* data, size_t size) {
     }
     if (kind > static_cast<uint8_t>(MemKind::Vram)) return invalid(where + "unknown memory kind " + std::to_string(kind));
     g.kind = static_cast<MemKind>(kind);
+    // Host memory is on no device and carries no CUDA IPC handle ("cuda-ipc", cuda/vram.h); a CUDA
+    // device ordinal is small. (Other section names are let through for later versions.)
+    if (g.kind == MemKind::Dram && g.deviceId != 0)
+      return invalid(where + "host memory with device id " + std::to_string(g.deviceId));
+    if (g.kind == MemKind::Vram && g.deviceId >= kMaxDeviceOrdinal)
+      return invalid(where + "device id " + std::to_string(g.deviceId) + " (at most " + std::to_string(kMaxDeviceOrdinal - 1) + ")");
+    if (g.kind == MemKind::Dram && g.section("cuda-ipc") != nullptr) return invalid(where + "a CUDA IPC handle on host memory");
     if (g.access < kAccessRead || g.access > kAccessReadWrite)
       return invalid(where + "unknown access " + std::to_string(g.access));
     if (rflags > 1) return invalid(where + "unknown flags " + std::to_string(rflags));

@@ -57,6 +57,7 @@ constexpr uint32_t kMetadataMagic = 0x4d57564b;  // "KVWM" little-endian
 constexpr uint16_t kMetadataVersion = 3;
 constexpr uint16_t kMetadataVersionNoSections = 2;
 constexpr size_t kMaxRegionSections = 8;
+constexpr uint32_t kMaxDeviceOrdinal = 1024;  // a VRAM region's device id must be below it
 constexpr size_t kMaxNameBytes = 255;
 // Notifications are small control messages: one limit for what is sent and what is accepted.
 constexpr size_t kMaxNotifyBytes = 16u << 20;

@@ -23,8 +23,16 @@ info=$(node dist/cli/index.js info --json) || { echo "test:gpu: kvwire info fail
 echo "$info" > "$out/info.json"
 reason=$(node -e 'const c = JSON.parse(require("fs").readFileSync(0, "utf8")).cuda; if (!c.available) console.log(c.reason);' <<<"$info")
 if [ -n "$reason" ]; then
-  echo "skipped: no CUDA device ($reason)"
-  exit 77
+  # No driver or no device is a skip; a driver that is there but broken (fails to initialise, lacks
+  # an entry point, cannot be loaded) is a failure: a borrowed GPU host must not read as skipped.
+  case "$reason" in
+    "no CUDA driver: libcuda.so.1 not found"*|"no CUDA device"*)
+      echo "skipped: no CUDA device ($reason)"
+      exit 77 ;;
+    *)
+      echo "test:gpu: FAILED: the CUDA driver is present but unusable: $reason" >&2
+      exit 1 ;;
+  esac
 fi
 # A device that cannot export CUDA IPC (exclusive-process mode, some containers) or a kvwire bug in the
 # export: a failure, never a skip.

@@ -87,6 +87,7 @@ struct RemoteRegion {
   bool pinTried = false;
   bool revoked = false;  // its owner withdrew it (VRAM_REVOKE): no copy into it starts any more
   std::string ipcFailed;  // why its IPC handle did not open here (then 'auto' takes 'am')
+  Code ipcFailedCode = Code::Unavailable;  // and the code it failed with (repeated to later transfers)
 };
 using RemoteRegionRef = std::shared_ptr<RemoteRegion>;
 
@@ -1207,7 +1208,7 @@ Status UcxPeer::cudaIpcReady(const LocalRegion& local, const RemoteRegion& rr) c
                                "the driver can export"};
   if (!cuda::ipcSectionFromThisHost(*section))
     return {Code::Unavailable, region + " (VRAM) is on another host (its boot id differs from this host's): use path 'am'"};
-  if (!rr.ipcFailed.empty()) return {Code::Unavailable, rr.ipcFailed};
+  if (!rr.ipcFailed.empty()) return {rr.ipcFailedCode, rr.ipcFailed};
   return Status::ok();
 }
 
@@ -1218,7 +1219,8 @@ Result<std::shared_ptr<cuda::IpcMapping>> UcxPeer::openVram(RemoteRegion& rr, in
   if (!opened.isOk()) {
     rr.vram.erase(device);
     rr.ipcFailed = "region '" + rr.info.name + "' of peer '" + name_ + "': " + opened.status().message();
-    return Status(opened.status().code(), rr.ipcFailed);
+    rr.ipcFailedCode = opened.status().code();
+    return Status(rr.ipcFailedCode, rr.ipcFailed);
   }
   mapping = std::move(opened.value());
   return mapping;
