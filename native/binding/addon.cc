@@ -1,6 +1,7 @@
 // node-addon-api glue only: argument conversion, buffer pinning, progress on the libuv loop,
 // and batched delivery of completions and notifications to JS.
 #include <napi.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -180,6 +181,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   void startHelper();
   void stopHelper();
   void helperMain();
+  void helperSleep(uint64_t ns) const;
   static void onAsyncCleanup(napi_async_cleanup_hook_handle handle, void* arg);
 
   // Every call into agent_ holds this lock: the JS thread's calls and progress steps, and the
@@ -197,6 +199,7 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   int wakeFd_ = -1;
   std::atomic<bool> stopHelper_{false};
   std::atomic<uint64_t> jsSteps_{0};
+  std::atomic<uint64_t> lastJsStepNs_{0};  // when the JS thread last progressed the agent
   std::atomic<uint64_t> helperSteps_{0};  // progress steps the thread took (health.progressThreadSteps)
 
   std::unique_ptr<kvwire::Agent> agent_;
@@ -329,23 +332,35 @@ void AgentWrap::stopHelper() {
   wakeFd_ = -1;
 }
 
-// The progress thread. It waits on the agent's event fd (and, while work is in flight, wakes every
-// 10 ms as a watchdog). After an event it gives the JS thread graceNs_ to take it; if JS has not
-// stepped by then, this thread progresses the agent itself, and keeps doing so without the grace
-// until JS steps again. It never calls JS: what settles waits in settled_/arrived_ and the
-// JS thread is woken with uv_async_send. Idle (nothing in flight, fd armed), it sleeps.
+// The progress thread. While the JS thread is stepping it only looks every grace period (no wake
+// per event). Once JS has not stepped for a grace (idle, or late), it waits on the agent's event fd
+// (and, while work is in flight, wakes every 10 ms as a watchdog); after an event it gives JS
+// graceNs_ to take it; if JS has not stepped by then, this thread progresses the agent itself, and
+// keeps doing so without the grace until JS steps again. It never calls JS: what settles waits in
+// settled_/arrived_ and the JS thread is woken with uv_async_send. Idle (nothing in flight, fd
+// armed), it sleeps.
 void AgentWrap::helperMain() {
   const int ep = epoll_create1(EPOLL_CLOEXEC);
   if (ep < 0) return;
   epoll_event ev{};
   ev.events = EPOLLIN;
-  ev.data.fd = wakeFd_;
+  ev.data.fd = wakeFd_;  // written once, by stopHelper, and never drained: every wait ends from then on
   epoll_ctl(ep, EPOLL_CTL_ADD, wakeFd_, &ev);
+  const auto stopped = [this] { return stopHelper_.load(std::memory_order_acquire); };
   int watched = -1;
   uint64_t watchedRebuilds = 0;  // a rebuilt worker's fd may reuse the old number
-  bool inCharge = false;      // this thread progressed last and JS has not stepped since
-  uint64_t jsMark = 0;        // jsSteps_ when this thread last progressed
-  while (!stopHelper_.load(std::memory_order_acquire)) {
+  bool inCharge = false;         // this thread took an event JS left, and JS has not stepped since
+  uint64_t jsMark = 0;           // jsSteps_ when this thread last progressed
+  while (!stopped()) {
+    if (inCharge && jsSteps_.load(std::memory_order_acquire) != jsMark) inCharge = false;  // JS is back
+    // While the JS thread is stepping (a burst, spinning, a stream of events) this thread does not
+    // wait on the fd (it would wake with every event, on the same cores): it looks again a grace
+    // after JS's last step.
+    const uint64_t jsAgo = kvwire::monotonicNs() - lastJsStepNs_.load(std::memory_order_acquire);
+    if (!inCharge && jsAgo < graceNs_) {
+      helperSleep(graceNs_ - jsAgo + 1000);
+      continue;
+    }
     int fd = -1;
     uint64_t rebuilds = 0;
     bool busy = false, polling = false;
@@ -364,32 +379,26 @@ void AgentWrap::helperMain() {
       ev.data.fd = fd;
       if (fd >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0) watched = fd;
     }
+    // JS is idle or late: wait for an event (and, while work is in flight, wake as a watchdog).
     const uint64_t seen = jsSteps_.load(std::memory_order_acquire);
-    if (inCharge && seen != jsMark) inCharge = false;  // JS is back
     epoll_event got[2];
     const int timeoutMs = polling ? 1 : busy ? 10 : watched < 0 ? 50 : -1;
     const int n = epoll_wait(ep, got, 2, timeoutMs);
-    for (int i = 0; i < n; ++i)
-      if (got[i].data.fd == wakeFd_) {
-        uint64_t drained = 0;
-        if (read(wakeFd_, &drained, sizeof drained) < 0) {
-        }
-      }
-    if (stopHelper_.load(std::memory_order_acquire)) break;
+    if (stopped()) break;
     if (n <= 0 && !busy && !polling) continue;
     if (!inCharge) {
       // The JS thread normally takes the event at once: step in only if it has not within the grace.
-      std::this_thread::sleep_for(std::chrono::nanoseconds(graceNs_));
-      if (jsSteps_.load(std::memory_order_acquire) != seen || stopHelper_.load(std::memory_order_acquire)) continue;
+      helperSleep(graceNs_);
+      if (jsSteps_.load(std::memory_order_acquire) != seen || stopped()) continue;
     }
     std::unique_lock<std::recursive_mutex> guard(*lock_);
-    if (!agent_ || stopHelper_.load(std::memory_order_acquire)) break;
+    if (!agent_ || stopped()) break;
     if (!inCharge && jsSteps_.load(std::memory_order_acquire) != seen) continue;
     if (backlogFull()) {
       // What waits for JS is bounded: leave the rest in UCX (its queues hold peers back) until JS
       // has taken the backlog.
       guard.unlock();
-      std::this_thread::sleep_for(std::chrono::nanoseconds(graceNs_));
+      helperSleep(graceNs_);
       continue;
     }
     bool any = false;
@@ -403,6 +412,13 @@ void AgentWrap::helperMain() {
     if (!agent_->needsPolling()) agent_->arm();  // events pending: the fd stays readable, the loop comes back at once
   }
   close(ep);
+}
+
+// Sleeps for ns, or until stopHelper is called.
+void AgentWrap::helperSleep(uint64_t ns) const {
+  pollfd p{wakeFd_, POLLIN, 0};
+  const timespec ts{static_cast<time_t>(ns / 1'000'000'000ull), static_cast<long>(ns % 1'000'000'000ull)};
+  ppoll(&p, 1, &ts, nullptr);
 }
 
 // Sleeps on the agent's event fd; called again when it changed (the old poll handle is closed).
@@ -445,6 +461,7 @@ void AgentWrap::drive() {
   releases_->drain();
   std::unique_lock<std::recursive_mutex> guard(*lock_);
   jsSteps_.fetch_add(1, std::memory_order_release);
+  lastJsStepNs_.store(kvwire::monotonicNs(), std::memory_order_release);
   const bool any = agent_->progress();
   if (!agent_->closed()) pollEventFd();  // the agent may have opened a new UCX worker
   const uint64_t now = kvwire::monotonicNs();
