@@ -37,7 +37,7 @@ set +e
 # from killed peers, including workers given up in rebuilds (releaseWorker).
 LD_PRELOAD="$asan $ubsan" KVWIRE_SOAK_ROUNDS=${KVWIRE_SOAK_ROUNDS:-20} npx vitest run test/transfer.test.ts test/lifecycle.test.ts \
   test/bounds.test.ts test/limits.test.ts test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts \
-  test/kv-transfer.test.ts test/kv-early-stop.test.ts test/peer-death-soak.test.ts test/cma.test.ts test/vram.test.ts test/protocols.test.ts "$@"
+  test/kv-transfer.test.ts test/kv-early-stop.test.ts test/peer-death-soak.test.ts test/cma.test.ts test/vram.test.ts test/protocols.test.ts test/progress-thread.test.ts "$@"
 status=$?
 set -e
 if compgen -G "$reports/*" >/dev/null; then

@@ -9,4 +9,4 @@ npx cmake-js configure --out build-ucx122 --CDUCX_HOME="$ucx" --CDKVWIRE_HOSTILE
 npx cmake-js build --out build-ucx122 >/dev/null
 export KVWIRE_ADDON="$PWD/build-ucx122/Release/kvwire.node"
 echo "kvwire: smoke-testing against UCX $(node -e 'console.log(require("./dist").ucxVersion())')"
-npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/demo.test.ts test/kv-early-stop.test.ts test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts test/peer-death-soak.test.ts test/address.test.ts test/cma.test.ts test/vram.test.ts test/protocols.test.ts "$@"
+npx vitest run test/transfer.test.ts test/lifecycle.test.ts test/demo.test.ts test/kv-early-stop.test.ts test/hostile.test.ts test/security.test.ts test/rebuild.test.ts test/metadata-fuzz.test.ts test/peer-death-soak.test.ts test/address.test.ts test/cma.test.ts test/vram.test.ts test/protocols.test.ts test/progress-thread.test.ts "$@"

@@ -106,6 +106,10 @@ struct JsReleases {
     std::lock_guard<std::mutex> lock(mutex);
     refs.push_back(ref);
   }
+  bool pending() {
+    std::lock_guard<std::mutex> lock(mutex);
+    return !refs.empty();
+  }
   void drain() {
     std::vector<Napi::ObjectReference*> now;
     {
@@ -340,6 +344,7 @@ void AgentWrap::stopHelper() {
 // settled_/arrived_ and the JS thread is woken with uv_async_send. Idle (nothing in flight, fd
 // armed), it sleeps.
 void AgentWrap::helperMain() {
+  kvwire::onNativeProgressThread = true;
   const int ep = epoll_create1(EPOLL_CLOEXEC);
   if (ep < 0) return;
   epoll_event ev{};
@@ -408,7 +413,8 @@ void AgentWrap::helperMain() {
     // again. A watchdog step (no event: JS may simply be asleep with nothing to do) does not count.
     if (n > 0) inCharge = true;
     jsMark = jsSteps_.load(std::memory_order_acquire);
-    if ((any || !settled_.empty() || !arrived_.empty() || agent_->closed()) && handles_) uv_async_send(&handles_->async);
+    if ((any || !settled_.empty() || !arrived_.empty() || agent_->closed() || releases_->pending()) && handles_)
+      uv_async_send(&handles_->async);
     if (!agent_->needsPolling()) agent_->arm();  // events pending: the fd stays readable, the loop comes back at once
   }
   close(ep);

@@ -11,6 +11,11 @@
 
 namespace kvwire {
 
+// True on an agent's native progress thread (the addon's helper), false on the JS thread. A backend
+// keeps what must not run there (changing the process environment, which Node reads on the JS
+// thread without a lock of ours) for the JS thread's next step.
+inline thread_local bool onNativeProgressThread = false;
+
 // What a backend may ask of the agent that owns it. Called on the progress thread only.
 class BackendHost {
  public:

@@ -682,6 +682,9 @@ class UcxBackendImpl : public Backend {
   // stops (receiveBlocked_) — the check itself, not a dying peer, would be failing then.
   uint64_t receivedOnWorker_ = 0;
   int idleRebuilds_ = 0;
+  // A rebuild decided on the native progress thread, done on the JS thread's next step (opening a
+  // worker sets UCX_TCP_TX_SEG_SIZE in the environment, which Node reads there).
+  bool rebuildWanted_ = false;
   static constexpr int kMaxIdleRebuilds = 3;
   uint64_t canarySentNs_ = 0;
   int canaryTicks_ = 0;       // liveness ticks (each after a progress of this worker) since it was sent
@@ -2227,6 +2230,9 @@ void UcxBackendImpl::checkLiveness() {
           fprintf(stderr, "kvwire: agent '%s': %d new UCX workers in a row received nothing before their queue looked "
                   "blocked; it stops opening new ones: close it and create a new agent\n", agentName_.c_str(), idleRebuilds_);
         receiveBlocked_ = true;
+      } else if (onNativeProgressThread) {
+        rebuildWanted_ = true;  // progress() reports it, so the JS thread is woken to do it
+        return;
       } else {
         rebuildWorker();
         return;  // everything checked here belonged to the old worker
@@ -3377,6 +3383,12 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply, 
 
 bool UcxBackendImpl::progress() {
   bool any = false;
+  if (rebuildWanted_) {
+    if (onNativeProgressThread) return true;  // nothing more on the old worker: the JS thread rebuilds
+    rebuildWanted_ = false;
+    rebuildWorker();
+    any = true;
+  }
   // Bounded: a peer that floods us must not keep this loop (and the JS thread) busy forever; the
   // caller comes back at once when anything happened.
   for (int round = 0; round < 4096 && ucp_worker_progress(worker_) != 0; ++round) any = true;
