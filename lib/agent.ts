@@ -213,6 +213,7 @@ export class Agent extends EventEmitter {
   #queue: Notification[] = [];
   #queuedBytes = 0;
   #dropped = 0;
+  #nativeDropped = 0; // the native side's count, kept once the agent is closed
   #iterating = 0;
   #closing: Promise<void> = Promise.resolve();
   #exitRef: WeakRef<Agent> | null = null;
@@ -645,9 +646,13 @@ export class Agent extends EventEmitter {
     this.#open().rebuildTransport();
   }
 
-  /** Notifications dropped because `notifications()` was not read fast enough (oldest first). */
+  /**
+   * Notifications dropped: because `notifications()` was not read fast enough (oldest first), or,
+   * natively, because more than 256 MiB of them waited for the JS thread at once.
+   */
   get droppedNotifications(): number {
-    return this.#dropped;
+    this.#nativeDropped = this.#native?.securityCounters().droppedNotifications ?? this.#nativeDropped;
+    return this.#dropped + this.#nativeDropped;
   }
 
   /** Sends a notification on its own. Resolves once it is handed to the transport. */

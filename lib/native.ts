@@ -81,7 +81,7 @@ export interface NativeAgent {
   rebuildTransport(): void;
   /** The transport's own description of each open connection (UCX: ucp_ep_print_info). */
   connections(): { peer: string; outbound: boolean; text: string }[];
-  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number; gpuKernelBatches: number; vramStagedBytes: number; progressThreadSteps: number; gpuFault: string | null };
+  securityCounters(): { droppedUnauthenticated: number; failedHandshakes: number; refusedAddresses: number; receiveBlocked: boolean; rebuilds: number; retiredRegions: number; gpuKernelBatches: number; vramStagedBytes: number; progressThreadSteps: number; droppedNotifications: number; gpuFault: string | null };
 }
 
 interface Addon {

@@ -97,26 +97,20 @@ struct LoopHandles {
 struct JsReleases {
   const std::thread::id js = std::this_thread::get_id();
   std::mutex mutex;
-  std::vector<Napi::ObjectReference*> refs;
-  void release(Napi::ObjectReference* ref) {
-    if (std::this_thread::get_id() == js) {
-      delete ref;
-      return;
-    }
+  std::vector<std::unique_ptr<Napi::ObjectReference>> refs;
+  void release(std::unique_ptr<Napi::ObjectReference> ref) {
+    if (std::this_thread::get_id() == js) return;  // deleted here, now
     std::lock_guard<std::mutex> lock(mutex);
-    refs.push_back(ref);
+    refs.push_back(std::move(ref));
   }
   bool pending() {
     std::lock_guard<std::mutex> lock(mutex);
     return !refs.empty();
   }
   void drain() {
-    std::vector<Napi::ObjectReference*> now;
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      now.swap(refs);
-    }
-    for (auto* ref : now) delete ref;
+    std::vector<std::unique_ptr<Napi::ObjectReference>> now;  // deleted after the lock is let go
+    std::lock_guard<std::mutex> lock(mutex);
+    now.swap(refs);
   }
 };
 
@@ -135,11 +129,13 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
 
  private:
   struct Settled {
+    uint64_t seq;  // the order results happened in, across both kinds
     uint64_t id;
     Status status;
     kvwire::TransferStats stats;
   };
   struct Arrived {
+    uint64_t seq;
     std::string from;
     std::string message;    // a notification's bytes, or why the connection ended
     bool disconnect = false;
@@ -172,7 +168,8 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
   void pollEventFd();
   void schedule();  // progress soon, on the loop, never re-entrantly inside a JS call
   void drive();
-  void deliver();
+  // Hands waiting results to JS (a bounded batch, in order); true if more wait for a later turn.
+  bool deliver();
   void updateRefs();
   void shutdown();
   void finishClose();
@@ -182,6 +179,9 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
     return arrivedBytes_ >= kMaxArrivedBytes / 2 || arrived_.size() >= kMaxWaiting || settled_.size() >= kMaxWaiting;
   }
   static constexpr size_t kMaxWaiting = 65536;
+  static constexpr size_t kMaxDeliver = 4096;  // results handed to JS in one turn of the loop
+  uint64_t eventSeq_ = 0;
+  uint64_t droppedArrivals_ = 0;  // notifications over kMaxArrivedBytes waiting for JS
   void startHelper();
   void stopHelper();
   void helperMain();
@@ -268,19 +268,22 @@ AgentWrap::AgentWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AgentWra
 
   kvwire::AgentCallbacks cb;
   cb.settled = [this](uint64_t id, const Status& st, const kvwire::TransferStats& stats) {
-    settled_.push_back({id, st, stats});
+    settled_.push_back({eventSeq_++, id, st, stats});
   };
   cb.notification = [this](const std::string& from, std::string message) {
     // Handed to JS after each progress step; bounded in case one step brings a flood.
-    if (arrivedBytes_ + message.size() > kMaxArrivedBytes) return;
+    if (arrivedBytes_ + message.size() > kMaxArrivedBytes) {
+      ++droppedArrivals_;  // counted in agent.droppedNotifications
+      return;
+    }
     arrivedBytes_ += message.size();
-    arrived_.push_back({from, std::move(message), false});
+    arrived_.push_back({eventSeq_++, from, std::move(message), false});
   };
   cb.disconnected = [this](const std::string& peer, const std::string& reason) {
-    arrived_.push_back({peer, reason, true});
+    arrived_.push_back({eventSeq_++, peer, reason, true});
   };
   cb.rebuilt = [this](const std::string& reason) {
-    arrived_.push_back({std::string(), reason, true});  // no peer: the agent itself (names are never empty)
+    arrived_.push_back({eventSeq_++, std::string(), reason, true});  // no peer: the agent itself (names are never empty)
   };
   auto agent = kvwire::Agent::create(info[0].As<Napi::String>(), bo, std::move(cb));
   if (!agent.isOk()) {
@@ -407,7 +410,7 @@ void AgentWrap::helperMain() {
       continue;
     }
     bool any = false;
-    for (int round = 0; round < 64 && agent_->progress(); ++round) any = true;
+    for (int round = 0; round < 64 && !backlogFull() && agent_->progress(); ++round) any = true;
     helperSteps_.fetch_add(1, std::memory_order_relaxed);
     // JS left an event untaken for the grace: this thread keeps the agent (no grace) until JS steps
     // again. A watchdog step (no event: JS may simply be asleep with nothing to do) does not count.
@@ -415,7 +418,11 @@ void AgentWrap::helperMain() {
     jsMark = jsSteps_.load(std::memory_order_acquire);
     if ((any || !settled_.empty() || !arrived_.empty() || agent_->closed() || releases_->pending()) && handles_)
       uv_async_send(&handles_->async);
-    if (!agent_->needsPolling()) agent_->arm();  // events pending: the fd stays readable, the loop comes back at once
+    // Events pending: the fd stays readable and the loop comes back at once; but where nothing
+    // moved (e.g. only the JS thread can do what is next), not at once.
+    const bool armed = !agent_->needsPolling() && agent_->arm();
+    guard.unlock();
+    if (!any && !armed) helperSleep(graceNs_);
   }
   close(ep);
 }
@@ -468,21 +475,26 @@ void AgentWrap::drive() {
   std::unique_lock<std::recursive_mutex> guard(*lock_);
   jsSteps_.fetch_add(1, std::memory_order_release);
   lastJsStepNs_.store(kvwire::monotonicNs(), std::memory_order_release);
-  const bool any = agent_->progress();
+  // Results already waiting for JS (the progress thread's, or a flood) are handed over first.
+  const bool any = !backlogFull() && agent_->progress();
   if (!agent_->closed()) pollEventFd();  // the agent may have opened a new UCX worker
   const uint64_t now = kvwire::monotonicNs();
   if (any) lastActivityNs_ = now;
   guard.unlock();  // JS callbacks run without it, so the progress thread is never kept waiting on JS
-  deliver();
+  const bool more = deliver();
   if (!agent_ || !handles_) return;  // closed from a JS callback
   guard.lock();
   if (agent_->closed() && (agent_->drained() || now > closeDeadlineNs_)) {
     guard.unlock();
-    finishClose();
+    stopHelper();
+    while (agent_ && deliver()) {
+    }  // what arrived while closing, before it goes
+    if (agent_) finishClose();
     return;
   }
-  // GPU copies signal no fd: while any is in flight the loop polls their events.
-  bool spin = pollMode_ || now - lastActivityNs_ < spinWindowNs_ || agent_->needsPolling();
+  // GPU copies signal no fd: while any is in flight the loop polls their events. Results left
+  // for the next turn come round again.
+  bool spin = more || pollMode_ || now - lastActivityNs_ < spinWindowNs_ || agent_->needsPolling();
   if (!spin && !agent_->arm()) {  // events arrived while we were deciding: go round again
     lastActivityNs_ = now;
     spin = true;
@@ -515,25 +527,40 @@ void AgentWrap::updateRefs() {
 // Hands settled transfers and notifications to JS in batches. Plain N-API calls with every status
 // checked: while a worker_thread is being terminated JS cannot run, and node-addon-api would turn
 // such a failure into a fatal error; here the batch is simply dropped (the thread is going away).
-void AgentWrap::deliver() {
-  if (delivering_) return;
+bool AgentWrap::deliver() {
+  if (delivering_) return false;
   std::vector<Settled> settled;
   std::vector<Arrived> arrived;
-  // Taken under the agent lock (the progress thread adds to them), handed to JS without it.
-  auto take = [&] {
+  {
+    // Taken under the agent lock (the progress thread adds to them), handed to JS without it: the
+    // oldest, at most kMaxDeliver per turn of the loop (the rest on the next turn, so timers and I/O
+    // run in between however fast results come), in the order they happened.
     std::lock_guard<std::recursive_mutex> guard(*lock_);
-    settled.swap(settled_);
-    arrived.swap(arrived_);
-    arrivedBytes_ = 0;
-    return !settled.empty() || !arrived.empty();
+    size_t s = 0, a = 0;
+    while (s + a < kMaxDeliver && (s < settled_.size() || a < arrived_.size())) {
+      if (a == arrived_.size() || (s < settled_.size() && settled_[s].seq < arrived_[a].seq))
+        ++s;
+      else
+        ++a;
+    }
+    settled.assign(std::make_move_iterator(settled_.begin()), std::make_move_iterator(settled_.begin() + s));
+    settled_.erase(settled_.begin(), settled_.begin() + s);
+    arrived.assign(std::make_move_iterator(arrived_.begin()), std::make_move_iterator(arrived_.begin() + a));
+    arrived_.erase(arrived_.begin(), arrived_.begin() + a);
+    for (const Arrived& x : arrived)
+      if (!x.disconnect) arrivedBytes_ -= x.message.size();
+  }
+  const auto remaining = [this] {
+    std::lock_guard<std::recursive_mutex> guard(*lock_);
+    return !settled_.empty() || !arrived_.empty();
   };
-  if (!take()) return;
+  if (settled.empty() && arrived.empty()) return remaining();
   delivering_ = true;
   napi_env env = Env();
   napi_handle_scope scope = nullptr;
   if (napi_open_handle_scope(env, &scope) != napi_ok) {
     delivering_ = false;
-    return;
+    return remaining();
   }
   napi_value self = Value();
   bool ok = true;
@@ -553,62 +580,74 @@ void AgentWrap::deliver() {
       ok = false;
     }
   };
-  for (bool more = true; ok && more; more = ok && take()) {
-    if (!settled.empty()) {
-      std::vector<Settled> batch;
-      batch.swap(settled);
-      // One row per transfer: [id, code, index, bytes, descriptors, segments, path, postNs, transferNs].
-      constexpr size_t kStride = 9;
-      napi_value buffer = nullptr, rows = nullptr, errors = nullptr;
-      void* raw = nullptr;
-      ok = napi_create_arraybuffer(env, batch.size() * kStride * sizeof(double), &raw, &buffer) == napi_ok &&
-           napi_create_typedarray(env, napi_float64_array, batch.size() * kStride, buffer, 0, &rows) == napi_ok &&
-           napi_create_array_with_length(env, batch.size(), &errors) == napi_ok;
-      if (!ok) break;
-      auto* data = static_cast<double*>(raw);
-      for (size_t i = 0; i < batch.size() && ok; ++i) {
-        const Settled& s = batch[i];
-        double* row = data + i * kStride;
-        row[0] = static_cast<double>(s.id);
-        row[1] = static_cast<double>(static_cast<int>(s.status.code()));
-        row[2] = static_cast<double>(s.status.index());
-        row[3] = static_cast<double>(s.stats.bytes);
-        row[4] = s.stats.descriptors;
-        row[5] = s.stats.segments;
-        row[6] = static_cast<double>(static_cast<int>(s.stats.path));
-        row[7] = static_cast<double>(s.stats.postNs);
-        row[8] = static_cast<double>(s.stats.transferNs);
-        napi_value err = nullptr;
-        if (s.status.isOk())
-          ok = napi_get_null(env, &err) == napi_ok;
-        else
-          err = makeError(Env(), s.status.code(), s.status.message(), s.status.index());
-        ok = ok && err != nullptr && napi_set_element(env, errors, static_cast<uint32_t>(i), err) == napi_ok;
-      }
-      call(onSettled_, rows, errors);
+  // One call per run of settled transfers [from, to).
+  auto deliverSettled = [&](size_t from, size_t to) {
+    const size_t count = to - from;
+    // One row per transfer: [id, code, index, bytes, descriptors, segments, path, postNs, transferNs].
+    constexpr size_t kStride = 9;
+    napi_value buffer = nullptr, rows = nullptr, errors = nullptr;
+    void* raw = nullptr;
+    ok = napi_create_arraybuffer(env, count * kStride * sizeof(double), &raw, &buffer) == napi_ok &&
+         napi_create_typedarray(env, napi_float64_array, count * kStride, buffer, 0, &rows) == napi_ok &&
+         napi_create_array_with_length(env, count, &errors) == napi_ok;
+    if (!ok) return;
+    auto* data = static_cast<double*>(raw);
+    for (size_t i = 0; i < count && ok; ++i) {
+      const Settled& s = settled[from + i];
+      double* row = data + i * kStride;
+      row[0] = static_cast<double>(s.id);
+      row[1] = static_cast<double>(static_cast<int>(s.status.code()));
+      row[2] = static_cast<double>(s.status.index());
+      row[3] = static_cast<double>(s.stats.bytes);
+      row[4] = s.stats.descriptors;
+      row[5] = s.stats.segments;
+      row[6] = static_cast<double>(static_cast<int>(s.stats.path));
+      row[7] = static_cast<double>(s.stats.postNs);
+      row[8] = static_cast<double>(s.stats.transferNs);
+      napi_value err = nullptr;
+      if (s.status.isOk())
+        ok = napi_get_null(env, &err) == napi_ok;
+      else
+        err = makeError(Env(), s.status.code(), s.status.message(), s.status.index());
+      ok = ok && err != nullptr && napi_set_element(env, errors, static_cast<uint32_t>(i), err) == napi_ok;
     }
-    if (ok && !arrived.empty()) {
-      std::vector<Arrived> batch;
-      batch.swap(arrived);
-      napi_value from = nullptr, messages = nullptr;
-      ok = napi_create_array_with_length(env, batch.size(), &from) == napi_ok &&
-           napi_create_array_with_length(env, batch.size(), &messages) == napi_ok;
-      for (size_t i = 0; i < batch.size() && ok; ++i) {
-        napi_value name = nullptr, message = nullptr;
-        void* copy = nullptr;
-        // A disconnect travels as a string (its reason), a notification as a Buffer.
-        ok = napi_create_string_utf8(env, batch[i].from.data(), batch[i].from.size(), &name) == napi_ok &&
-             (batch[i].disconnect
-                  ? napi_create_string_utf8(env, batch[i].message.data(), batch[i].message.size(), &message) == napi_ok
-                  : napi_create_buffer_copy(env, batch[i].message.size(), batch[i].message.data(), &copy, &message) == napi_ok) &&
-             napi_set_element(env, from, static_cast<uint32_t>(i), name) == napi_ok &&
-             napi_set_element(env, messages, static_cast<uint32_t>(i), message) == napi_ok;
-      }
-      if (ok) call(onNotification_, from, messages);
+    if (ok) call(onSettled_, rows, errors);
+  };
+  // One call per run of notifications and disconnects [from, to).
+  auto deliverArrived = [&](size_t from, size_t to) {
+    napi_value names = nullptr, messages = nullptr;
+    ok = napi_create_array_with_length(env, to - from, &names) == napi_ok &&
+         napi_create_array_with_length(env, to - from, &messages) == napi_ok;
+    for (size_t i = from; i < to && ok; ++i) {
+      napi_value name = nullptr, message = nullptr;
+      void* copy = nullptr;
+      // A disconnect travels as a string (its reason), a notification as a Buffer.
+      ok = napi_create_string_utf8(env, arrived[i].from.data(), arrived[i].from.size(), &name) == napi_ok &&
+           (arrived[i].disconnect
+                ? napi_create_string_utf8(env, arrived[i].message.data(), arrived[i].message.size(), &message) == napi_ok
+                : napi_create_buffer_copy(env, arrived[i].message.size(), arrived[i].message.data(), &copy, &message) == napi_ok) &&
+           napi_set_element(env, names, static_cast<uint32_t>(i - from), name) == napi_ok &&
+           napi_set_element(env, messages, static_cast<uint32_t>(i - from), message) == napi_ok;
+    }
+    if (ok) call(onNotification_, names, messages);
+  };
+  // In the order they happened: a run of one kind at a time.
+  for (size_t s = 0, a = 0; ok && (s < settled.size() || a < arrived.size());) {
+    if (a == arrived.size() || (s < settled.size() && settled[s].seq < arrived[a].seq)) {
+      size_t to = s;
+      while (to < settled.size() && (a == arrived.size() || settled[to].seq < arrived[a].seq)) ++to;
+      deliverSettled(s, to);
+      s = to;
+    } else {
+      size_t to = a;
+      while (to < arrived.size() && (s == settled.size() || arrived[to].seq < settled[s].seq)) ++to;
+      deliverArrived(a, to);
+      a = to;
     }
   }
   napi_close_handle_scope(env, scope);
   delivering_ = false;
+  return remaining();  // including what JS callbacks settled meanwhile
 }
 
 bool AgentWrap::ensureOpen(Napi::Env env) {
@@ -689,7 +728,9 @@ Napi::Value AgentWrap::Register(const Napi::CallbackInfo& info) {
   }
   auto view = info[1].As<Napi::Uint8Array>();
   auto* ref = new Napi::ObjectReference(Napi::Persistent(info[1].As<Napi::Object>()));
-  std::shared_ptr<void> keeper(ref, [releases = releases_](void* p) { releases->release(static_cast<Napi::ObjectReference*>(p)); });
+  std::shared_ptr<void> keeper(ref, [releases = releases_](void* p) {
+    releases->release(std::unique_ptr<Napi::ObjectReference>(static_cast<Napi::ObjectReference*>(p)));
+  });
   return newRegion(env, agent_->registerMemory(info[0].As<Napi::String>(), view.Data(), view.ByteLength(), accessFrom(info[2]),
                                                std::move(keeper), info[3].IsBoolean() && info[3].As<Napi::Boolean>().Value()));
 }
@@ -893,6 +934,7 @@ Napi::Value AgentWrap::SecurityCounters(const Napi::CallbackInfo& info) {
   out.Set("gpuKernelBatches", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->gpuKernelBatches()) : 0));
   out.Set("vramStagedBytes", Napi::Number::New(env, agent_ ? static_cast<double>(agent_->vramStagedBytes()) : 0));
   out.Set("progressThreadSteps", Napi::Number::New(env, static_cast<double>(helperSteps_.load(std::memory_order_relaxed))));
+  out.Set("droppedNotifications", Napi::Number::New(env, static_cast<double>(droppedArrivals_)));
   const std::string fault = agent_ ? agent_->gpuFault() : std::string();
   out.Set("gpuFault", fault.empty() ? env.Null() : Napi::String::New(env, fault));
   return out;

@@ -365,7 +365,10 @@ class UcxBackendImpl : public Backend {
   SecurityCounters securityCounters() const override { return counters_; }
   std::vector<ConnectionInfo> describeConnections() override;
   bool receiveBlocked() const override { return receiveBlocked_; }
-  void rebuild() override { rebuildWorker(); }
+  void rebuild() override {
+    rebuildWanted_ = false;
+    rebuildWorker();
+  }
   uint64_t rebuilds() const override { return rebuilds_; }
   void shutdown() override;
 
@@ -2302,6 +2305,9 @@ void UcxBackendImpl::closeCanaryEndpoint() {
 
 void UcxBackendImpl::sendCanary(uint64_t now) {
   if (!sharedMemory_ || receiveBlocked_ || canaryToken_ != 0) return;
+  // Creating a worker reads UCX_* variables from the environment, which the JS thread may be
+  // changing (another agent opening its worker): only the JS thread creates the canary's.
+  if (canary_ == nullptr && onNativeProgressThread) return;
   if (canary_ == nullptr) {
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
@@ -3384,10 +3390,15 @@ std::pair<std::string, uint64_t> UcxBackendImpl::dropConnection(ucp_ep_h reply, 
 bool UcxBackendImpl::progress() {
   bool any = false;
   if (rebuildWanted_) {
-    if (onNativeProgressThread) return true;  // nothing more on the old worker: the JS thread rebuilds
-    rebuildWanted_ = false;
-    rebuildWorker();
-    any = true;
+    if (shuttingDown_) {
+      rebuildWanted_ = false;  // closing: no new worker
+    } else if (onNativeProgressThread) {
+      return false;  // the old worker is over: the JS thread rebuilds (woken when this was decided)
+    } else {
+      rebuildWanted_ = false;
+      rebuildWorker();
+      any = true;
+    }
   }
   // Bounded: a peer that floods us must not keep this loop (and the JS thread) busy forever; the
   // caller comes back at once when anything happened.
@@ -3426,6 +3437,7 @@ bool UcxBackendImpl::progress() {
     any = true;
   }
   checkLiveness();
+  if (rebuildWanted_) return true;  // just decided on the progress thread: wake the JS thread for it
   if (!retired_.empty()) {
     const uint64_t now = monotonicNs();
     if (now - retiredCheckNs_ > 10'000'000ull) {  // the slots are plain memory: a look every 10 ms
