@@ -14,7 +14,10 @@ const withPerftest = process.argv.includes('--perftest');
 const taken = takeOption(process.argv.slice(2).filter((a) => a !== '--perftest'), '--rounds');
 const args = taken.args;
 const rounds = taken.value === undefined ? 2 : Number(taken.value);
-if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must be an integer >= 1, not '${taken.value}'`);
+if (!Number.isSafeInteger(rounds) || rounds < 1) {
+  console.error(`--rounds must be an integer >= 1, not '${taken.value}'`);
+  process.exit(2);
+}
 
 const bench = (label) =>
   runBenchJson(label, ['--latency-samples', '0', '--idle-seconds', '0', ...(withPerftest ? [] : ['--no-baselines']), ...args], { NODE_NO_WARNINGS: '1' });

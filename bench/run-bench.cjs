@@ -57,7 +57,12 @@ function buildEnv(version) {
   }
   const addon = path.join(root, 'build-ucx122/Release/kvwire.node');
   if (!fs.existsSync(addon)) return { skipped: `${addon} not built (bash .ci/ucx-smoke.sh builds it)` };
-  const ucx = execFileSync('bash', [path.join(root, '.ci/fetch-ucx122.sh')], { encoding: 'utf8' }).trim();
+  let ucx;
+  try {
+    ucx = execFileSync('bash', [path.join(root, '.ci/fetch-ucx122.sh')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
+  } catch (e) {
+    return { skipped: `PyPI's UCX 1.22 could not be fetched (.ci/fetch-ucx122.sh: ${String(e.stderr || e.message).trim().split('\n').pop()})` };
+  }
   return {
     env: {
       KVWIRE_ADDON: addon,

@@ -11,19 +11,30 @@ const { carrierSummary } = require('../dist/cli/carriers');
 const taken = takeOption(process.argv.slice(2), '--builds');
 const args = taken.args;
 const wanted = taken.value === undefined ? ['1.13', '1.22'] : taken.value.split(',').filter(Boolean);
-for (const w of wanted) if (!['1.13', '1.22'].includes(w)) throw new Error(`--builds: '${w}' is not one of 1.13, 1.22`);
+for (const w of wanted.length ? wanted : [''])
+  if (!['1.13', '1.22'].includes(w)) {
+    console.error(`--builds: '${w}' is not one of 1.13, 1.22 (a comma-separated list)`);
+    process.exit(2);
+  }
 
 const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 100)}%`);
 
 (async () => {
   const results = {};
+  const skipped = [];
   for (const version of wanted) {
     const b = buildEnv(version);
     if (b.skipped) {
       console.log(`UCX ${version}: skipped: ${b.skipped}`);
+      skipped.push(version);
       continue;
     }
-    results[version] = await runBenchJson(`UCX ${version}`, args, b.env);
+    try {
+      results[version] = await runBenchJson(`UCX ${version}`, args, b.env);
+    } catch (e) {
+      console.log(`UCX ${version}: failed: ${e.message}`);
+      skipped.push(version);
+    }
   }
   const versions = Object.keys(results);
   if (!versions.length) process.exit(1);
@@ -61,6 +72,11 @@ const pct = (x) => (x === null || x === undefined ? 'n/a' : `${Math.round(x * 10
   for (const v of versions) {
     console.log(`UCX ${results[v].ucx} targets:`);
     console.table(results[v].targets.map((t) => ({ id: t.id, case: t.case, target: t.target, measured: t.measured, met: t.met === null ? 'n/a' : t.met ? 'yes' : 'NO' })));
+  }
+  // A build asked for that did not run fails the comparison (exit 1), after what did run is shown.
+  if (skipped.length) {
+    console.log(`not compared: UCX ${skipped.join(', ')} did not run (see above)`);
+    process.exitCode = 1;
   }
 })().catch((e) => {
   console.error(e.message);

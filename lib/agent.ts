@@ -66,8 +66,9 @@ export interface AgentHealth {
    */
   vramStagedBytes: number;
   /**
-   * Progress steps this agent's native progress thread took because the JS thread was late (0 with
-   * `progressThread: false`, and while the event loop keeps up).
+   * Progress steps this agent's native progress thread took: the JS thread had left an event
+   * untaken for the grace period, or (its 10 ms watchdog) work was in flight and JS had not stepped.
+   * 0 with `progressThread: false`.
    */
   progressThreadSteps: number;
   /**

@@ -28,6 +28,15 @@ function oneOf<T extends string>(name: string, text: string, allowed: readonly T
   return text as T;
 }
 
+/** What `parse` returns, or its error prefixed with the option's name. */
+function named<T>(name: string, parse: () => T): T {
+  try {
+    return parse();
+  } catch (e) {
+    throw new Error(`--${name}: ${(e as Error).message}`);
+  }
+}
+
 function positive(name: string, text: string, min = 1): number {
   const n = Number(text);
   if (!Number.isSafeInteger(n) || n < min) throw new Error(`--${name} must be an integer >= ${min}, not '${text}'`);
@@ -75,7 +84,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       v.peer || v.serve ? ['allocated', 'registered'] : ['allocated', 'registered', 'vram', 'vram-dram']),
     ops: list<Op>('op', v.op!, ['write', 'read']),
     patterns,
-    blocks: [...new Set(v.block!.split(',').map(parseSize))].sort((a, b) => a - b),
+    blocks: [...new Set(v.block!.split(',').map((x) => named('block', () => parseSize(x))))].sort((a, b) => a - b),
     batch: v.batch === 'auto' ? 0 : positive('batch', v.batch!),
     depth: positive('depth', v.depth!),
     fan: positive('fan', v.fan!, 2),

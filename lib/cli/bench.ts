@@ -490,7 +490,7 @@ async function latencyPair(opts: BenchOptions, result: BenchResult, mode: 'event
   const a = new Node(`latency${tag}-a`);
   const b = new Node(`latency${tag}-b`);
   try {
-    const base = { transports: transportsOf(t), memory, regionBytes: 1 << 20, progress: mode };
+    const base = { transports: transportsOf(t), memory, regionBytes: 1 << 20, progress: mode, cma: opts.cma, progressThread: opts.progressThread };
     const [ia, ib] = await Promise.all([a.call('init', { ...base, name: `lat${tag}-a` }), b.call('init', { ...base, name: `lat${tag}-b` })]);
     await Promise.all([a.call('peers', { metadata: [ib.metadata] }), b.call('peers', { metadata: [ia.metadata] })]);
     if (opts.latencySamples > 0) {
