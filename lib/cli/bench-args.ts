@@ -6,7 +6,7 @@ import { PATH_NAMES } from '../transfer';
 
 export const BENCH_USAGE = `[--transport shm,tcp] [--memory allocated,registered,vram,vram-dram] [--op write,read]
          [--pattern pairwise|many-to-one|one-to-many|all] [--fan 2] [--block 4K,64K,1M,...]
-         [--batch auto|N] [--depth 1] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--progress-thread on|off] [--cma on|off] [--path auto|am|cma|...]
+         [--batch auto|N] [--depth 1] [--runs 3] [--run-ms 200] [--layout spread|hot] [--progress event|poll] [--progress-thread on|off (default: on for event, off for poll)] [--cma on|off] [--path auto|am|cma|...]
          [--huge-pages] [--no-baselines]
          [--latency-samples 2000] [--idle-seconds 3] [--json] [--svg FILE] [--baseline nixl]
          [--serve FILE --host IP | --peer FILE]
@@ -59,7 +59,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
       'run-ms': { type: 'string', default: '200' },
       progress: { type: 'string', default: 'event' },
       cma: { type: 'string', default: 'on' },
-      'progress-thread': { type: 'string', default: 'on' },
+      'progress-thread': { type: 'string' },
       path: { type: 'string', default: 'auto' },
       'huge-pages': { type: 'boolean', default: false },
       layout: { type: 'string', default: 'spread' },
@@ -92,7 +92,7 @@ export function parseBenchArgs(args: string[]): { options: BenchOptions; serve?:
     runMs: positive('run-ms', v['run-ms']!),
     progress: oneOf('progress', v.progress!, ['event', 'poll'] as const),
     cma: oneOf('cma', v.cma!, ['on', 'off'] as const) === 'on',
-    progressThread: oneOf('progress-thread', v['progress-thread']!, ['on', 'off'] as const) === 'on',
+    progressThread: v['progress-thread'] === undefined ? undefined : oneOf('progress-thread', v['progress-thread'], ['on', 'off'] as const) === 'on',
     path: oneOf('path', v.path!, PATH_NAMES),
     hugePages: v['huge-pages']!,
     layout: oneOf('layout', v.layout!, ['spread', 'hot'] as const),

@@ -115,7 +115,7 @@ function makeRegion(a: Agent, memory: MemoryKind, bytes: number, hugePages: bool
 }
 
 export async function init(m: NodeInit): Promise<{ metadata: string; socketPort?: number }> {
-  agent = await Agent.create({ name: m.name, progress: m.progress, ucx: { transports: m.transports }, cma: m.cma ?? true, progressThread: m.progressThread ?? true });
+  agent = await Agent.create({ name: m.name, progress: m.progress, ucx: { transports: m.transports }, cma: m.cma ?? true, progressThread: m.progressThread });
   region = makeRegion(agent, m.memory, m.regionBytes, m.hugePages ?? false);
   let socketPort: number | undefined;
   if (m.socketHost && region.kind === 'dram') {

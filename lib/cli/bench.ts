@@ -38,8 +38,8 @@ export interface BenchOptions {
   progress: 'event' | 'poll';
   /** Agents may use path 'cma' (same-host one-sided copies of registered memory); off: active messages. */
   cma: boolean;
-  /** Agents run their native progress thread (AgentOptions.progressThread); off: progress on the event loop only. */
-  progressThread: boolean;
+  /** Agents' native progress thread (AgentOptions.progressThread); undefined: the library's default (on in event mode, off in poll mode). */
+  progressThread?: boolean;
   /** The path every timed batch asks for ('auto': the agent chooses; warm-up batches always use 'auto'). */
   path: 'auto' | TransferPath;
   /** Registered regions advised for transparent huge pages (registered, then filled). */

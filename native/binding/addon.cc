@@ -7,6 +7,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -359,16 +360,20 @@ void AgentWrap::helperMain() {
   uint64_t watchedRebuilds = 0;  // a rebuilt worker's fd may reuse the old number
   bool inCharge = false;         // this thread took an event JS left, and JS has not stepped since
   uint64_t jsMark = 0;           // jsSteps_ when this thread last progressed
+  uint64_t lookNs = graceNs_;    // how long it sleeps while JS keeps stepping (backs off to 8 graces)
   while (!stopped()) {
     if (inCharge && jsSteps_.load(std::memory_order_acquire) != jsMark) inCharge = false;  // JS is back
     // While the JS thread is stepping (a burst, spinning, a stream of events) this thread does not
-    // wait on the fd (it would wake with every event, on the same cores): it looks again a grace
-    // after JS's last step.
+    // wait on the fd (it would wake with every event, on the same cores): it looks again a while
+    // after JS's last step — a grace at first, backing off to 8 graces while JS keeps stepping, so
+    // a JS thread that spins (poll mode, the spin window) is interrupted at most ~125 times a second.
     const uint64_t jsAgo = kvwire::monotonicNs() - lastJsStepNs_.load(std::memory_order_acquire);
     if (!inCharge && jsAgo < graceNs_) {
-      helperSleep(graceNs_ - jsAgo + 1000);
+      helperSleep(lookNs - std::min(jsAgo, lookNs / 2) + 1000);
+      lookNs = std::min(lookNs * 2, 8 * graceNs_);
       continue;
     }
+    lookNs = graceNs_;
     int fd = -1;
     uint64_t rebuilds = 0;
     bool busy = false, polling = false;
