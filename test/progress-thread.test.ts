@@ -33,6 +33,22 @@ function blocks(length: number, count: number) {
   return { offsets, lengths: offsets.map(() => length) };
 }
 
+/** An agent in this process (shm) and a peer process that loaded it, to send it notifications. */
+async function notifiedInProcess(name: string, senderName: string) {
+  const target = await Agent.create({ name, ucx: { transports: 'shm,self' } });
+  const flooder = new PeerProcess(senderName);
+  procs.push(flooder);
+  target.register(Buffer.alloc(4096), { name: 'kv' });
+  await flooder.init({ transports: 'shm,self', memory: 'registered', size: 4096 });
+  await flooder.ok('load', { metadata: Buffer.from(target.metadata()).toString('base64') });
+  return { target, flooder };
+}
+
+/** Resolves once `done()` holds, or after `ms` (the test's own assertion then says what is missing). */
+async function until(done: () => boolean, ms: number) {
+  for (const end = Date.now() + ms; !done() && Date.now() < end; ) await new Promise((r) => setTimeout(r, 25));
+}
+
 /** Blocks the target's JS thread for `ms` (one synchronous task, starting about now). */
 async function blockTarget(b: PeerProcess, ms: number) {
   await b.ok('busyLoop', { busyMs: ms, everyMs: 1, forMs: 0 });
@@ -103,13 +119,8 @@ describe('progress thread', () => {
   });
 
   it('a flood of notifications while JS is blocked (more than the thread lets wait for JS): JS gets every one, in order, none dropped', async () => {
-    const target = await Agent.create({ name: 'pt-flooded', ucx: { transports: 'shm,self' } });
-    const flooder = new PeerProcess('pt-flooder');
-    procs.push(flooder);
+    const { target, flooder } = await notifiedInProcess('pt-flooded', 'pt-flooder');
     try {
-      target.register(Buffer.alloc(4096), { name: 'kv' });
-      await flooder.init({ transports: 'shm,self', memory: 'registered', size: 4096 });
-      await flooder.ok('load', { metadata: Buffer.from(target.metadata()).toString('base64') });
       const got: string[] = [];
       target.on('notification', (n) => got.push(n.message.subarray(0, 8).toString()));
       const COUNT = 100_000; // more than the 65,536 the thread lets wait for JS
@@ -119,7 +130,7 @@ describe('progress thread', () => {
       const t0 = Date.now();
       while (Date.now() - t0 < 1500); // this process's JS thread is blocked
       expect((await done).failed).toEqual([]);
-      for (let i = 0; i < 200 && got.length < COUNT; i++) await new Promise((r) => setTimeout(r, 50));
+      await until(() => got.length === COUNT, 10_000);
       expect(got.length).toBe(COUNT);
       expect(got.every((id, i) => Number(id) === i)).toBe(true);
       expect(target.health.progressThreadSteps).toBeGreaterThan(0);
@@ -130,13 +141,8 @@ describe('progress thread', () => {
   });
 
   it('a stream of notifications faster than the handler: results come in bounded batches, so timers still run in between', async () => {
-    const target = await Agent.create({ name: 'pt-slow-handler', ucx: { transports: 'shm,self' } });
-    const flooder = new PeerProcess('pt-streamer');
-    procs.push(flooder);
+    const { target, flooder } = await notifiedInProcess('pt-slow-handler', 'pt-streamer');
     try {
-      target.register(Buffer.alloc(4096), { name: 'kv' });
-      await flooder.init({ transports: 'shm,self', memory: 'registered', size: 4096 });
-      await flooder.ok('load', { metadata: Buffer.from(target.metadata()).toString('base64') });
       const COUNT = 60_000;
       let got = 0;
       target.on('notification', () => {
@@ -152,7 +158,7 @@ describe('progress thread', () => {
         last = now;
       }, 1);
       await flooder.ok('notifyMany', { peer: target.name, count: COUNT, length: 64 });
-      for (let i = 0; i < 400 && got < COUNT; i++) await new Promise((r) => setTimeout(r, 25));
+      await until(() => got === COUNT, 10_000);
       clearInterval(timer);
       expect(got).toBe(COUNT);
       // At most 4,096 results per hand-over (~82 ms of this handler), a few hand-overs per turn of

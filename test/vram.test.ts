@@ -27,8 +27,14 @@ const doubleOnly = it.skipIf(GPU);
 const DEVICES: number = GPU ? info({}).cuda.devices.length : 2;
 const DEV1 = Math.min(1, DEVICES - 1); // a second device where there is one
 
+/** `kvwire info --json` with `env` added to this process's environment. */
 function info(env: NodeJS.ProcessEnv): any {
-  return JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env: { ...process.env, ...env }, encoding: 'utf8' }));
+  return infoIn({ ...process.env, ...env });
+}
+
+/** `kvwire info --json` in exactly `env` (e.g. without the KVWIRE_CUDA_DRIVER this file sets). */
+function infoIn(env: NodeJS.ProcessEnv): any {
+  return JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env, encoding: 'utf8' }));
 }
 
 function random(seed: number, size: number): Buffer {
@@ -92,7 +98,7 @@ describe('without a CUDA driver', () => {
 
   it('kvwire info on the default driver tells the truth: a real driver with devices, or why there is none', () => {
     const { KVWIRE_CUDA_DRIVER: _, ...env } = process.env;
-    const i = JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env, encoding: 'utf8' }));
+    const i = infoIn(env);
     expect(i.cuda.testDouble).toBeUndefined();
     if (i.cuda.available) expect(i.cuda.devices.length).toBeGreaterThan(0);
     else expect(i.cuda.reason).toMatch(/libcuda\.so\.1 not found|no CUDA device|failed to initialise/);
@@ -116,7 +122,7 @@ describe('without a CUDA driver', () => {
     expect(broken.stderr).toMatch(/FAILED: the CUDA driver is present but unusable: CUDA driver \/nonexistent\/libcuda\.so\.1 \(KVWIRE_CUDA_DRIVER\) could not be loaded/);
     expect(broken.stdout).not.toMatch(/skipped/);
     // Where this machine has no driver at all (CI): the skip. (With a driver, that would run the GPU suite.)
-    const here = JSON.parse(execFileSync(process.execPath, [CLI, 'info', '--json'], { env: plain, encoding: 'utf8' }));
+    const here = infoIn(plain);
     if (/libcuda\.so\.1 not found/.test(here.cuda.reason ?? '')) {
       const none = run(plain);
       expect(none.status, none.stderr).toBe(77);

@@ -219,12 +219,15 @@ const transportsOf = (t: Transport) => (t === 'tcp' ? 'tcp' : 'shm,self');
 const initiatorName = (i: number) => `bench-init-${i}`;
 const targetName = (i: number) => `bench-target-${i}`;
 
+/** The agent options every bench process takes from the command line (cells, latency pair, remote end alike). */
+const agentOptions = (opts: BenchOptions) => ({ progress: opts.progress, cma: opts.cma, progressThread: opts.progressThread });
+
 /** The processes of one (transport, memory, pattern) group: initiators and targets. */
 async function startGroup(opts: BenchOptions, t: Transport, memory: MemoryKind, pattern: Pattern, remote?: RemoteTarget) {
   const nInit = pattern === 'many-to-one' ? opts.fan : 1;
   const nTarget = remote ? 1 : pattern === 'one-to-many' ? opts.fan : 1;
   const maxArea = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b), 2 * DESCRIPTOR_CELL.batch * DESCRIPTOR_CELL.block);
-  const base = { transports: transportsOf(t), progress: opts.progress, cma: opts.cma, progressThread: opts.progressThread, hugePages: opts.hugePages };
+  const base = { transports: transportsOf(t), ...agentOptions(opts), hugePages: opts.hugePages };
   const initiators = Array.from({ length: nInit }, (_, i) => new Node(`initiator-${i}`));
   const targets = remote ? [] : Array.from({ length: nTarget }, (_, i) => new Node(`target-${i}`));
   const all = [...initiators, ...targets];
@@ -490,7 +493,7 @@ async function latencyPair(opts: BenchOptions, result: BenchResult, mode: 'event
   const a = new Node(`latency${tag}-a`);
   const b = new Node(`latency${tag}-b`);
   try {
-    const base = { transports: transportsOf(t), memory, regionBytes: 1 << 20, progress: mode, cma: opts.cma, progressThread: opts.progressThread };
+    const base = { transports: transportsOf(t), memory, regionBytes: 1 << 20, ...agentOptions(opts), progress: mode };
     const [ia, ib] = await Promise.all([a.call('init', { ...base, name: `lat${tag}-a` }), b.call('init', { ...base, name: `lat${tag}-b` })]);
     await Promise.all([a.call('peers', { metadata: [ib.metadata] }), b.call('peers', { metadata: [ia.metadata] })]);
     if (opts.latencySamples > 0) {
@@ -626,7 +629,7 @@ function printTables(r: BenchResult): void {
 export async function serveRemote(opts: BenchOptions, file: string, host: string): Promise<number> {
   if (opts.memories.length !== 1) throw new Error('--serve takes one --memory (allocated or registered)');
   const regionBytes = Math.max(...opts.blocks.map((b) => 2 * autoBatch(b, opts.batch) * b));
-  const info = await initNode({ name: `bench-remote-${os.hostname()}`, transports: 'tcp', memory: opts.memories[0], regionBytes, progress: opts.progress, cma: opts.cma, progressThread: opts.progressThread, socketHost: host });
+  const info = await initNode({ name: `bench-remote-${os.hostname()}`, transports: 'tcp', memory: opts.memories[0], regionBytes, ...agentOptions(opts), socketHost: host });
   const perftestPort = 20000 + Math.floor(Math.random() * 20000);
   const loop = perftestServerLoop(perftestPort, 'tcp');
   fs.writeFileSync(file, JSON.stringify({ metadata: info.metadata, memory: opts.memories[0], host, socketPort: info.socketPort, perftestPort: loop ? perftestPort : undefined }));

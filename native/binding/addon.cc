@@ -141,6 +141,11 @@ class AgentWrap : public Napi::ObjectWrap<AgentWrap> {
     std::string message;    // a notification's bytes, or why the connection ended
     bool disconnect = false;
   };
+  // Whether settled[i] comes before arrived[j] in the order results happened (either may be past
+  // its end, not both).
+  static bool settledFirst(const std::vector<Settled>& settled, size_t i, const std::vector<Arrived>& arrived, size_t j) {
+    return j == arrived.size() || (i < settled.size() && settled[i].seq < arrived[j].seq);
+  }
 
   Napi::Value Allocate(const Napi::CallbackInfo& info);
   Napi::Value Register(const Napi::CallbackInfo& info);
@@ -543,7 +548,7 @@ bool AgentWrap::deliver() {
     std::lock_guard<std::recursive_mutex> guard(*lock_);
     size_t s = 0, a = 0;
     while (s + a < kMaxDeliver && (s < settled_.size() || a < arrived_.size())) {
-      if (a == arrived_.size() || (s < settled_.size() && settled_[s].seq < arrived_[a].seq))
+      if (settledFirst(settled_, s, arrived_, a))
         ++s;
       else
         ++a;
@@ -638,14 +643,14 @@ bool AgentWrap::deliver() {
   };
   // In the order they happened: a run of one kind at a time.
   for (size_t s = 0, a = 0; ok && (s < settled.size() || a < arrived.size());) {
-    if (a == arrived.size() || (s < settled.size() && settled[s].seq < arrived[a].seq)) {
+    if (settledFirst(settled, s, arrived, a)) {
       size_t to = s;
-      while (to < settled.size() && (a == arrived.size() || settled[to].seq < arrived[a].seq)) ++to;
+      while (to < settled.size() && settledFirst(settled, to, arrived, a)) ++to;
       deliverSettled(s, to);
       s = to;
     } else {
       size_t to = a;
-      while (to < arrived.size() && (s == settled.size() || arrived[to].seq < settled[s].seq)) ++to;
+      while (to < arrived.size() && !settledFirst(settled, s, arrived, to)) ++to;
       deliverArrived(a, to);
       a = to;
     }
